@@ -165,7 +165,14 @@ class EngineSpec(ApiModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Weight and activation dtype; auto takes the model's (bfloat16 for current models)."""
     quantization: Literal[
-        "none", "fp8", "awq", "awq_marlin", "gptq", "gptq_marlin", "bitsandbytes", "compressed-tensors"
+        "none",
+        "fp8",
+        "awq",
+        "awq_marlin",
+        "gptq",
+        "gptq_marlin",
+        "bitsandbytes",
+        "compressed-tensors",
     ] = "none"
     """Weight quantization; awq and gptq need a checkpoint quantized that way."""
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
@@ -240,7 +247,7 @@ class ResourcesSpec(ApiModel):
 class ParallelismSpec(ApiModel):
     """How one replica is split across GPUs."""
 
-    tensor: StrictInt | Literal["auto"] = "auto"
+    tensor: StrictInt | Annotated[str, Field(max_length=16)] = "auto"
     """Tensor-parallel size: 1, 2, 4, 8, ... or auto (the smallest that fits the model and
     divides its attention heads)."""
     pipeline: Annotated[int, Field(ge=1, le=64)] = 1
@@ -324,7 +331,7 @@ class CanaryAnalysis(ApiModel):
     """How often metrics are queried."""
     max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.01
     """Highest share of failed canary requests (5xx and timeouts), 0 to 1."""
-    max_ttft_p95_ratio: Annotated[float, Field(ge=1, le=100)] = 1.25
+    max_ttft_p95_ratio: Annotated[float, Field(ge=1, le=100, alias="maxTTFTp95Ratio")] = 1.25
     """Highest canary/stable ratio of p95 time to first token."""
     min_requests: Annotated[int, Field(ge=1, le=1_000_000)] = 50
     """Fewest canary requests in an interval for it to count."""
@@ -417,7 +424,8 @@ class Fallback(ApiModel):
         ),
         Rule(
             cel="!has(self.url) || has(self.model)",
-            message="a routing.fallbacks entry with url needs model (the name that endpoint serves)",
+            message="a routing.fallbacks entry with url needs model "
+            "(the name that endpoint serves)",
             holds=lambda f: f.url is None or f.model is not None,
         ),
         Rule(
@@ -444,7 +452,7 @@ class RoutingSpec(ApiModel):
     request_timeout: Duration = "120s"
     """Longest a request may take end to end."""
     first_byte_timeout: Duration = "30s"
-    """Longest wait for the first byte before the request counts as timed out (and may fall back)."""
+    """Longest wait for the first byte before a request counts as timed out (and may fall back)."""
     saturation_queue_depth: Annotated[int, Field(ge=1, le=100000)] | None = None
     """Waiting requests per replica above which the model counts as saturated."""
 
@@ -454,8 +462,10 @@ class RoutingSpec(ApiModel):
             "self.fallbacks.filter(g, has(g.llmDeployment) && "
             "g.llmDeployment == f.llmDeployment).size() == 1)",
             message="routing.fallbacks lists the same llmDeployment twice",
-            holds=lambda r: len({f.llm_deployment for f in r.fallbacks if f.llm_deployment})
-            == len([f for f in r.fallbacks if f.llm_deployment]),
+            holds=lambda r: (
+                len({f.llm_deployment for f in r.fallbacks if f.llm_deployment})
+                == len([f for f in r.fallbacks if f.llm_deployment])
+            ),
             field_path=".fallbacks",
         ),
         Rule(
@@ -534,8 +544,9 @@ class LLMDeploymentSpec(ApiModel):
             "has(self.resources.gpu.perNode) ? self.resources.gpu.perNode : 8)",
             message="parallelism.tensor must not exceed resources.gpu.perNode: one replica's "
             "tensor-parallel group runs on one node",
-            holds=lambda s: s.parallelism.tensor == "auto"
-            or s.parallelism.tensor <= s.resources.gpu.per_node,
+            holds=lambda s: (
+                s.parallelism.tensor == "auto" or s.parallelism.tensor <= s.resources.gpu.per_node
+            ),
             field_path=".parallelism.tensor",
         ),
     )
@@ -686,7 +697,9 @@ class LLMDeployment(ApiModel):
             "self.spec.routing.fallbacks.all(f, !has(f.llmDeployment) || "
             "f.llmDeployment != self.metadata.name)",
             message="routing.fallbacks must not name this LLMDeployment itself",
-            holds=lambda d: d.metadata.name is None
-            or all(f.llm_deployment != d.metadata.name for f in d.spec.routing.fallbacks),
+            holds=lambda d: (
+                d.metadata.name is None
+                or all(f.llm_deployment != d.metadata.name for f in d.spec.routing.fallbacks)
+            ),
         ),
     )

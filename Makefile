@@ -1,0 +1,53 @@
+# One entry point for people and CI. `make test` sets up everything on a fresh machine
+# (virtualenv, Debian's prometheus, the local control plane) and runs the whole suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test lint check-generated generate unit e2e demo demo-down clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Debian's Prometheus for the real-traffic tests; the tests start their own on loopback.
+/usr/bin/prometheus:
+	if command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  $$SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true; \
+	  $$SUDO pkill -x prometheus || true; \
+	fi
+
+setup: $(STAMP) /usr/bin/prometheus
+
+lint: $(STAMP)
+	$(BIN)/ruff check operator tests e2e $(wildcard bench)
+	$(BIN)/mypy
+
+check-generated: $(STAMP)
+	$(BIN)/llm-operator generate --check
+
+generate: $(STAMP)
+	$(BIN)/llm-operator generate
+
+unit: setup
+	$(BIN)/pytest tests
+
+e2e: setup
+	$(BIN)/pytest e2e
+
+# The whole suite: code health, generated files, unit, real-traffic and end-to-end tests.
+test: setup lint check-generated
+	$(BIN)/pytest tests e2e
+
+# The main job: a local control plane, the operator, and a sample LLMDeployment.
+demo: setup
+	$(BIN)/python -m llm_operator.demo up
+
+demo-down: $(STAMP)
+	$(BIN)/python -m llm_operator.demo down
