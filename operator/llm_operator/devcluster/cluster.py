@@ -1,0 +1,477 @@
+"""Bring the local control plane up, down, and report on it.
+
+Five plain processes on loopback, started in order, each waited for before the next:
+
+1. etcd (plain HTTP on 127.0.0.1 only, no fsync: the data is disposable);
+2. kube-apiserver: client-certificate auth, Node+RBAC authorization, NodeRestriction on top of
+   the default admission plugins, ServiceAccount issuer and keys (so TokenRequest works);
+3. kube-controller-manager: per-controller ServiceAccount credentials, the token and root-CA
+   publishers, garbage collector, Deployment/ReplicaSet and node lifecycle controllers;
+4. kube-scheduler;
+5. kwok, playing the kubelet of every node annotated ``kwok.x-k8s.io/node: fake``.
+
+Then the fake nodes are created and ``up`` waits until they are Ready and the ``default``
+ServiceAccount exists, i.e. until a test can create a pod and see it run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llm_operator.devcluster import nodes as nodespec
+from llm_operator.devcluster import pki, procs
+from llm_operator.devcluster.kubeapi import Api, ApiError, probe
+from llm_operator.devcluster.layout import (
+    CLUSTER_NAME,
+    POD_CIDR,
+    PORTS,
+    SA_ISSUER,
+    SERVICE_CIDR,
+    Layout,
+)
+
+ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+
+
+class ClusterError(RuntimeError):
+    """Something a person has to look at; the message says what and where."""
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- component definitions ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    argv: list[str]
+    health_url: str
+
+
+def components(layout: Layout) -> dict[str, Component]:
+    p = layout.pki_dir
+    users = ("kube-controller-manager", "kube-scheduler", "kwok")
+    kcfg = {n: str(p / f"{n}.kubeconfig") for n in users}
+    etcd_url = f"http://127.0.0.1:{PORTS['etcd-client']}"
+    peer_url = f"http://127.0.0.1:{PORTS['etcd-peer']}"
+    kcm, sched, kwok = (PORTS[n] for n in ("kube-controller-manager", "kube-scheduler", "kwok"))
+    defs = [
+        Component(
+            "etcd",
+            [
+                str(layout.binary("etcd")),
+                "--name=llmop-dev",
+                f"--data-dir={layout.etcd_data_dir}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=llmop-dev={peer_url}",
+                "--initial-cluster-state=new",
+                # Test data: fsync would only make a 2-core machine with a slow disk slower.
+                "--unsafe-no-fsync=true",
+                "--log-level=warn",
+            ],
+            f"{etcd_url}/health",
+        ),
+        Component(
+            "kube-apiserver",
+            [
+                str(layout.binary("kube-apiserver")),
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={PORTS['kube-apiserver']}",
+                f"--tls-cert-file={p / 'kube-apiserver.crt'}",
+                f"--tls-private-key-file={p / 'kube-apiserver.key'}",
+                f"--client-ca-file={p / 'ca.crt'}",
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
+                f"--service-account-issuer={SA_ISSUER}",
+                f"--service-account-key-file={p / 'sa.pub'}",
+                f"--service-account-signing-key-file={p / 'sa.key'}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--allow-privileged=true",
+                "--profiling=false",
+                # No kubelets to reach and no aggregated APIs: nothing else needs configuring.
+            ],
+            f"{layout.server_url}/readyz",
+        ),
+        Component(
+            "kube-controller-manager",
+            [
+                str(layout.binary("kube-controller-manager")),
+                f"--kubeconfig={kcfg['kube-controller-manager']}",
+                f"--authentication-kubeconfig={kcfg['kube-controller-manager']}",
+                f"--authorization-kubeconfig={kcfg['kube-controller-manager']}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={kcm}",
+                "--leader-elect=false",
+                f"--cluster-name={CLUSTER_NAME}",
+                # Each controller acts as its own ServiceAccount, as in kubeadm clusters, so
+                # RBAC is exercised the same way.
+                "--use-service-account-credentials=true",
+                f"--service-account-private-key-file={p / 'sa.key'}",
+                f"--root-ca-file={p / 'ca.crt'}",
+                f"--cluster-signing-cert-file={p / 'ca.crt'}",
+                f"--cluster-signing-key-file={p / 'ca.key'}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--profiling=false",
+            ],
+            f"https://127.0.0.1:{kcm}/healthz",
+        ),
+        Component(
+            "kube-scheduler",
+            [
+                str(layout.binary("kube-scheduler")),
+                f"--kubeconfig={kcfg['kube-scheduler']}",
+                f"--authentication-kubeconfig={kcfg['kube-scheduler']}",
+                f"--authorization-kubeconfig={kcfg['kube-scheduler']}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={sched}",
+                "--leader-elect=false",
+                "--profiling=false",
+            ],
+            f"https://127.0.0.1:{sched}/healthz",
+        ),
+        Component(
+            "kwok",
+            [
+                str(layout.binary("kwok")),
+                f"--kubeconfig={kcfg['kwok']}",
+                f"--config={layout.kwok_stages}",
+                "--manage-all-nodes=false",
+                "--manage-nodes-with-annotation-selector=" + "=".join(nodespec.KWOK_ANNOTATION),
+                f"--server-address=127.0.0.1:{kwok}",
+                f"--node-port={kwok}",
+                "--node-ip=127.0.0.1",
+                f"--cidr={POD_CIDR}",
+                f"--tls-cert-file={p / 'kwok.crt'}",
+                f"--tls-private-key-file={p / 'kwok.key'}",
+                # Nodes renew a Lease like kubelets do; the node lifecycle controller reads it.
+                "--node-lease-duration-seconds=40",
+            ],
+            f"https://127.0.0.1:{kwok}/healthz",
+        ),
+    ]
+    return {c.name: c for c in defs}
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def admin_api(layout: Layout, timeout: float = 10.0) -> Api:
+    p = layout.pki_dir
+    return Api(layout.server_url, p / "ca.crt", p / "admin.crt", p / "admin.key", timeout=timeout)
+
+
+def healthy(component: Component, layout: Layout) -> bool:
+    context = None
+    if component.name == "kube-apiserver":
+        context = admin_api(layout).context
+    status, body = probe(component.health_url, context=context)
+    if component.name == "etcd":
+        return status == 200 and '"health":"true"' in body.replace(" ", "")
+    return status == 200
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float, interval: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return
+        if time.monotonic() > deadline:
+            raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def ensure_built(layout: Layout, allow_build: bool) -> bool:
+    """Run build.sh unless every binary is already cached. True if it built something."""
+    script = layout.build_script
+    env_cache = {"LLMOP_CACHE_DIR": str(layout.cache_dir)}
+    check = subprocess.run(
+        ["bash", str(script), "--check"],
+        env={**os.environ, **env_cache},
+        capture_output=True,
+        check=False,
+    )
+    if check.returncode == 0:
+        return False
+    if not allow_build:
+        raise ClusterError(
+            f"binaries for k8s {layout.versions.k8s} are not built in {layout.cache_dir}; "
+            f"run {script} (or `up` without --no-build)"
+        )
+    if shutil.which("go") is None:
+        raise ClusterError("Go is needed to build the control plane (go >= 1.26 on PATH)")
+    say(f"building the control plane into {layout.cache_dir} (cold: tens of minutes on 2 cores)")
+    started = time.monotonic()
+    result = subprocess.run(["bash", str(script)], env={**os.environ, **env_cache}, check=False)
+    if result.returncode != 0:
+        raise ClusterError(f"{script} failed with exit code {result.returncode}")
+    say(f"build finished in {time.monotonic() - started:.0f}s")
+    return True
+
+
+def _port_owner_hint(port: int) -> str:
+    return f"127.0.0.1:{port} is taken by another process (see `ss -ltnp 'sport = :{port}'`)"
+
+
+def _health_check(comp: Component, layout: Layout) -> Callable[[], bool]:
+    return lambda: healthy(comp, layout)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _ports_of(name: str) -> list[int]:
+    return [PORTS["etcd-client"], PORTS["etcd-peer"]] if name == "etcd" else [PORTS[name]]
+
+
+# -- up -------------------------------------------------------------------------------------
+
+
+def up(layout: Layout, allow_build: bool = True, timeout: float = 180.0) -> bool:
+    """Bring everything up; True if anything changed, False if it was all already there."""
+    marker = str(layout.cluster_dir)
+    changed: list[str] = []
+    if ensure_built(layout, allow_build):
+        changed.append("built binaries")
+    for folder in (layout.cluster_dir, layout.logs_dir, layout.run_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    if pki.ensure_pki(layout.pki_dir):
+        changed.append("generated certificates")
+    wrote = pki.write_kubeconfig(layout.kubeconfig, layout.pki_dir, layout.server_url, "admin")
+    for user in ("kube-controller-manager", "kube-scheduler", "kwok"):
+        path = layout.pki_dir / f"{user}.kubeconfig"
+        wrote |= pki.write_kubeconfig(path, layout.pki_dir, layout.server_url, user)
+    if wrote:
+        changed.append("wrote kubeconfigs")
+
+    defs = components(layout)
+    for name in ORDER:
+        comp = defs[name]
+        current = procs.running(layout.run_dir, name, marker)
+        if current is not None:
+            if procs.cmdline(current.pid) == comp.argv:
+                wait_for(f"{name} to become healthy", _health_check(comp, layout), timeout)
+                continue
+            # Same component, different flags or binary (a version bump): restart it.
+            say(f"{name}: restarting, its command line changed")
+            procs.stop(current, marker)
+        for port in _ports_of(name):
+            if not _port_free(port):
+                raise ClusterError(_port_owner_hint(port))
+        log = layout.logs_dir / f"{name}.log"
+        started = procs.start(name, comp.argv, layout.run_dir, log, cwd=layout.cluster_dir)
+        t0 = time.monotonic()
+
+        def ready(c: Component = comp, pid: int = started.pid, log: Path = log) -> bool:
+            if procs.exited_early(pid):
+                raise ClusterError(f"{c.name} exited during startup; last lines of {log}:\n"
+                                   f"{tail(log)}")  # fmt: skip
+            return healthy(c, layout)
+
+        try:
+            wait_for(f"{name} ({comp.health_url})", ready, timeout)
+        except ClusterError as err:
+            raise ClusterError(f"{err}\nlog: {log}\n{tail(log, 20)}") from None
+        say(f"{name}: started (pid {started.pid}, ready in {time.monotonic() - t0:.1f}s)")
+        changed.append(f"started {name}")
+
+    api = admin_api(layout)
+    created = ensure_nodes(api, layout)
+    if created:
+        changed.append(f"created nodes {', '.join(created)}")
+    wait_for("all nodes Ready", lambda: _nodes_ready(api), timeout)
+    # A namespace is usable once the ServiceAccount controller has given it `default`.
+    wait_for(
+        "ServiceAccount default/default",
+        lambda: api.get("/api/v1/namespaces/default/serviceaccounts/default")[0] == 200,
+        timeout,
+    )
+    write_state(layout)
+    if changed:
+        say("cluster up: " + "; ".join(changed))
+    else:
+        say("cluster already up; nothing changed")
+    say(f"KUBECONFIG={layout.kubeconfig}")
+    return bool(changed)
+
+
+def ensure_nodes(api: Api, layout: Layout) -> list[str]:
+    """Create the fake nodes that do not exist yet; never modifies existing ones."""
+    created: list[str] = []
+    for node in nodespec.desired_nodes(layout.versions.k8s):
+        name = node["metadata"]["name"]
+        status, _ = api.get(f"/api/v1/nodes/{name}")
+        if status == 200:
+            continue
+        status, body = api.request("POST", "/api/v1/nodes", node)
+        if status not in (201, 409):
+            raise ClusterError(f"creating node {name}: HTTP {status}: {body}")
+        created.append(name)
+    return created
+
+
+def _nodes_ready(api: Api) -> bool:
+    wanted = {n["metadata"]["name"] for n in nodespec.desired_nodes("")}
+    try:
+        status, body = api.get("/api/v1/nodes")
+    except ApiError:
+        return False
+    if status != 200:
+        return False
+    ready = {n["metadata"]["name"] for n in body.get("items", []) if nodespec.is_ready(n)}
+    return wanted <= ready
+
+
+def write_state(layout: Layout) -> None:
+    state = {
+        "kubeconfig": str(layout.kubeconfig),
+        "server": layout.server_url,
+        "versions": vars(layout.versions),
+        "ports": PORTS,
+        "logs": str(layout.logs_dir),
+        "pids": {
+            name: r.pid
+            for name in ORDER
+            if (r := procs.running(layout.run_dir, name, str(layout.cluster_dir))) is not None
+        },
+    }
+    text = json.dumps(state, indent=2, sort_keys=True) + "\n"
+    if not layout.state_file.exists() or layout.state_file.read_text() != text:
+        layout.state_file.write_text(text)
+
+
+# -- down -----------------------------------------------------------------------------------
+
+
+def down(layout: Layout, keep_data: bool = False) -> int:
+    """Stop every process we started; returns how many were stopped. Raises if any remain."""
+    marker = str(layout.cluster_dir)
+    stopped = 0
+    for name in reversed(ORDER):
+        current = procs.running(layout.run_dir, name, marker)
+        if current is not None:
+            if not procs.stop(current, marker):
+                raise ClusterError(f"{name} (pid {current.pid}) did not stop")
+            say(f"{name}: stopped (pid {current.pid})")
+            stopped += 1
+    # Anything still running from our binaries against our folder (a lost pid file, a
+    # crashed `up`) is ours too.
+    for stray in procs.sweep(layout.cache_dir, marker):
+        if procs.stop(stray, marker):
+            say(f"{stray.name}: stopped stray process (pid {stray.pid})")
+            stopped += 1
+    left = procs.sweep(layout.cache_dir, marker)
+    if left:
+        raise ClusterError("still running: " + ", ".join(f"{r.name} (pid {r.pid})" for r in left))
+    for name in ORDER:
+        procs.pid_file(layout.run_dir, name).unlink(missing_ok=True)
+    layout.state_file.unlink(missing_ok=True)
+    if not keep_data and layout.etcd_data_dir.exists():
+        # The next `up` starts from an empty cluster rather than yesterday's leftovers.
+        shutil.rmtree(layout.etcd_data_dir)
+    say(f"cluster down: stopped {stopped} process(es); none left")
+    return stopped
+
+
+# -- status ---------------------------------------------------------------------------------
+
+
+def status(layout: Layout) -> dict[str, Any]:
+    """What runs, what answers, and the nodes; ``up`` is True only if everything is fine."""
+    marker = str(layout.cluster_dir)
+    defs = components(layout)
+    comps: dict[str, dict[str, Any]] = {}
+    for name in ORDER:
+        current = procs.running(layout.run_dir, name, marker)
+        comps[name] = {
+            "pid": current.pid if current else None,
+            "running": current is not None,
+            "healthy": bool(current) and healthy(defs[name], layout),
+            "log": str(layout.logs_dir / f"{name}.log"),
+        }
+    nodes: list[dict[str, Any]] = []
+    version = None
+    if comps["kube-apiserver"]["healthy"]:
+        api = admin_api(layout, timeout=5.0)
+        code, body = api.get("/version")
+        version = body.get("gitVersion") if code == 200 and isinstance(body, dict) else None
+        code, body = api.get("/api/v1/nodes")
+        for n in body.get("items", []) if code == 200 else []:
+            nodes.append(
+                {
+                    "name": n["metadata"]["name"],
+                    "ready": nodespec.is_ready(n),
+                    "gpus": n.get("status", {}).get("capacity", {}).get(nodespec.GPU_RESOURCE, "0"),
+                    "product": n["metadata"].get("labels", {}).get("nvidia.com/gpu.product", ""),
+                }
+            )
+    all_up = (
+        all(c["healthy"] for c in comps.values()) and bool(nodes) and all(n["ready"] for n in nodes)
+    )
+    return {
+        "up": all_up,
+        "version": version,
+        "server": layout.server_url,
+        "kubeconfig": str(layout.kubeconfig),
+        "components": comps,
+        "nodes": nodes,
+        "versions": vars(layout.versions),
+    }
+
+
+def format_status(st: dict[str, Any]) -> str:
+    lines = [
+        f"cluster: {'up' if st['up'] else 'NOT up'}  server {st['server']}  "
+        f"version {st['version'] or '-'}",
+        f"kubeconfig: {st['kubeconfig']}",
+        "",
+        f"{'COMPONENT':<25}{'PID':<9}{'STATE':<10}LOG",
+    ]
+    for name, c in st["components"].items():
+        state = "healthy" if c["healthy"] else ("running" if c["running"] else "stopped")
+        lines.append(f"{name:<25}{c['pid'] or '-'!s:<9}{state:<10}{c['log']}")
+    if st["nodes"]:
+        lines += ["", f"{'NODE':<10}{'READY':<7}{'GPUS':<6}PRODUCT"]
+        for n in st["nodes"]:
+            lines.append(f"{n['name']:<10}{n['ready']!s:<7}{n['gpus']:<6}{n['product']}")
+    return "\n".join(lines)
+
+
+def env_lines(layout: Layout) -> list[str]:
+    """Shell lines for ``eval "$(llm-operator dev cluster env)"``."""
+    path = ":".join(str(d) for d in layout.bin_dirs)
+    return [
+        f"export KUBECONFIG={layout.kubeconfig}",
+        f'export PATH="{path}:$PATH"',
+    ]
