@@ -1,0 +1,1 @@
+"""The kopf shell around the pure core: watches, the reconcile loop, and `llm-operator run`."""

@@ -1,0 +1,48 @@
+"""The kinds the operator owns, and where they live in the API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Kind:
+    api_version: str
+    kind: str
+    plural: str
+
+    @property
+    def group(self) -> str:
+        return self.api_version.rpartition("/")[0]
+
+    @property
+    def version(self) -> str:
+        return self.api_version.rpartition("/")[2]
+
+    def collection_path(self, namespace: str | None) -> str:
+        prefix = f"/apis/{self.api_version}" if self.group else f"/api/{self.version}"
+        return f"{prefix}/namespaces/{namespace}/{self.plural}" if namespace else f"{prefix}/{self.plural}"
+
+    def object_path(self, namespace: str, name: str) -> str:
+        return f"{self.collection_path(namespace)}/{name}"
+
+
+LLMDEPLOYMENT = Kind("llmoperator.io/v1alpha1", "LLMDeployment", "llmdeployments")
+
+# Children, in apply order: what pods need first, the autoscaler last.
+CHILD_KINDS: tuple[Kind, ...] = (
+    Kind("v1", "ConfigMap", "configmaps"),
+    Kind("v1", "Service", "services"),
+    Kind("apps/v1", "Deployment", "deployments"),
+    Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
+    Kind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers"),
+    Kind("keda.sh/v1alpha1", "ScaledObject", "scaledobjects"),
+)
+BY_KIND = {k.kind: k for k in CHILD_KINDS}
+
+
+def kind_of(obj: dict[str, object]) -> Kind:
+    kind = BY_KIND.get(str(obj.get("kind")))
+    if kind is None:
+        raise KeyError(f"the operator does not manage kind {obj.get('kind')!r}")
+    return kind

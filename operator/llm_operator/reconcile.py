@@ -1,0 +1,267 @@
+"""Pure reconcile decisions: which children to apply or delete, and what status to write.
+
+No kopf, no client: plain dicts in, plain dicts out, so every decision is unit-tested.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+FIELD_MANAGER = "llm-operator"
+DEPLOYMENT_LABEL = "llmoperator.io/deployment"
+MANAGED_BY_SELECTOR = "app.kubernetes.io/managed-by=llm-operator"
+
+_SUFFIXES = {
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": 1,
+    "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+}  # fmt: skip
+
+
+def _quantity(value: Any) -> Decimal | None:
+    """A Kubernetes quantity as a number (the API server rewrites 4 as "4", 0.5 as "500m")."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    text = str(value).strip()
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+        if suffix and text.endswith(suffix):
+            number, multiplier = text[: -len(suffix)], _SUFFIXES[suffix]
+            break
+    else:
+        number, multiplier = text, 1
+    try:
+        return Decimal(number) * Decimal(multiplier)
+    except InvalidOperation:
+        return None
+
+
+def _same_scalar(desired: Any, live: Any) -> bool:
+    if isinstance(desired, bool) or isinstance(live, bool):
+        return desired is live  # True == 1 in Python, but not in a manifest
+    if desired == live:
+        return True
+    a, b = _quantity(desired), _quantity(live)
+    return a is not None and a == b
+
+
+def drifted(desired: Any, live: Any) -> list[str]:
+    """Paths where `live` does not carry what `desired` says. Fields only in `live`
+    (defaults, status, other managers' fields) are not drift."""
+    if isinstance(desired, Mapping):
+        if not isinstance(live, Mapping):
+            return [""]
+        return [
+            f".{key}{sub}"
+            for key, value in desired.items()
+            for sub in drifted(value, live.get(key))
+        ]
+    if isinstance(desired, list):
+        if not isinstance(live, list) or len(live) != len(desired):
+            return [""]
+        return [f"[{i}]{sub}" for i, (d, v) in enumerate(zip(desired, live)) for sub in drifted(d, v)]
+    if desired is None:
+        return []
+    return [] if _same_scalar(desired, live) else [""]
+
+
+def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": owner["apiVersion"],
+        "kind": owner["kind"],
+        "name": owner["metadata"]["name"],
+        "uid": owner["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def owned(objects: Iterable[dict[str, Any]], owner: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The rendered objects with the owner's namespace and controller reference set."""
+    reference = owner_reference(owner)
+    namespace = owner["metadata"]["namespace"]
+    result = []
+    for obj in objects:
+        obj = copy.deepcopy(obj)
+        metadata = obj.setdefault("metadata", {})
+        metadata["namespace"] = namespace
+        metadata["ownerReferences"] = [reference]
+        result.append(obj)
+    return result
+
+
+def key(obj: Mapping[str, Any]) -> tuple[str, str]:
+    return str(obj["kind"]), str(obj["metadata"]["name"])
+
+
+@dataclass
+class Actions:
+    apply: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[dict[str, Any]] = field(default_factory=list)
+    drift: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+
+def plan_actions(
+    desired: list[dict[str, Any]], live: Iterable[dict[str, Any]], owner_uid: str
+) -> Actions:
+    """Apply what is missing or drifted; delete children of this owner the spec no longer
+    wants. Never touch objects another owner controls."""
+    live_by_key = {key(obj): obj for obj in live}
+    actions = Actions()
+    for obj in desired:
+        current = live_by_key.get(key(obj))
+        if current is None:
+            actions.apply.append(obj)
+            continue
+        paths = drifted(obj, current)
+        if paths:
+            actions.apply.append(obj)
+            actions.drift[key(obj)] = paths
+    wanted = {key(obj) for obj in desired}
+    for obj_key, obj in live_by_key.items():
+        refs = obj.get("metadata", {}).get("ownerReferences") or []
+        if obj_key not in wanted and any(r.get("uid") == owner_uid for r in refs):
+            actions.delete.append(obj)
+    return actions
+
+
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded")
+
+
+def set_condition(
+    conditions: list[dict[str, Any]],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int | None,
+    now: str,
+) -> list[dict[str, Any]]:
+    """Conditions with one set; lastTransitionTime moves only when status flips."""
+    value = "True" if status else "False"
+    previous = next((c for c in conditions if c.get("type") == type_), None)
+    transition = (
+        previous["lastTransitionTime"]
+        if previous and previous.get("status") == value and previous.get("lastTransitionTime")
+        else now
+    )
+    updated = {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        "lastTransitionTime": transition,
+    }
+    return [c for c in conditions if c.get("type") != type_] + [updated]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why the spec cannot be reconciled as written."""
+
+    reason: str
+    message: str
+
+
+def deployment_counts(deployments: Iterable[Mapping[str, Any]]) -> tuple[int, int, bool]:
+    """Replicas, ready replicas, and whether every Deployment finished rolling out."""
+    replicas = ready = 0
+    settled = True
+    for deployment in deployments:
+        status = deployment.get("status") or {}
+        spec_replicas = (deployment.get("spec") or {}).get("replicas", 1)
+        replicas += int(status.get("replicas") or 0)
+        ready += int(status.get("readyReplicas") or 0)
+        generation = deployment.get("metadata", {}).get("generation")
+        settled = settled and (
+            status.get("observedGeneration") == generation
+            and int(status.get("updatedReplicas") or 0) >= spec_replicas
+            and int(status.get("readyReplicas") or 0) >= spec_replicas
+            and not status.get("unavailableReplicas")
+        )
+    return replicas, ready, settled
+
+
+def compute_status(
+    *,
+    previous: Mapping[str, Any] | None,
+    generation: int | None,
+    deployments: list[Mapping[str, Any]],
+    problem: Problem | None,
+    extra: Mapping[str, Any],
+    now: str,
+) -> dict[str, Any]:
+    """The status to write. `extra` carries plan, endpoint and the like; with a problem the
+    previous values stay (they still describe what is running)."""
+    previous = previous or {}
+    conditions = [dict(c) for c in previous.get("conditions") or []]
+    replicas, ready, settled = deployment_counts(deployments)
+    status: dict[str, Any] = {
+        key_: value
+        for key_, value in previous.items()
+        if key_ not in {"conditions", "phase", "observedGeneration", "replicas", "readyReplicas"}
+    }
+    if problem is None:
+        status.update(extra)
+    status["observedGeneration"] = generation
+    status["replicas"] = replicas
+    status["readyReplicas"] = ready
+
+    serving = ready > 0
+    is_ready = problem is None and bool(deployments) and settled and ready > 0
+    rolling = problem is None and bool(deployments) and not settled
+    if problem is not None:
+        phase = "Degraded" if deployments else "Failed"
+    elif is_ready:
+        phase = "Ready"
+    elif rolling and replicas > 0:
+        phase = "Progressing"
+    else:
+        phase = "Pending"
+    if problem is None and bool(deployments) and settled and ready == 0:
+        # Scaled to zero on purpose: nothing to wait for.
+        phase = "Ready"
+        is_ready = True
+
+    ready_message = (
+        f"{ready}/{replicas} replicas ready" if deployments else "no replicas created yet"
+    )
+    conditions = set_condition(
+        conditions,
+        "Ready",
+        is_ready or (problem is not None and serving),
+        "ReplicasReady" if is_ready else ("StillServing" if serving else "ReplicasNotReady"),
+        ready_message if problem is None else f"{ready_message}; spec not applied: {problem.reason}",
+        generation,
+        now,
+    )
+    conditions = set_condition(
+        conditions,
+        "Progressing",
+        rolling,
+        "RollingOut" if rolling else "Settled",
+        "replicas are being created or replaced" if rolling else "",
+        generation,
+        now,
+    )
+    conditions = set_condition(
+        conditions,
+        "Degraded",
+        problem is not None,
+        problem.reason if problem else "AsExpected",
+        problem.message if problem else "",
+        generation,
+        now,
+    )
+    status["conditions"] = sorted(conditions, key=lambda c: str(c["type"]))
+    status["phase"] = phase
+    return status
+
+
+def status_changed(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    """Whether writing `new` would change anything (transition times carry over)."""
+    return dict(old or {}) != dict(new)
