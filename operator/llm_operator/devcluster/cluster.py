@@ -106,7 +106,25 @@ def components(layout: Layout) -> dict[str, Component]:
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
                 "--profiling=false",
-                # No kubelets to reach and no aggregated APIs: nothing else needs configuring.
+                # The `kubernetes` Service cannot point at a loopback address (Endpoints
+                # validation refuses 127.0.0.0/8) and no pod really runs to use it; the
+                # reconciler would only log an error every 10 seconds.
+                "--endpoint-reconciler-type=none",
+                # The aggregation layer, so aggregated APIs (metrics, custom metrics) can be
+                # registered, and so that delegated authentication in the controller-manager
+                # and scheduler finds the request-header CA it looks for.
+                f"--requestheader-client-ca-file={p / 'front-proxy-ca.crt'}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={p / 'front-proxy-client.crt'}",
+                f"--proxy-client-key-file={p / 'front-proxy-client.key'}",
+                # No real kubelets: `kubectl logs/exec` go to kwok, which serves with this
+                # certificate, so the API server authenticates to it with the admin identity.
+                f"--kubelet-certificate-authority={p / 'ca.crt'}",
+                f"--kubelet-client-certificate={p / 'admin.crt'}",
+                f"--kubelet-client-key={p / 'admin.key'}",
             ],
             f"{layout.server_url}/readyz",
         ),

@@ -83,8 +83,10 @@ def _subject(common_name: str, organizations: tuple[str, ...]) -> str:
     return "".join(f"/O={o}" for o in organizations) + f"/CN={common_name}"
 
 
-def _sign(pki: Path, name: str, subject: str, usages: str, sans: tuple[str, ...]) -> None:
-    """Issue ``name.crt`` for ``name.key``, signed by the CA in ``pki``."""
+def _sign(
+    pki: Path, name: str, subject: str, usages: str, sans: tuple[str, ...], ca: str = "ca"
+) -> None:
+    """Issue ``name.crt`` for ``name.key``, signed by ``<ca>.crt``/``<ca>.key`` in ``pki``."""
     key, crt = pki / f"{name}.key", pki / f"{name}.crt"
     if not key.exists():
         _new_key(key)
@@ -100,17 +102,28 @@ def _sign(pki: Path, name: str, subject: str, usages: str, sans: tuple[str, ...]
         extfile.write_text("\n".join(ext) + "\n")
         _openssl("req", "-new", "-key", str(key), "-subj", subject, "-out", str(csr), cwd=pki)
         _openssl(
-            "x509", "-req", "-in", str(csr), "-CA", "ca.crt", "-CAkey", "ca.key",
+            "x509", "-req", "-in", str(csr), "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
             "-CAcreateserial", "-days", DAYS, "-sha256", "-extfile", str(extfile),
             "-out", str(crt), cwd=pki,
         )  # fmt: skip
+
+
+def _new_ca(pki: Path, name: str, common_name: str) -> None:
+    _new_key(pki / f"{name}.key")
+    _openssl(
+        "req", "-x509", "-new", "-key", f"{name}.key", "-subj", f"/CN={common_name}",
+        "-days", DAYS, "-sha256", "-out", f"{name}.crt",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+        cwd=pki,
+    )  # fmt: skip
 
 
 def ensure_pki(pki: Path) -> bool:
     """Create whatever of the CA, certificates and keys is missing. True if anything was."""
     pki.mkdir(parents=True, exist_ok=True)
     pki.chmod(0o700)
-    wanted = ["ca.crt", "sa.key", "sa.pub", "kube-apiserver.crt"]
+    wanted = ["ca.crt", "sa.key", "sa.pub", "kube-apiserver.crt", "front-proxy-client.crt"]
     wanted += [f"{c.name}.crt" for c in CLIENTS]
     if all((pki / f).exists() for f in wanted):
         return False
@@ -119,14 +132,14 @@ def ensure_pki(pki: Path) -> bool:
         for old in pki.iterdir():
             if old.is_file():
                 old.unlink()
-        _new_key(pki / "ca.key")
-        _openssl(
-            "req", "-x509", "-new", "-key", "ca.key", "-subj", f"/CN={CLUSTER_NAME}-ca",
-            "-days", DAYS, "-sha256", "-out", "ca.crt",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
-            cwd=pki,
-        )  # fmt: skip
+        _new_ca(pki, "ca", f"{CLUSTER_NAME}-ca")
+    if not (pki / "front-proxy-client.crt").exists():
+        # The aggregation layer's own CA, as in kubeadm: the API server presents this client
+        # certificate to aggregated API servers, which then trust its X-Remote-* headers.
+        _new_ca(pki, "front-proxy-ca", f"{CLUSTER_NAME}-front-proxy-ca")
+        _sign(
+            pki, "front-proxy-client", "/CN=front-proxy-client", "clientAuth", (), "front-proxy-ca"
+        )
     if not (pki / "sa.key").exists() or not (pki / "sa.pub").exists():
         _new_key(pki / "sa.key")
         _openssl("ec", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
