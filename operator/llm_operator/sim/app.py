@@ -9,7 +9,6 @@ it, and a forced failure only ever hits a request that would otherwise have run.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
