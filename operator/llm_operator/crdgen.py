@@ -73,11 +73,12 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
             node["x-kubernetes-preserve-unknown-fields"] = True
     if node.get("type") == "array" and "items" in node:
         node["items"] = _structural(node["items"])
-    if node.get("type") == "number" and "exclusiveMinimum" in node:
+    exclusive_minimum = node.get("exclusiveMinimum")
+    if node.get("type") == "number" and not isinstance(exclusive_minimum, bool | None):
         # JSON Schema 2020 exclusiveMinimum: N  ->  OpenAPI v3.0 minimum: N + exclusiveMinimum: true
         node["minimum"] = node.pop("exclusiveMinimum")
         node["exclusiveMinimum"] = True
-    if node.get("type") == "integer" and "exclusiveMinimum" in node:
+    if node.get("type") == "integer" and not isinstance(exclusive_minimum, bool | None):
         node["minimum"] = node.pop("exclusiveMinimum") + 1
     if "exclusiveMaximum" in node and not isinstance(node["exclusiveMaximum"], bool):
         node["maximum"] = node.pop("exclusiveMaximum")
@@ -97,10 +98,7 @@ def openapi_schema() -> dict[str, Any]:
     resolved = _resolve({k: v for k, v in raw.items() if k != "$defs"}, raw.get("$defs", {}))
     schema = _structural(resolved)
     # The API server owns metadata's schema; only "an object" may be said about it here.
-    schema["properties"]["metadata"] = {
-        "type": "object",
-        "description": "Standard object metadata.",
-    }
+    schema["properties"]["metadata"] = {"type": "object"}
     # kind and apiVersion are checked by the API server's routing, not by an enum.
     for key in ("apiVersion", "kind"):
         schema["properties"][key] = {

@@ -37,7 +37,8 @@ def walk(node: dict[str, Any], path: str = "") -> list[str]:
         node.get("x-kubernetes-int-or-string") or node.get("x-kubernetes-preserve-unknown-fields")
     ):
         problems.append(f"{path or '/'}: no type")
-    if not node.get("description") and path.count("/") <= 3 and path and not path.endswith("[]"):
+    described = path.count("/") <= 3 and path and not path.endswith("[]") and path != "/metadata"
+    if described and not node.get("description"):
         problems.append(f"{path}: no description")
     for name, child in node.get("properties", {}).items():
         problems += walk(child, f"{path}/{name}")

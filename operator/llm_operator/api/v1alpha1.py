@@ -183,7 +183,7 @@ class EngineSpec(ApiModel):
     """Share of each GPU's memory vLLM may use, in (0, 1]."""
     max_num_seqs: Annotated[int, Field(ge=1, le=65536)] | None = None
     """Most sequences running at once per replica (vLLM's default: 256)."""
-    extra_args: Annotated[list[Annotated[str, Field(max_length=4096)]], Field(max_length=100)] = []
+    extra_args: Annotated[list[Annotated[str, Field(max_length=512)]], Field(max_length=64)] = []
     """Further `vllm serve` arguments, appended last. Flags the operator sets from typed
     fields (tensor-parallel size, served name, port, ...) are refused here."""
     env: Annotated[list[EnvVar], Field(max_length=100)] = []
