@@ -1,0 +1,164 @@
+{{/* Chart name, overridable with nameOverride. */}}
+{{- define "llm-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name: the prefix of every object's name. The release name alone when it already contains
+the chart name (`helm install llm-operator ...` gives "llm-operator"), else "<release>-<name>".
+*/}}
+{{- define "llm-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Name prefix of cluster-scoped objects: unique per release namespace as well. */}}
+{{- define "llm-operator.clusterName" -}}
+{{- $full := include "llm-operator.fullname" . }}
+{{- if eq .Release.Namespace $full }}
+{{- $full }}
+{{- else }}
+{{- printf "%s-%s" .Release.Namespace $full | trunc 50 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "llm-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "llm-operator.labels" -}}
+helm.sh/chart: {{ include "llm-operator.chart" . }}
+app.kubernetes.io/name: {{ include "llm-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: llm-operator
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels of one component (operator or gateway). Call with (list $ "operator"). */}}
+{{- define "llm-operator.selectorLabels" -}}
+{{- $root := index . 0 -}}
+app.kubernetes.io/name: {{ include "llm-operator.name" $root }}
+app.kubernetes.io/instance: {{ $root.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{/* All labels of one component. Call with (list $ "operator"). */}}
+{{- define "llm-operator.componentLabels" -}}
+{{ include "llm-operator.labels" (index . 0) }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{- define "llm-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "llm-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "llm-operator.gatewayName" -}}
+{{- printf "%s-gateway" (include "llm-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "llm-operator.gatewayServiceAccountName" -}}
+{{- if .Values.gateway.serviceAccount.create }}
+{{- default (include "llm-operator.gatewayName" .) .Values.gateway.serviceAccount.name }}
+{{- else }}
+{{- required "gateway.serviceAccount.name is required when gateway.serviceAccount.create is false" .Values.gateway.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "llm-operator.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The watched namespaces, de-duplicated, in the order given. */}}
+{{- define "llm-operator.watchNamespaces" -}}
+{{- toJson (uniq .Values.watchNamespaces) }}
+{{- end }}
+
+{{/* "true" when the operator watches every namespace. */}}
+{{- define "llm-operator.clusterWide" -}}
+{{- if empty .Values.watchNamespaces }}true{{ end }}
+{{- end }}
+
+{{/*
+The operator's namespaced rules: its own resource, the children it owns, and Events.
+Exactly the calls the operator makes; no "*", no Secrets (pods reference Secrets by name only).
+*/}}
+{{- define "llm-operator.operatorRules" -}}
+# The LLMDeployments it reconciles: kopf lists and watches them and patches its finalizer and
+# annotations; the operator reads one before acting on it.
+- apiGroups: ["llmoperator.io"]
+  resources: ["llmdeployments"]
+  verbs: ["get", "list", "watch", "patch"]
+# Status is the only thing the operator writes about an LLMDeployment (never its spec).
+- apiGroups: ["llmoperator.io"]
+  resources: ["llmdeployments/status"]
+  verbs: ["get", "patch"]
+# The children it owns: server-side apply (create + patch), watches for drift, prunes.
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["services", "configmaps"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+{{- if .Values.keda.enabled }}
+- apiGroups: ["keda.sh"]
+  resources: ["scaledobjects"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+{{- end }}
+# Events about LLMDeployments (kopf posts core Events; both APIs are allowed).
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}
+
+{{/* kopf peering rules for namespaced KopfPeerings (HA with watchNamespaces). */}}
+{{- define "llm-operator.namespacedPeeringRules" -}}
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  verbs: ["list", "watch"]
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  resourceNames: [{{ .Values.ha.peeringName | quote }}]
+  verbs: ["get", "patch"]
+{{- end }}
+
+{{/* Pod anti-affinity that spreads replicas of one component over nodes. (list $ "operator") */}}
+{{- define "llm-operator.spreadAffinity" -}}
+podAntiAffinity:
+  preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 100
+      podAffinityTerm:
+        topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- include "llm-operator.selectorLabels" . | nindent 12 }}
+{{- end }}
