@@ -206,7 +206,11 @@ def compute_status(
         if key_ not in {"conditions", "phase", "observedGeneration", "replicas", "readyReplicas"}
     }
     if problem is None:
-        status.update(extra)
+        for key_, value in extra.items():
+            if value is None:
+                status.pop(key_, None)
+            else:
+                status[key_] = value
     status["observedGeneration"] = generation
     status["replicas"] = replicas
     status["readyReplicas"] = ready

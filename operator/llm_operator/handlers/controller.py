@@ -31,6 +31,7 @@ from llm_operator.reconcile import (
     plan_actions,
     status_changed,
 )
+from llm_operator.planner import plan
 from llm_operator.render import RenderConfig, render_all, status_extras
 
 log = logging.getLogger("llm_operator.controller")
@@ -152,8 +153,9 @@ class Controller:
             problem = Problem("InvalidSpec", describe_validation_error(error))
         else:
             try:
-                desired = owned(render_all(llmd, self.config), body)
-                extra = status_extras(llmd, self.config)
+                sizing = plan(llmd.spec)
+                desired = owned(render_all(llmd, self.config, sizing=sizing), body)
+                extra = status_extras(llmd, self.config, sizing=sizing)
             except ValueError as error:  # the planner's and renderers' own errors
                 problem = Problem("CannotPlan", str(error))
             else:
@@ -171,7 +173,9 @@ class Controller:
             now=self.clock(),
         )
         if status_changed(previous, status):
-            self.client.patch_status(namespace, name, status)
+            # A merge patch keeps keys it does not mention: null out the ones that went away.
+            removed = {key_: None for key_ in previous if key_ not in status}
+            self.client.patch_status(namespace, name, {**status, **removed})
             metrics.WRITES.labels(verb="patch", kind="LLMDeployment/status").inc()
             was_degraded = _condition(previous, "Degraded")
             if problem and (not was_degraded or was_degraded.get("message") != problem.message):

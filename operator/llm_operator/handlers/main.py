@@ -70,7 +70,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     kopf.configure(
         debug=args.log_level.upper() == "DEBUG",
-        verbose=args.log_level.upper() in {"DEBUG", "INFO"},
+        # kopf's INFO lines say "handler succeeded" for every watch event: noise at scale.
+        verbose=False,
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
     )
     logging.getLogger().setLevel(args.log_level.upper())

@@ -25,6 +25,14 @@ def register(
     namespaces: list[str],
     child_kinds: list[str],
 ) -> None:
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # The same credentials as the `kubernetes` client: in-cluster, else KUBECONFIG.
+        info: kopf.ConnectionInfo | None = kopf.login_with_service_account(
+            **kwargs
+        ) or kopf.login_with_kubeconfig(**kwargs)
+        return info
+
     @kopf.on.startup(registry=registry)
     async def prime_cache(settings: kopf.OperatorSettings, **_: Any) -> None:
         # Children must be known before the first LLMDeployment event, or a restart would
@@ -43,7 +51,7 @@ def register(
                 controller.remember_child(child)
         log.info("cache primed with %d owners' children", len(controller.children))
 
-    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.event(GROUP, VERSION, PLURAL, id="llmdeployment", registry=registry)
     async def llmdeployment_event(event: kopf.RawEvent, **_: Any) -> None:
         body = event["object"]
         deleted = event["type"] == "DELETED"
@@ -56,7 +64,12 @@ def register(
             continue
         selector = (kind.group, kind.version, kind.plural) if kind.group else (kind.version, kind.plural)
 
-        @kopf.on.event(*selector, labels={"app.kubernetes.io/managed-by": "llm-operator"}, registry=registry)
+        @kopf.on.event(
+            *selector,
+            id=f"child-{kind.plural}",
+            labels={"app.kubernetes.io/managed-by": "llm-operator"},
+            registry=registry,
+        )
         async def child_event(event: kopf.RawEvent, **_: Any) -> None:
             owner_key = controller.remember_child(event["object"], deleted=event["type"] == "DELETED")
             if owner_key is not None and owner_key in controller.bodies:

@@ -46,17 +46,20 @@ class KubeClient:
         query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
     ) -> Any:
-        response = self.api.call_api(
-            path,
+        method, url, headers, payload, post = self.api.param_serialize(
             method,
+            path,
             query_params=query or [],
             header_params={"Accept": "application/json", "Content-Type": content_type},
             body=body,
             auth_settings=["BearerToken"],
-            _preload_content=False,
-            _return_http_data_only=True,
         )
-        data = response.data
+        response = self.api.call_api(method, url, headers, payload, post, _request_timeout=60)
+        data = response.read()
+        if not 200 <= response.status < 300:
+            raise ApiException.from_response(
+                http_resp=response, body=data.decode(errors="replace"), data=None
+            )
         return json.loads(data) if data else None
 
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
