@@ -231,16 +231,15 @@ def _container(
         "privileged": False,
         "readOnlyRootFilesystem": False,
     }
-    if config.run_as_user is not None:
-        security["runAsNonRoot"] = True
     startup = startup_budget_seconds(plan, config)
     drain = drain_seconds(llmd)
     script = _DRAIN_SCRIPT.format(
         settle=DRAIN_SETTLE_SECONDS, drain=drain, port=ENGINE_PORT, path=METRICS_PATH
     )
-    container: dict[str, Any] = {
-        "name": engine.kind,
-        "image": image,
+    container: dict[str, Any] = {"name": engine.kind, "image": image}
+    if engine.image_pull_policy is not None:
+        container["imagePullPolicy"] = engine.image_pull_policy
+    container |= {
         "args": engine_args(llmd, plan, source),
         "env": _env(llmd, config),
         "ports": [{"name": PORT_NAME, "containerPort": ENGINE_PORT, "protocol": "TCP"}],
@@ -255,8 +254,6 @@ def _container(
         "securityContext": security,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if engine.image_pull_policy is not None:
-        container["imagePullPolicy"] = engine.image_pull_policy
     return container
 
 
