@@ -1,0 +1,204 @@
+"""Each failure-injection mode, as a client sees it."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.sim.conftest import FAST_ARGS, MODEL
+from tests.support.sim import SimProcess, run_sims, start_sim
+
+MESSAGES: list[dict[str, str]] = [{"role": "user", "content": "hi"}]
+
+
+def _chat(client: openai.OpenAI, fail: str | None = None, **kwargs: object) -> object:
+    headers = {"x-sim-fail": fail} if fail else None
+    return client.chat.completions.create(
+        model="sim-llama",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        max_tokens=kwargs.pop("max_tokens", 3),  # type: ignore[arg-type]
+        extra_headers=headers,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_header_forces_500(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.InternalServerError) as err:
+        _chat(client, "500")
+    assert err.value.status_code == 500
+    assert err.value.body == {
+        "message": "Simulated failure: 500 Internal Server Error",
+        "type": "Internal Server Error",
+        "param": None,
+        "code": 500,
+    }
+
+
+def test_header_forces_429_with_retry_after(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.RateLimitError) as err:
+        _chat(client, "429")
+    assert err.value.status_code == 429
+    assert err.value.response.headers["retry-after"] == "1"
+
+
+def test_header_forces_any_error_status(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.APIStatusError) as err:
+        _chat(client, "503")
+    assert err.value.status_code == 503
+
+
+def test_header_hang_never_answers(sim: SimProcess) -> None:
+    client = openai.OpenAI(base_url=sim.openai_url, api_key="x", max_retries=0, timeout=0.5)
+    start = time.monotonic()
+    with pytest.raises(openai.APITimeoutError):
+        _chat(client, "hang")
+    assert time.monotonic() - start >= 0.5
+    # The hung request held a running slot until the client gave up, then was aborted.
+    _wait_for(lambda: sim.metric("vllm:num_requests_running") == 0)
+    assert sim.metric("vllm:request_success_total", {"finished_reason": "abort"}) >= 1
+
+
+def test_header_disconnect_drops_the_connection_before_any_answer(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.APIConnectionError):
+        _chat(client, "disconnect")
+
+
+@pytest.mark.parametrize("events", [1, 3])
+def test_header_disconnect_after_n_stream_events(client: openai.OpenAI, events: int) -> None:
+    stream = _chat(client, f"disconnect-after:{events}", stream=True, max_tokens=20)
+    got = []
+    with pytest.raises((httpx.RemoteProtocolError, openai.APIError)):
+        for chunk in stream:  # type: ignore[attr-defined]
+            got.append(chunk)
+    # The role chunk counts as the first event.
+    assert len(got) == events
+    assert got[0].choices[0].delta.role == "assistant"
+
+
+def test_header_disconnect_after_0_sends_headers_only(sim: SimProcess) -> None:
+    with httpx.Client(timeout=5) as http:
+        with http.stream(
+            "POST",
+            f"{sim.openai_url}/chat/completions",
+            json={"model": "sim-llama", "messages": MESSAGES, "stream": True},
+            headers={"x-sim-fail": "disconnect-after:0"},
+        ) as resp:
+            assert resp.status_code == 200
+            with pytest.raises(httpx.RemoteProtocolError):
+                resp.read()
+
+
+def test_header_disconnect_after_n_tokens_without_streaming(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.APIConnectionError):
+        _chat(client, "disconnect-after:2", max_tokens=10)
+
+
+def test_bad_fail_header_is_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="x-sim-fail"):
+        _chat(client, "explode")
+
+
+def test_error_rates_change_at_run_time(fresh_sim: SimProcess, client: openai.OpenAI) -> None:
+    state = fresh_sim.admin(error_rate_500=1.0)
+    assert state["error_rate_500"] == 1.0
+    for _ in range(3):
+        with pytest.raises(openai.InternalServerError):
+            _chat(client)
+    fresh_sim.admin(error_rate_500=0, error_rate_429=1.0, retry_after=7)
+    with pytest.raises(openai.RateLimitError) as err:
+        _chat(client)
+    assert err.value.response.headers["retry-after"] == "7"
+    fresh_sim.admin(error_rate_429=0)
+    _chat(client)  # healthy again
+
+
+def test_partial_error_rate_fails_about_that_share(
+    fresh_sim: SimProcess, client: openai.OpenAI
+) -> None:
+    fresh_sim.admin(error_rate_500=0.5)
+    failures = 0
+    for _ in range(200):
+        try:
+            _chat(client, max_tokens=1)
+        except openai.InternalServerError:
+            failures += 1
+    # Binomial(200, 0.5): 60..140 holds with probability 1 - 1e-8.
+    assert 60 <= failures <= 140
+
+
+def test_hang_mode_keeps_health_up_and_produces_nothing(
+    fresh_sim: SimProcess, client: openai.OpenAI
+) -> None:
+    fresh_sim.admin(hang=True)
+    slow = openai.OpenAI(base_url=fresh_sim.openai_url, api_key="x", max_retries=0, timeout=0.4)
+    with pytest.raises(openai.APITimeoutError):
+        _chat(slow)
+    assert fresh_sim.health() == 200
+    # Resume: a request waiting during the hang now completes.
+    stream = _chat(client, stream=True, max_tokens=2)
+    time.sleep(0.2)
+    assert fresh_sim.metric("vllm:num_requests_waiting") >= 1
+    fresh_sim.admin(hang=False)
+    chunks = list(stream)  # type: ignore[call-overload]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_health_can_be_forced_down(fresh_sim: SimProcess) -> None:
+    fresh_sim.admin(health_status=503)
+    assert fresh_sim.health() == 503
+    fresh_sim.admin(health_status=None)
+    assert fresh_sim.health() == 200
+
+
+def test_admin_refuses_unknown_fields_and_bad_values(fresh_sim: SimProcess) -> None:
+    for payload in ({"error_rate_501": 1}, {"error_rate_500": 2}, {"health_status": "bad"}):
+        status, body = _admin_raw(fresh_sim, payload)
+        assert status == 400, payload
+        assert json.loads(body)["error"]["code"] == 400
+    assert fresh_sim.admin()["error_rate_500"] == 0  # nothing half-applied
+
+
+def test_startup_delay_answers_503_until_loaded() -> None:
+    sim = start_sim(MODEL, served_name="m", args=[*FAST_ARGS, "--sim-startup-delay", "1.0"],
+                    wait_ready=False)  # fmt: skip
+    try:
+        assert sim.health() == 503
+        client = openai.OpenAI(base_url=sim.openai_url, api_key="x", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as err:
+            client.completions.create(model="m", prompt="x", max_tokens=1)
+        assert err.value.status_code == 503
+        t0 = time.monotonic()
+        sim.wait_healthy(timeout=5)
+        assert time.monotonic() - t0 < 1.5
+        assert client.completions.create(model="m", prompt="x", max_tokens=1).choices
+    finally:
+        sim.stop()
+
+
+def test_failures_configured_by_environment() -> None:
+    env = {"LLMOP_SIM_ERROR_RATE_429": "1", "LLMOP_SIM_RETRY_AFTER": "3"}
+    with run_sims(1, MODEL, served_name="m", args=FAST_ARGS, env=env) as (sim,):
+        client = openai.OpenAI(base_url=sim.openai_url, api_key="x", max_retries=0)
+        with pytest.raises(openai.RateLimitError) as err:
+            client.completions.create(model="m", prompt="x", max_tokens=1)
+        assert err.value.response.headers["retry-after"] == "3"
+        assert sim.admin()["error_rate_429"] == 1.0
+
+
+def _admin_raw(sim: SimProcess, payload: object) -> tuple[int, bytes]:
+    with httpx.Client(timeout=5) as http:
+        resp = http.post(f"{sim.base_url}/sim/admin", json=payload)
+        return resp.status_code, resp.content
+
+
+def _wait_for(predicate: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not met in time")
