@@ -206,18 +206,16 @@ def test_a_new_image_rolls_the_deployment(
     after = deployment(api_client, namespace, "qwen")
     assert after.spec.template.spec.containers[0].image == "vllm/vllm-openai:v0.11.1"
     assert after.metadata.generation > before
-    pods = (
-        client.CoreV1Api(api_client)
-        .list_namespaced_pod(namespace, label_selector="llmoperator.io/deployment=qwen")
-        .items
-    )
     kube.wait_until(
         "only new pods",
-        lambda: all(
-            p.spec.containers[0].image == "vllm/vllm-openai:v0.11.1"
-            for p in client.CoreV1Api(api_client)
-            .list_namespaced_pod(namespace, label_selector="llmoperator.io/deployment=qwen")
-            .items
+        lambda: (
+            {
+                p.spec.containers[0].image
+                for p in client.CoreV1Api(api_client)
+                .list_namespaced_pod(namespace, label_selector="llmoperator.io/deployment=qwen")
+                .items
+            }
+            == {"vllm/vllm-openai:v0.11.1"}
         ),
         timeout=60,
     )

@@ -75,7 +75,9 @@ def up(layout: Layout, timeout: float) -> int:
         )  # fmt: skip
     _operator_pidfile(layout).write_text(str(process.pid))
     for sample in SAMPLES:
-        _kubectl(layout, "apply", "-n", NAMESPACE, "-f", str(root / "manifests" / "samples" / sample))
+        _kubectl(
+            layout, "apply", "-n", NAMESPACE, "-f", str(root / "manifests" / "samples" / sample)
+        )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         phases = _kubectl(

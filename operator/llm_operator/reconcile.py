@@ -6,7 +6,7 @@ No kopf, no client: plain dicts in, plain dicts out, so every decision is unit-t
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -15,7 +15,7 @@ FIELD_MANAGER = "llm-operator"
 DEPLOYMENT_LABEL = "llmoperator.io/deployment"
 MANAGED_BY_SELECTOR = "app.kubernetes.io/managed-by=llm-operator"
 
-_SUFFIXES = {
+_SUFFIXES: dict[str, int | Decimal] = {
     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
     "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": 1,
     "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
@@ -29,12 +29,12 @@ def _quantity(value: Any) -> Decimal | None:
     text = str(value).strip()
     for suffix in sorted(_SUFFIXES, key=len, reverse=True):
         if suffix and text.endswith(suffix):
-            number, multiplier = text[: -len(suffix)], _SUFFIXES[suffix]
+            number, multiplier = text[: -len(suffix)], Decimal(_SUFFIXES[suffix])
             break
     else:
-        number, multiplier = text, 1
+        number, multiplier = text, Decimal(1)
     try:
-        return Decimal(number) * Decimal(multiplier)
+        return Decimal(number) * multiplier
     except InvalidOperation:
         return None
 
@@ -62,7 +62,11 @@ def drifted(desired: Any, live: Any) -> list[str]:
     if isinstance(desired, list):
         if not isinstance(live, list) or len(live) != len(desired):
             return [""]
-        return [f"[{i}]{sub}" for i, (d, v) in enumerate(zip(desired, live)) for sub in drifted(d, v)]
+        return [
+            f"[{i}]{sub}"
+            for i, (d, v) in enumerate(zip(desired, live, strict=True))
+            for sub in drifted(d, v)
+        ]
     if desired is None:
         return []
     return [] if _same_scalar(desired, live) else [""]
@@ -190,7 +194,7 @@ def compute_status(
     *,
     previous: Mapping[str, Any] | None,
     generation: int | None,
-    deployments: list[Mapping[str, Any]],
+    deployments: Sequence[Mapping[str, Any]],
     problem: Problem | None,
     extra: Mapping[str, Any],
     now: str,
@@ -239,7 +243,9 @@ def compute_status(
         "Ready",
         is_ready or (problem is not None and serving),
         "ReplicasReady" if is_ready else ("StillServing" if serving else "ReplicasNotReady"),
-        ready_message if problem is None else f"{ready_message}; spec not applied: {problem.reason}",
+        ready_message
+        if problem is None
+        else f"{ready_message}; spec not applied: {problem.reason}",
         generation,
         now,
     )

@@ -26,14 +26,22 @@ def deployment(name: str = "m", **status: Any) -> dict[str, Any]:
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": name, "generation": 2, "resourceVersion": "10"},
-        "spec": {"replicas": 2, "template": {"spec": {"containers": [{"name": "vllm", "image": "a"}]}}},
+        "spec": {
+            "replicas": 2,
+            "template": {"spec": {"containers": [{"name": "vllm", "image": "a"}]}},
+        },
         "status": status,
     }
 
 
 def test_fields_only_the_cluster_added_are_not_drift() -> None:
     desired = {"spec": {"ports": [{"port": 8000, "name": "http"}]}}
-    live = {"spec": {"ports": [{"port": 8000, "name": "http", "protocol": "TCP"}], "clusterIP": "10.0.0.1"}}
+    live = {
+        "spec": {
+            "ports": [{"port": 8000, "name": "http", "protocol": "TCP"}],
+            "clusterIP": "10.0.0.1",
+        }
+    }
     assert drifted(desired, live) == []
 
 
@@ -82,7 +90,10 @@ def test_plan_applies_missing_and_drifted_and_prunes_only_own_children() -> None
     live = [
         {"kind": "Deployment", "metadata": mine, "spec": {"replicas": 3}},
         {"kind": "PodDisruptionBudget", "metadata": mine},
-        {"kind": "ConfigMap", "metadata": {"name": "theirs", "ownerReferences": [{"uid": "other"}]}},
+        {
+            "kind": "ConfigMap",
+            "metadata": {"name": "theirs", "ownerReferences": [{"uid": "other"}]},
+        },
     ]
     actions = plan_actions(desired, live, "uid-1")
     assert [o["kind"] for o in actions.apply] == ["Service", "Deployment"]
@@ -91,8 +102,12 @@ def test_plan_applies_missing_and_drifted_and_prunes_only_own_children() -> None
 
 
 def test_plan_is_empty_when_the_cluster_matches() -> None:
-    desired = owned([{"kind": "Service", "metadata": {"name": "m"}, "spec": {"type": "ClusterIP"}}], OWNER)
-    live = [{**desired[0], "metadata": {**desired[0]["metadata"], "uid": "x", "resourceVersion": "5"}}]
+    desired = owned(
+        [{"kind": "Service", "metadata": {"name": "m"}, "spec": {"type": "ClusterIP"}}], OWNER
+    )
+    live = [
+        {**desired[0], "metadata": {**desired[0]["metadata"], "uid": "x", "resourceVersion": "5"}}
+    ]
     actions = plan_actions(desired, live, "uid-1")
     assert actions.apply == [] and actions.delete == []
 
@@ -128,7 +143,9 @@ def test_progressing_while_rolling_and_pending_before_pods() -> None:
         previous=None, generation=1, deployments=[rolling], problem=None, extra={}, now="t"
     )
     assert status["phase"] == "Progressing"
-    pending = compute_status(previous=None, generation=1, deployments=[], problem=None, extra={}, now="t")
+    pending = compute_status(
+        previous=None, generation=1, deployments=[], problem=None, extra={}, now="t"
+    )
     assert pending["phase"] == "Pending"
 
 

@@ -16,12 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from llm_operator.api import LLMDeployment
 from llm_operator.handlers import metrics
 from llm_operator.kube.client import RETRYABLE_STATUSES, KubeClient
+from llm_operator.planner import plan
 from llm_operator.reconcile import (
     DEPLOYMENT_LABEL,
     Problem,
@@ -31,7 +32,6 @@ from llm_operator.reconcile import (
     plan_actions,
     status_changed,
 )
-from llm_operator.planner import plan
 from llm_operator.render import RenderConfig, render_all, status_extras
 
 log = logging.getLogger("llm_operator.controller")
@@ -161,7 +161,9 @@ class Controller:
             else:
                 problem = self.converge(owner_key, desired, body["metadata"]["uid"])
         deployments = [
-            obj for (kind, _), obj in self.children.get(owner_key, {}).items() if kind == "Deployment"
+            obj
+            for (kind, _), obj in self.children.get(owner_key, {}).items()
+            if kind == "Deployment"
         ]
         previous = body.get("status") or {}
         status = compute_status(
@@ -197,7 +199,9 @@ class Controller:
                 if error.status in RETRYABLE_STATUSES:
                     raise
                 # The API server refused what we rendered: report it, keep what runs.
-                return Problem("ApplyFailed", f"{obj['kind']} {obj['metadata']['name']}: {error.body}")
+                return Problem(
+                    "ApplyFailed", f"{obj['kind']} {obj['metadata']['name']}: {error.body}"
+                )
             metrics.WRITES.labels(verb="apply", kind=obj["kind"]).inc()
             self.remember_child(applied)
         for obj in actions.delete:

@@ -33,8 +33,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="namespace to watch; repeat for several (env LLMOP_NAMESPACES, comma-separated)",
     )
     parser.add_argument(
-        "--all-namespaces", "-A", action="store_true", help="watch every namespace (the default "
-        "when no --namespace is given)"
+        "--all-namespaces",
+        "-A",
+        action="store_true",
+        help="watch every namespace (the default when no --namespace is given)",
     )
     parser.add_argument("--log-level", default=env("LLMOP_LOG_LEVEL", "INFO"))
     parser.add_argument(
@@ -59,7 +61,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "without it the operator runs standalone",
     )
     parser.add_argument(
-        "--keda", action="store_true", default=env("LLMOP_KEDA", "") == "true",
+        "--keda",
+        action="store_true",
+        default=env("LLMOP_KEDA", "") == "true",
         help="also watch KEDA ScaledObjects (KEDA's CRDs must be installed)",
     )
     parser.add_argument("--cluster-domain", default=env("LLMOP_CLUSTER_DOMAIN", "cluster.local"))

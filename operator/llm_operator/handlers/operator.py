@@ -53,7 +53,7 @@ def register(
 
     @kopf.on.event(GROUP, VERSION, PLURAL, id="llmdeployment", registry=registry)
     async def llmdeployment_event(event: kopf.RawEvent, **_: Any) -> None:
-        body = event["object"]
+        body = dict(event["object"])
         deleted = event["type"] == "DELETED"
         owner_key = controller.remember_owner(body, deleted=deleted)
         if not deleted:
@@ -62,7 +62,9 @@ def register(
     for kind in CHILD_KINDS:
         if kind.kind not in child_kinds:
             continue
-        selector = (kind.group, kind.version, kind.plural) if kind.group else (kind.version, kind.plural)
+        selector = (
+            (kind.group, kind.version, kind.plural) if kind.group else (kind.version, kind.plural)
+        )
 
         @kopf.on.event(
             *selector,
@@ -71,6 +73,8 @@ def register(
             registry=registry,
         )
         async def child_event(event: kopf.RawEvent, **_: Any) -> None:
-            owner_key = controller.remember_child(event["object"], deleted=event["type"] == "DELETED")
+            owner_key = controller.remember_child(
+                dict(event["object"]), deleted=event["type"] == "DELETED"
+            )
             if owner_key is not None and owner_key in controller.bodies:
                 await controller.reconcile(owner_key)

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 import kubernetes
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 from llm_operator.kube.resources import CHILD_KINDS, LLMDEPLOYMENT, Kind, kind_of
 from llm_operator.reconcile import FIELD_MANAGER
@@ -26,9 +26,9 @@ RETRYABLE_STATUSES = {409, 429, 500, 502, 503, 504}
 def load_config() -> kubernetes.client.ApiClient:
     """An ApiClient from the pod's ServiceAccount, or from KUBECONFIG / ~/.kube/config."""
     try:
-        kubernetes.config.load_incluster_config()
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
+        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
     return kubernetes.client.ApiClient()
 
 
@@ -55,7 +55,7 @@ class KubeClient:
             auth_settings=["BearerToken"],
         )
         response = self.api.call_api(method, url, headers, payload, post, _request_timeout=60)
-        data = response.read()
+        data: bytes = response.read()  # type: ignore[no-untyped-call]
         if not 200 <= response.status < 300:
             raise ApiException.from_response(
                 http_resp=response, body=data.decode(errors="replace"), data=None
@@ -92,7 +92,9 @@ class KubeClient:
             if error.status not in (404, 409):
                 raise
 
-    def list(self, kind: Kind, namespace: str | None, label_selector: str) -> list[dict[str, Any]]:
+    def list_kind(
+        self, kind: Kind, namespace: str | None, label_selector: str
+    ) -> list[dict[str, Any]]:
         try:
             result = self._call(
                 "GET", kind.collection_path(namespace), query=[("labelSelector", label_selector)]
@@ -108,7 +110,9 @@ class KubeClient:
         return items
 
     def list_children(self, namespace: str | None, label_selector: str) -> list[dict[str, Any]]:
-        return [obj for kind in CHILD_KINDS for obj in self.list(kind, namespace, label_selector)]
+        return [
+            obj for kind in CHILD_KINDS for obj in self.list_kind(kind, namespace, label_selector)
+        ]
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Replace status with a merge patch (null removes keys the new status lacks)."""
@@ -139,7 +143,10 @@ class KubeClient:
                 "POST",
                 f"/api/v1/namespaces/{metadata['namespace']}/events",
                 {
-                    "metadata": {"generateName": f"{metadata['name']}.", "namespace": metadata["namespace"]},
+                    "metadata": {
+                        "generateName": f"{metadata['name']}.",
+                        "namespace": metadata["namespace"],
+                    },
                     "involvedObject": {
                         "apiVersion": owner["apiVersion"],
                         "kind": owner["kind"],

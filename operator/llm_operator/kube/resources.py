@@ -21,7 +21,11 @@ class Kind:
 
     def collection_path(self, namespace: str | None) -> str:
         prefix = f"/apis/{self.api_version}" if self.group else f"/api/{self.version}"
-        return f"{prefix}/namespaces/{namespace}/{self.plural}" if namespace else f"{prefix}/{self.plural}"
+        return (
+            f"{prefix}/namespaces/{namespace}/{self.plural}"
+            if namespace
+            else f"{prefix}/{self.plural}"
+        )
 
     def object_path(self, namespace: str, name: str) -> str:
         return f"{self.collection_path(namespace)}/{name}"
