@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.sim.conftest import FAST_ARGS, MODEL
 from tests.support.sim import SimProcess, run_sims, start_sim
 
-MESSAGES: list[dict[str, str]] = [{"role": "user", "content": "hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
-def _chat(client: openai.OpenAI, fail: str | None = None, **kwargs: object) -> object:
+def _chat(client: openai.OpenAI, fail: str | None = None, **kwargs: Any) -> Any:
+    """A small chat request, optionally with `x-sim-fail: <fail>`."""
+    kwargs.setdefault("max_tokens", 3)
     headers = {"x-sim-fail": fail} if fail else None
     return client.chat.completions.create(
-        model="sim-llama",
-        messages=MESSAGES,  # type: ignore[arg-type]
-        max_tokens=kwargs.pop("max_tokens", 3),  # type: ignore[arg-type]
-        extra_headers=headers,
-        **kwargs,  # type: ignore[arg-type]
+        model="sim-llama", messages=MESSAGES, extra_headers=headers, **kwargs
     )
 
 
@@ -72,7 +73,7 @@ def test_header_disconnect_after_n_stream_events(client: openai.OpenAI, events: 
     stream = _chat(client, f"disconnect-after:{events}", stream=True, max_tokens=20)
     got = []
     with pytest.raises((httpx.RemoteProtocolError, openai.APIError)):
-        for chunk in stream:  # type: ignore[attr-defined]
+        for chunk in stream:
             got.append(chunk)
     # The role chunk counts as the first event.
     assert len(got) == events
@@ -80,16 +81,18 @@ def test_header_disconnect_after_n_stream_events(client: openai.OpenAI, events: 
 
 
 def test_header_disconnect_after_0_sends_headers_only(sim: SimProcess) -> None:
-    with httpx.Client(timeout=5) as http:
-        with http.stream(
+    with (
+        httpx.Client(timeout=5) as http,
+        http.stream(
             "POST",
             f"{sim.openai_url}/chat/completions",
             json={"model": "sim-llama", "messages": MESSAGES, "stream": True},
             headers={"x-sim-fail": "disconnect-after:0"},
-        ) as resp:
-            assert resp.status_code == 200
-            with pytest.raises(httpx.RemoteProtocolError):
-                resp.read()
+        ) as resp,
+    ):
+        assert resp.status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):
+            resp.read()
 
 
 def test_header_disconnect_after_n_tokens_without_streaming(client: openai.OpenAI) -> None:
@@ -143,7 +146,7 @@ def test_hang_mode_keeps_health_up_and_produces_nothing(
     time.sleep(0.2)
     assert fresh_sim.metric("vllm:num_requests_waiting") >= 1
     fresh_sim.admin(hang=False)
-    chunks = list(stream)  # type: ignore[call-overload]
+    chunks = list(stream)
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
@@ -195,10 +198,10 @@ def _admin_raw(sim: SimProcess, payload: object) -> tuple[int, bytes]:
         return resp.status_code, resp.content
 
 
-def _wait_for(predicate: object, timeout: float = 5.0) -> None:
+def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
+        if predicate():
             return
         time.sleep(0.02)
     raise AssertionError("condition not met in time")

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.sim.conftest import FAST_ARGS, MODEL, SERVED
 from tests.sim.test_config import RENDERED
 from tests.support.sim import SimProcess, start_sim
 
-MESSAGES: list[dict[str, str]] = [{"role": "user", "content": "Say something."}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something."}]
 
 
 def test_chat_completion(client: openai.OpenAI) -> None:
