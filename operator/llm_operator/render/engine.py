@@ -15,7 +15,9 @@ Choices a reviewer will ask about, and why:
 - Rollout: maxSurge 0 and maxUnavailable 1 by default, so a new revision never waits for
   GPUs that a full cluster does not have; Recreate when asked.
 - A preStop hook drains: it waits until vLLM reports no running or waiting requests (at most
-  routing.requestTimeout), and the grace period covers that plus vLLM's own shutdown.
+  routing.requestTimeout, at least 10 minutes), and the grace period covers that plus vLLM's
+  own shutdown. Nothing in the pod template depends on the replica count, so scaling never
+  restarts pods.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ STARTUP_PERIOD_SECONDS = 10
 
 DRAIN_SETTLE_SECONDS = 5
 """Time for endpoint removal to reach the gateway before the drain starts counting."""
+MIN_DRAIN_SECONDS = 600
 MAX_DRAIN_SECONDS = 3600
 SHUTDOWN_SECONDS = 30
 """vLLM's own shutdown after SIGTERM (engine processes, NCCL teardown)."""
@@ -145,9 +148,12 @@ def startup_budget_seconds(plan: Plan, config: RenderConfig) -> int:
 
 
 def drain_seconds(llmd: LLMDeployment) -> int:
-    """In-flight requests get as long as the gateway would let them run."""
+    """In-flight requests get as long as the gateway lets them run, and at least
+    MIN_DRAIN_SECONDS. The drain ends as soon as the engine is idle, so the floor costs
+    nothing, and it keeps ordinary requestTimeout edits (a gateway setting) out of the pod
+    template: changing them must not restart GPU pods that take many minutes to load."""
     timeout = parse_duration_seconds(llmd.spec.routing.request_timeout)
-    return int(min(MAX_DRAIN_SECONDS, math.ceil(timeout)))
+    return int(min(MAX_DRAIN_SECONDS, max(MIN_DRAIN_SECONDS, math.ceil(timeout))))
 
 
 def _env(llmd: LLMDeployment, config: RenderConfig) -> list[dict[str, Any]]:
@@ -336,17 +342,17 @@ def _pod_spec(
         pod["priorityClassName"] = spec.scheduling.priority_class_name
     if spec.scheduling.service_account_name is not None:
         pod["serviceAccountName"] = spec.scheduling.service_account_name
-    if track == "stable" and max_replicas(llmd) > 1:
-        # Spread replicas over nodes when the scheduler can, so one node does not take
-        # the whole model down; never block scheduling for it.
-        pod["topologySpreadConstraints"] = [
-            {
-                "maxSkew": 1,
-                "topologyKey": "kubernetes.io/hostname",
-                "whenUnsatisfiable": "ScheduleAnyway",
-                "labelSelector": {"matchLabels": selector_labels(llmd, track)},
-            }
-        ]
+    # Spread replicas over nodes when the scheduler can, so one node does not take the whole
+    # model down; never block scheduling for it. Always present: anything that depends on the
+    # replica count would change the pod template, and scaling would restart every pod.
+    pod["topologySpreadConstraints"] = [
+        {
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": selector_labels(llmd, track)},
+        }
+    ]
     return pod
 
 
