@@ -1,0 +1,285 @@
+"""Operator benchmark (not a test): N LLMDeployments on the local control plane.
+
+For each N it reports the time from create to all children present (p50, p99), API writes
+per LLMDeployment while converging and at steady state (from the API server's own
+`apiserver_request_total`, by verb and resource, and from the operator's counter), and the
+operator's RSS and CPU. The operator runs as `llm-operator run` in a subprocess watching one
+namespace; LLMDeployments ask for `replicas: 0`, so the numbers are the operator's, not the
+scheduler's or kwok's.
+
+    .venv/bin/llm-operator dev cluster up
+    KUBECONFIG=~/.cache/llm-operator/cluster/kubeconfig .venv/bin/python bench/operator_bench.py \
+        --counts 1,100,1000 --output bench/results/operator.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+
+GROUP, VERSION, PLURAL = "llmoperator.io", "v1alpha1", "llmdeployments"
+WRITE_VERBS = {"POST", "PATCH", "PUT", "DELETE", "APPLY", "CREATE", "UPDATE"}
+OPERATOR_RESOURCES = {
+    ("llmdeployments", "status"), ("deployments", ""), ("services", ""),
+    ("horizontalpodautoscalers", ""), ("poddisruptionbudgets", ""), ("events", ""),
+}  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def apiserver_writes(api: client.ApiClient) -> Counter[tuple[str, str, str]]:
+    """Write requests the API server has served, by (verb, resource, subresource)."""
+    raw = urllib_get(api, "/metrics")
+    counts: Counter[tuple[str, str, str]] = Counter()
+    for line in raw.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+        if labels.get("verb") in WRITE_VERBS and labels.get("dry_run", "") == "":
+            key = (labels["verb"], labels.get("resource", ""), labels.get("subresource", ""))
+            counts[key] += int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
+def urllib_get(api: client.ApiClient, path: str) -> str:
+    method, url, headers, body, post = api.param_serialize(
+        "GET", path, header_params={"Accept": "text/plain"}, auth_settings=["BearerToken"]
+    )
+    response = api.call_api(method, url, headers, body, post, _request_timeout=30)
+    return str(response.read().decode())
+
+
+def operator_writes(delta: Counter[tuple[str, str, str]]) -> int:
+    return sum(n for (verb, res, sub), n in delta.items() if (res, sub) in OPERATOR_RESOURCES)
+
+
+def proc_stats(pid: int) -> tuple[float, float, float]:
+    """(RSS MiB, peak RSS MiB, CPU seconds) of a process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss = int(re.search(r"VmRSS:\s+(\d+)", status)[1]) / 1024  # type: ignore[index]
+    hwm = int(re.search(r"VmHWM:\s+(\d+)", status)[1]) / 1024  # type: ignore[index]
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return rss, hwm, cpu
+
+
+def body(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LLMDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"name": "meta-llama/Llama-3.1-8B-Instruct"},
+            "engine": {"maxModelLen": 8192},
+            "replicas": 0,
+        },
+    }
+
+
+class ChildWatcher:
+    """Records when each owner's Deployment and Service first appear."""
+
+    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+        self.seen: dict[str, dict[str, float]] = {}
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._run, args=(api, namespace, kind), daemon=True)
+            for kind in ("Deployment", "Service")
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, api: client.ApiClient, namespace: str, kind: str) -> None:
+        lister = (
+            client.AppsV1Api(api).list_namespaced_deployment
+            if kind == "Deployment"
+            else client.CoreV1Api(api).list_namespaced_service
+        )
+        while not self.stop.is_set():
+            stream = watch.Watch()
+            for event in stream.stream(
+                lister, namespace, label_selector="app.kubernetes.io/managed-by=llm-operator",
+                timeout_seconds=5,
+            ):  # fmt: skip
+                owner = (event["object"].metadata.labels or {}).get("llmoperator.io/deployment")
+                if owner:
+                    with self.lock:
+                        self.seen.setdefault(owner, {}).setdefault(kind, time.monotonic())
+                if self.stop.is_set():
+                    break
+
+    def complete(self, names: list[str]) -> dict[str, float] | None:
+        with self.lock:
+            if all(len(self.seen.get(n, {})) == 2 for n in names):
+                return {n: max(self.seen[n].values()) for n in names}
+        return None
+
+
+def own_counter(port: int, name: str) -> float:
+    """A counter of the operator's own /metrics, summed over its labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(float(m[1]) for m in re.finditer(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(share * (len(ordered) - 1))))]
+
+
+def run_once(api: client.ApiClient, count: int, settle: float) -> dict[str, Any]:
+    namespace = f"bench-operator-{count}-{int(time.time())}"
+    core = client.CoreV1Api(api)
+    core.create_namespace({"metadata": {"name": namespace}})
+    metrics_port = free_port()
+    log = open(f"/tmp/{namespace}.log", "wb")  # noqa: SIM115
+    operator = subprocess.Popen(
+        [sys.executable, "-m", "llm_operator.cli", "run", "--namespace", namespace,
+         "--liveness-port", "0", "--metrics-port", str(metrics_port), "--log-level", "WARNING"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        time.sleep(1)
+        watcher = ChildWatcher(api, namespace)
+        before = apiserver_writes(api)
+        _, _, cpu_before = proc_stats(operator.pid)
+        names = [f"m-{i:04d}" for i in range(count)]
+        created: dict[str, float] = {}
+        custom = client.CustomObjectsApi(api)
+
+        def create(name: str) -> None:
+            created[name] = time.monotonic()
+            custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body(name))
+
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(create, names))
+        create_seconds = time.monotonic() - started
+        present: dict[str, float] | None = None
+        deadline = time.monotonic() + max(120, count * 0.5)
+        while present is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"children of {count} LLMDeployments not all present")
+            time.sleep(0.2)
+            present = watcher.complete(names)
+        converge_seconds = time.monotonic() - started
+        latencies = [present[n] - created[n] for n in names]
+        # Let status writes finish, then measure a quiet window.
+        time.sleep(settle)
+        own_converged = own_counter(metrics_port, "llm_operator_api_writes_total")
+        converged = apiserver_writes(api)
+        rss_converged, peak, cpu_converged = proc_stats(operator.pid)
+        time.sleep(settle)
+        steady = apiserver_writes(api)
+        rss, peak, cpu_steady = proc_stats(operator.pid)
+        watcher.stop.set()
+        reconciles = own_counter(metrics_port, "llm_operator_reconciles_total")
+        own_writes = own_counter(metrics_port, "llm_operator_api_writes_total")
+        converge_delta = converged - before
+        steady_delta = steady - converged
+        return {
+            "count": count,
+            "create_seconds": create_seconds,
+            "converge_seconds": converge_seconds,
+            "p50": percentile(latencies, 0.5),
+            "p99": percentile(latencies, 0.99),
+            "writes_converge": operator_writes(converge_delta),
+            "writes_converge_detail": {
+                f"{v} {r}{'/' + s if s else ''}": n
+                for (v, r, s), n in sorted(converge_delta.items())
+                if (r, s) in OPERATOR_RESOURCES
+            },
+            "writes_steady": operator_writes(steady_delta),
+            "own_writes": own_converged,
+            "own_writes_steady": own_writes - own_converged,
+            "reconciles": reconciles,
+            "rss": rss,
+            "peak_rss": peak,
+            "cpu_converge": cpu_converged - cpu_before,
+            "cpu_steady": cpu_steady - cpu_converged,
+            "settle": settle,
+        }
+    finally:
+        operator.terminate()
+        try:
+            operator.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            operator.kill()
+        log.close()
+        try:
+            core.delete_namespace(namespace)
+        except ApiException:
+            pass
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| N | create to children present p50 / p99 | all N converged | operator writes per LLMDeployment while converging | writes in the quiet window | reconciles | RSS after / peak | CPU converging / quiet |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['count']} | {r['p50'] * 1000:.0f} ms / {r['p99'] * 1000:.0f} ms | {r['converge_seconds']:.1f} s "
+            f"| {r['writes_converge'] / r['count']:.2f} (API server) / {r['own_writes'] / r['count']:.2f} (operator's counter) "
+            f"| {r['own_writes_steady']:.0f} by the operator's counter, {r['writes_steady']} to those resources by anyone, in {r['settle']:.0f} s | {r['reconciles']:.0f} | {r['rss']:.0f} / {r['peak_rss']:.0f} MiB "
+            f"| {r['cpu_converge']:.1f} s / {r['cpu_steady']:.2f} s |"
+        )
+    lines.append("")
+    for r in results:
+        lines.append(
+            f"- N={r['count']} writes while converging, by verb and resource: {r['writes_converge_detail']}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--counts", default="1,100")
+    parser.add_argument("--settle", type=float, default=15.0, help="seconds of each quiet window")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    config.load_kube_config()
+    api = client.ApiClient()
+    results = [run_once(api, int(n), args.settle) for n in args.counts.split(",")]
+    table = markdown(results)
+    print(table)
+    if args.output:
+        args.output.write_text(
+            args.output.read_text() + "\n" + table if args.output.exists() else table
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
