@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import os
 import re
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -144,7 +144,7 @@ def own_counter(port: int, name: str) -> float:
 
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(share * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
 def run_once(api: client.ApiClient, count: int, settle: float) -> dict[str, Any]:
@@ -197,7 +197,7 @@ def run_once(api: client.ApiClient, count: int, settle: float) -> dict[str, Any]
         time.sleep(settle)
         own_converged = own_counter(metrics_port, "llm_operator_api_writes_total")
         converged = apiserver_writes(api)
-        rss_converged, peak, cpu_converged = proc_stats(operator.pid)
+        _, _, cpu_converged = proc_stats(operator.pid)
         time.sleep(settle)
         steady = apiserver_writes(api)
         rss, peak, cpu_steady = proc_stats(operator.pid)
@@ -235,10 +235,8 @@ def run_once(api: client.ApiClient, count: int, settle: float) -> dict[str, Any]
         except subprocess.TimeoutExpired:
             operator.kill()
         log.close()
-        try:
+        with contextlib.suppress(ApiException):
             core.delete_namespace(namespace)
-        except ApiException:
-            pass
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
