@@ -61,7 +61,7 @@ class RenderConfig(BaseModel):
     15 to 60 minutes."""
     run_as_user: Annotated[int, Field(ge=1)] | None = None
     """Run the engine as this non-root UID with a writable HOME. None: the image's user
-    (root for vllm/vllm-openai); see docs/sizing.md#security-context."""
+    (root for vllm/vllm-openai); the module docstring of render/engine.py says why."""
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any] | None) -> RenderConfig:
