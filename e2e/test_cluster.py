@@ -7,6 +7,7 @@ for the local control plane: the pinned version and an idempotent ``up``.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -38,15 +39,10 @@ def gpu_nodes(api_client: client.ApiClient) -> list[client.V1Node]:
 
 def _deployment(name: str, gpus: int, tolerate: bool = True, replicas: int = 1) -> dict[str, Any]:
     labels = {"app": name}
-    pod_spec: dict[str, Any] = {
-        "containers": [
-            {
-                "name": "server",
-                "image": "vllm/vllm-openai:v0.11.0",
-                "resources": {"limits": {GPU: str(gpus)}},
-            }
-        ]
-    }
+    container: dict[str, Any] = {"name": "server", "image": "vllm/vllm-openai:v0.11.0"}
+    if gpus:
+        container["resources"] = {"limits": {GPU: str(gpus)}}
+    pod_spec: dict[str, Any] = {"containers": [container]}
     if tolerate:
         # What the operator renders for GPU pods: tolerate the GPU taint whatever its value.
         pod_spec["tolerations"] = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
@@ -100,14 +96,12 @@ def test_a_gpu_deployment_is_scheduled_onto_a_gpu_node_and_runs(
     for pod in pods:
         assert pod.spec.node_name in gpu_names
         assert pod.status.container_statuses[0].ready
-    deployment = client.AppsV1Api(api_client).read_namespaced_deployment("gpu-app", namespace)
     kube.wait_until(
         "deployment status readyReplicas=2",
         lambda: client.AppsV1Api(api_client)
         .read_namespaced_deployment_status("gpu-app", namespace)
         .status.ready_replicas == 2,
     )  # fmt: skip
-    assert deployment.metadata.generation >= 1
 
 
 def _pending_reason(api: client.ApiClient, namespace: str, app: str) -> str:
@@ -293,8 +287,6 @@ def test_a_second_up_changes_nothing_and_status_reports_it(cluster: Cluster) -> 
     assert "nothing changed" in again.stderr
     after = _devcluster("status", "--json")
     assert after.returncode == 0
-    import json
-
     pids = {n: c["pid"] for n, c in json.loads(before.stdout)["components"].items()}
     assert pids == {n: c["pid"] for n, c in json.loads(after.stdout)["components"].items()}
     status = json.loads(after.stdout)

@@ -43,10 +43,12 @@ def main(argv: list[str]) -> int:
     try:
         layout = Layout.discover(args.cache_dir)
         if args.action == "up":
-            cluster.up(layout, allow_build=not args.no_build, timeout=args.timeout)
+            with cluster.locked(layout):
+                cluster.up(layout, allow_build=not args.no_build, timeout=args.timeout)
             return 0
         if args.action == "down":
-            cluster.down(layout, keep_data=args.keep_data)
+            with cluster.locked(layout):
+                cluster.down(layout, keep_data=args.keep_data)
             return 0
         if args.action == "status":
             st = cluster.status(layout)

@@ -16,6 +16,7 @@ ServiceAccount exists, i.e. until a test can create a pod and see it run.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -23,7 +24,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -271,6 +273,19 @@ def _port_free(port: int) -> bool:
 
 def _ports_of(name: str) -> list[int]:
     return [PORTS["etcd-client"], PORTS["etcd-peer"]] if name == "etcd" else [PORTS[name]]
+
+
+@contextmanager
+def locked(layout: Layout) -> Iterator[None]:
+    """One ``up`` or ``down`` at a time: two test sessions starting together would otherwise
+    both see etcd stopped and race to start it."""
+    layout.cluster_dir.mkdir(parents=True, exist_ok=True)
+    with (layout.cluster_dir / ".lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # -- up -------------------------------------------------------------------------------------
