@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from llm_operator.api import LLMDeployment
-from llm_operator.planner import plan
+from llm_operator.planner import PlanError, plan
 from llm_operator.render import (
     RenderConfig,
     RenderError,
@@ -427,6 +427,12 @@ def test_models_on_volumes_and_object_storage() -> None:
         }
     )
     assert container(deployment_of(own_format))["args"].count("--load-format") == 0
+
+
+@pytest.mark.parametrize("name", ["pvc://", "pvc:///path", "pvc://Claim_1/x"])
+def test_a_pvc_model_needs_a_valid_claim_name(name: str) -> None:
+    with pytest.raises(PlanError, match="is not a PersistentVolumeClaim name"):
+        render_all(llmd({"model": {"name": name}, "parallelism": {"tensor": 1}}))
 
 
 def test_names_are_valid_and_distinct_however_the_llmdeployment_is_named() -> None:

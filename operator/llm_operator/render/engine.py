@@ -23,10 +23,16 @@ Choices a reviewer will ask about, and why:
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
-from llm_operator.api.v1alpha1 import EngineSpec, LLMDeployment, parse_duration_seconds
-from llm_operator.planner import GIB, Plan
+from llm_operator.api.v1alpha1 import (
+    DNS_SUBDOMAIN_PATTERN,
+    EngineSpec,
+    LLMDeployment,
+    parse_duration_seconds,
+)
+from llm_operator.planner import GIB, Plan, PlanError
 from llm_operator.render.config import RenderConfig
 from llm_operator.render.names import (
     ANNOTATION_POD_TEMPLATE_HASH,
@@ -88,6 +94,11 @@ class ModelSource:
         self.streamed = False
         if name.startswith("pvc://"):
             claim, _, path = name[len("pvc://") :].partition("/")
+            if len(claim) > 253 or not re.match(DNS_SUBDOMAIN_PATTERN, claim):
+                raise PlanError(
+                    f"model.name {name}: {claim!r} is not a PersistentVolumeClaim name; "
+                    "write pvc://<claim>/<path in the claim>"
+                )
             root = config.model_source_mount_path.rstrip("/")
             self.argument = f"{root}/{path.strip('/')}" if path.strip("/") else root
             self.volume = {
