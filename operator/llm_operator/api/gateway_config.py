@@ -1,0 +1,273 @@
+"""The gateway's routing table: the file the operator renders into a ConfigMap.
+
+Pure (pydantic only, no I/O): the operator builds a `GatewayConfig` from its LLMDeployments
+and writes `to_wire()` as YAML or JSON; the gateway reads the same file and validates it
+with these models. Field names are camelCase on the wire; unknown fields are rejected so a
+typo in a hand-written table fails loudly instead of being ignored.
+
+Shape: models -> tracks (stable/canary, integer weights) -> backends (static `host:port`
+addresses or a Kubernetes Service resolved through its EndpointSlices), plus per model a
+fallback chain, the triggers that take it, timeouts, a retry budget and a circuit breaker;
+and edge settings (request size, hashed client keys, per-key rate limits).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field
+
+from llm_operator.api.base import ApiModel, Rule
+
+FallbackTrigger = Literal["connectError", "timeout", "429", "5xx", "saturated"]
+ALL_TRIGGERS: tuple[FallbackTrigger, ...] = ("connectError", "timeout", "429", "5xx", "saturated")
+
+# host:port, where host is a DNS name, an IPv4 address or a bracketed IPv6 address.
+ADDRESS_PATTERN = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?):[0-9]{1,5}$"
+SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+SHA256_HEX_PATTERN = r"^[0-9a-f]{64}$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+ServedName = Annotated[str, Field(pattern=SERVED_NAME_PATTERN, min_length=1, max_length=256)]
+Seconds = Annotated[float, Field(gt=0, le=86400)]
+
+
+class ServiceRef(ApiModel):
+    """A Kubernetes Service whose ready EndpointSlice addresses are this track's backends."""
+
+    namespace: Annotated[str, Field(pattern=DNS_LABEL_PATTERN, max_length=63)]
+    """Namespace of the Service."""
+    name: Annotated[str, Field(pattern=DNS_LABEL_PATTERN, max_length=63)]
+    """Name of the Service (EndpointSlices are found by the label kubernetes.io/service-name)."""
+    port: Annotated[int, Field(ge=1, le=65535)] | Annotated[str, Field(min_length=1, max_length=15)]
+    """Port number on the endpoints, or the name of the Service port (for example http)."""
+
+
+class Track(ApiModel):
+    """One rollout track of a model (stable or canary) and the backends that serve it."""
+
+    name: Literal["stable", "canary"]
+    """Track name; used as the `track` label on metrics."""
+    weight: Annotated[int, Field(ge=0, le=1_000_000)]
+    """Share of the model's requests, relative to the other tracks' weights (10 and 90 make a
+    10% canary). The split is exact over every sum-of-weights consecutive requests."""
+    addresses: Annotated[
+        list[Annotated[str, Field(pattern=ADDRESS_PATTERN)]], Field(max_length=1024)
+    ] = []
+    """Static backends as host:port (vLLM's OpenAI server, plain HTTP)."""
+    service: ServiceRef | None = None
+    """A Service whose ready endpoints are added to the addresses (in-cluster only)."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="size(self.addresses) > 0 || has(self.service)",
+            message="a track needs addresses or a service",
+            holds=lambda t: bool(t.addresses) or t.service is not None,
+        ),
+    )
+
+
+class Fallback(ApiModel):
+    """One step of a fallback chain: another model of this gateway, or an external endpoint."""
+
+    model: ServedName | None = None
+    """Another model in this table, tried with its own backends (and without its own chain)."""
+    url: Annotated[str, Field(max_length=2048, pattern=r"^https?://[^\s/]+(/\S*)?$")] | None = None
+    """Base URL of an external OpenAI-compatible API, for example https://api.example.com/v1;
+    the request path after /v1 is appended to it."""
+    target_model: ServedName | None = None
+    """Model name written into the request body for this step. Required for url; defaults to
+    `model` for a model step."""
+    api_key_env: Annotated[str, Field(pattern=ENV_NAME_PATTERN, max_length=253)] | None = None
+    """Environment variable holding the API key sent as `Authorization: Bearer` to url."""
+    api_key_file: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    """File holding that API key (a mounted Secret); read at load and on every table reload.
+    The key is never logged."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="has(self.model) != has(self.url)",
+            message="each fallback needs exactly one of model or url",
+            holds=lambda f: (f.model is None) != (f.url is None),
+        ),
+        Rule(
+            cel="!has(self.url) || has(self.targetModel)",
+            message="a url fallback needs targetModel (the name that endpoint serves)",
+            holds=lambda f: f.url is None or f.target_model is not None,
+        ),
+        Rule(
+            cel="!(has(self.apiKeyEnv) && has(self.apiKeyFile))",
+            message="set at most one of apiKeyEnv and apiKeyFile",
+            holds=lambda f: f.api_key_env is None or f.api_key_file is None,
+        ),
+        Rule(
+            cel="has(self.url) || (!has(self.apiKeyEnv) && !has(self.apiKeyFile))",
+            message="an API key applies only to a url fallback",
+            holds=lambda f: f.url is not None or (f.api_key_env is None and f.api_key_file is None),
+        ),
+    )
+
+
+class Timeouts(ApiModel):
+    """How long each phase of one attempt may take, in seconds."""
+
+    connect: Seconds = 2.0
+    """Opening a TCP connection to a backend; past it the attempt fails with connectError."""
+    first_byte: Seconds = 30.0
+    """From sending the request to the backend's response headers; past it: timeout."""
+    total: Seconds = 600.0
+    """Whole request, including streaming; past it the response is cut off."""
+
+
+class RetryBudget(ApiModel):
+    """Bounds extra attempts (retries and fallback steps) so a failing model cannot multiply
+    the load on the rest: at most `ratio` extra attempts per request over time, plus a floor."""
+
+    ratio: Annotated[float, Field(ge=0, le=10)] = 0.2
+    """Extra attempts allowed per request received (0.2: one retry per five requests)."""
+    min_per_second: Annotated[float, Field(ge=0, le=100000)] = 10.0
+    """Extra attempts always allowed per second, so a quiet model can still retry."""
+
+
+class CircuitBreaker(ApiModel):
+    """Per-backend breaker: stop sending to a backend that keeps failing, probe it later."""
+
+    consecutive_failures: Annotated[int, Field(ge=1, le=1000)] = 3
+    """Consecutive failures (connect error, timeout, 5xx) that open the circuit."""
+    cooldown: Seconds = 5.0
+    """Seconds the circuit stays open before one half-open probe request is let through."""
+
+
+class ModelRoute(ApiModel):
+    """Routing for one served model name."""
+
+    name: ServedName
+    """The `model` clients send."""
+    tracks: Annotated[list[Track], Field(min_length=1, max_length=2)]
+    """Stable and optionally canary track, split by weight."""
+    fallbacks: Annotated[list[Fallback], Field(max_length=10)] = []
+    """Ordered fallback chain, tried when this model cannot answer before the first byte."""
+    fallback_on: Annotated[list[FallbackTrigger], Field(max_length=5)] = list(ALL_TRIGGERS)
+    """Failures that make the gateway retry elsewhere or fall back; any other failure is
+    passed to the client as the backend sent it."""
+    timeouts: Timeouts = Timeouts()
+    """Per-attempt timeouts."""
+    max_concurrency: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    """Outstanding requests per backend at most (typically vLLM's --max-num-seqs); unset: no
+    limit. A backend at its limit is skipped."""
+    saturation_queue_depth: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    """Requests that may wait at the gateway for a free backend slot when every backend is at
+    maxConcurrency; one more than this counts as `saturated`."""
+    retry_after: Annotated[int, Field(ge=1, le=3600)] = 1
+    """Retry-After seconds sent with a 503 when nothing can answer; also the default time a
+    backend that answered 429 without Retry-After is avoided."""
+    retry_budget: RetryBudget = RetryBudget()
+    """Bound on extra attempts."""
+    circuit_breaker: CircuitBreaker = CircuitBreaker()
+    """Per-backend breaker settings."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="self.tracks.all(t, self.tracks.filter(u, u.name == t.name).size() == 1)",
+            message="a model lists the same track twice",
+            holds=lambda m: len({t.name for t in m.tracks}) == len(m.tracks),
+        ),
+        Rule(
+            cel="self.tracks.exists(t, t.weight > 0)",
+            message="at least one track needs a weight above 0",
+            holds=lambda m: any(t.weight > 0 for t in m.tracks),
+        ),
+        Rule(
+            cel="self.fallbackOn.all(t, self.fallbackOn.filter(u, u == t).size() == 1)",
+            message="fallbackOn lists a trigger twice",
+            holds=lambda m: len(set(m.fallback_on)) == len(m.fallback_on),
+        ),
+        Rule(
+            cel="!self.fallbacks.exists(f, has(f.model) && f.model == self.name)",
+            message="a model cannot fall back to itself",
+            holds=lambda m: all(f.model != m.name for f in m.fallbacks),
+        ),
+    )
+
+
+class RateLimit(ApiModel):
+    """Token bucket for one client key."""
+
+    requests_per_second: Annotated[float, Field(gt=0, le=1_000_000)]
+    """Sustained requests per second."""
+    burst: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    """Requests allowed at once above the rate; defaults to max(1, requestsPerSecond)."""
+
+
+class ClientKey(ApiModel):
+    """One client API key, stored only as its SHA-256 hash."""
+
+    name: Annotated[str, Field(min_length=1, max_length=253)]
+    """Who holds the key; appears in access logs and metrics instead of the key."""
+    sha256: Annotated[str, Field(pattern=SHA256_HEX_PATTERN)]
+    """Lower-case hex SHA-256 of the key a client sends as `Authorization: Bearer KEY`."""
+    rate_limit: RateLimit | None = None
+    """Per-key limit; unset: unlimited."""
+
+
+class Edge(ApiModel):
+    """What the gateway checks before routing."""
+
+    max_request_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 8 * 1024 * 1024
+    """Largest request body accepted; larger ones get 413."""
+    api_keys: Annotated[list[ClientKey], Field(max_length=100_000)] = []
+    """Client keys; when the list is not empty every /v1 request needs one of them (else 401)."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="self.apiKeys.all(k, self.apiKeys.filter(j, j.sha256 == k.sha256).size() == 1)",
+            message="edge.apiKeys lists the same key hash twice",
+            holds=lambda e: len({k.sha256 for k in e.api_keys}) == len(e.api_keys),
+        ),
+    )
+
+
+class GatewayConfig(ApiModel):
+    """The whole routing table."""
+
+    models: Annotated[list[ModelRoute], Field(max_length=10_000)] = []
+    """Every model the gateway serves."""
+    edge: Edge = Edge()
+    """Request limits and client keys."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="self.models.all(m, self.models.filter(n, n.name == m.name).size() == 1)",
+            message="models lists the same name twice",
+            holds=lambda c: len({m.name for m in c.models}) == len(c.models),
+        ),
+        Rule(
+            cel="self.models.all(m, m.fallbacks.all(f, !has(f.model) || "
+            "self.models.exists(n, n.name == f.model)))",
+            message="a fallback names a model that is not in this table",
+            holds=lambda c: all(
+                f.model is None or f.model in {m.name for m in c.models}
+                for m in c.models
+                for f in m.fallbacks
+            ),
+        ),
+    )
+
+    def model(self, name: str) -> ModelRoute | None:
+        """The route for a served name, or None."""
+        return next((m for m in self.models if m.name == name), None)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """`host:port` -> (host, port); brackets around an IPv6 host are removed."""
+    host, _, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def is_valid_address(address: str) -> bool:
+    """Whether a string is a host:port this table accepts."""
+    return re.match(ADDRESS_PATTERN, address) is not None

@@ -1,0 +1,124 @@
+"""Read `model` and `stream` from an OpenAI request body without parsing all of it.
+
+Chat bodies carry whole conversations; routing needs two fields. The fast path finds the
+one `"model"` key and the one `"stream"` key with bytes searches (C speed) and reads their
+values in place. Whenever the body is not the plain shape the fast path can be sure about
+(a key appears twice, e.g. a tool schema with a "model" property; \\u escapes; an escaped
+model name; a value that is not a literal), it falls back to `json.loads`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+_MODEL = b'"model"'
+_STREAM = b'"stream"'
+_WS = b" \t\r\n"
+
+
+class BodyError(ValueError):
+    """The body is not a JSON object with a string `model`."""
+
+
+class Scanned:
+    """What routing needs from the body, and how to rewrite the model name."""
+
+    __slots__ = ("body", "model", "obj", "span", "stream")
+
+    def __init__(
+        self,
+        body: bytes,
+        model: str,
+        stream: bool,
+        span: tuple[int, int] | None,
+        obj: dict[str, Any] | None,
+    ) -> None:
+        self.body = body
+        self.model = model
+        self.stream = stream
+        self.span = span
+        """Byte range of the model's JSON string (quotes included), from the fast path."""
+        self.obj = obj
+        """The parsed body, when the slow path ran."""
+
+    def with_model(self, name: str) -> bytes:
+        """The body with `model` replaced (for fallbacks that serve another name)."""
+        if name == self.model:
+            return self.body
+        encoded = json.dumps(name).encode()
+        if self.span is not None:
+            start, end = self.span
+            return self.body[:start] + encoded + self.body[end:]
+        obj = dict(self.obj or {})
+        obj["model"] = name
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _skip_ws(body: bytes, i: int) -> int:
+    n = len(body)
+    while i < n and body[i] in _WS:
+        i += 1
+    return i
+
+
+def _value_start(body: bytes, key_end: int) -> int:
+    """Index of the value after `"key"`, or -1 when no colon follows (not a key)."""
+    i = _skip_ws(body, key_end)
+    if i >= len(body) or body[i] != 0x3A:  # ':'
+        return -1
+    return _skip_ws(body, i + 1)
+
+
+def scan(body: bytes) -> Scanned:
+    fast = _fast(body)
+    if fast is not None:
+        return fast
+    return _slow(body)
+
+
+def _fast(body: bytes) -> Scanned | None:
+    if b"\\u" in body:
+        return None
+    i = body.find(_MODEL)
+    if i < 0 or body.find(_MODEL, i + 7) >= 0:
+        return None
+    v = _value_start(body, i + 7)
+    if v < 0 or v >= len(body) or body[v] != 0x22:  # '"'
+        return None
+    end = body.find(b'"', v + 1)
+    if end < 0:
+        return None
+    raw = body[v + 1 : end]
+    if b"\\" in raw:
+        return None
+    stream = False
+    j = body.find(_STREAM)
+    if j >= 0:
+        if body.find(_STREAM, j + 8) >= 0:
+            return None
+        s = _value_start(body, j + 8)
+        if s < 0:
+            return None
+        if body.startswith(b"true", s):
+            stream = True
+        elif not (body.startswith(b"false", s) or body.startswith(b"null", s)):
+            return None
+    try:
+        model = raw.decode()
+    except UnicodeDecodeError:
+        return None
+    return Scanned(body, model, stream, (v, end + 1), None)
+
+
+def _slow(body: bytes) -> Scanned:
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BodyError(f"request body is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise BodyError("request body must be a JSON object")
+    model = obj.get("model")
+    if not isinstance(model, str) or not model:
+        raise BodyError("request body needs a string field 'model'")
+    return Scanned(body, model, obj.get("stream") is True, None, obj)

@@ -1,0 +1,209 @@
+"""`llm-operator gateway`: run the OpenAI-compatible gateway.
+
+    llm-operator gateway --config /etc/llm-gateway/routes.yaml --port 8000 --metrics-port 9090
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from llm_operator.api.gateway_config import GatewayConfig
+from llm_operator.gateway.accesslog import AccessLog
+from llm_operator.gateway.discovery import Cluster, EndpointSliceWatcher
+from llm_operator.gateway.loader import ConfigError, load, read_api_key, watch
+from llm_operator.gateway.metrics import Metrics
+from llm_operator.gateway.routing import BackendRegistry, RoutingTable, build_table, services_in
+from llm_operator.gateway.server import Gateway
+
+log = logging.getLogger("llm_operator.gateway")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="llm-operator gateway", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="routing table file (YAML or JSON)")
+    p.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8000, help="listen port; 0 picks a free one")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve /metrics on this port only; by default /metrics is on --port",
+    )
+    p.add_argument("--log-format", choices=["json", "text"], default="json")
+    p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--access-log",
+        choices=["on", "off"],
+        default="on",
+        help="one line per request on stdout (no bodies, no keys)",
+    )
+    p.add_argument(
+        "--access-log-sample",
+        type=float,
+        default=1.0,
+        help="share of requests that get an access-log line (0..1)",
+    )
+    p.add_argument(
+        "--port-file",
+        default=None,
+        help="write the bound port(s) here as JSON once listening (for tests with --port 0)",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, wait this long for in-flight requests before exiting",
+    )
+    return p.parse_args(argv)
+
+
+class App:
+    """Wires the table file, discovery and the server; rebuilds the table on any change."""
+
+    def __init__(self, args: argparse.Namespace, config: GatewayConfig) -> None:
+        self.args = args
+        self.config = config
+        self.registry = BackendRegistry()
+        self.metrics = Metrics()
+        self.discovery: EndpointSliceWatcher | None = None
+        self.loop = asyncio.get_running_loop()
+        table = self.build(config, None)
+        stream = sys.stdout if args.access_log == "on" else None
+        self.access_log = AccessLog(stream, args.log_format, args.access_log_sample)
+        self.gateway = Gateway(
+            self.loop, table, self.metrics, self.access_log, serve_metrics=args.metrics_port is None
+        )
+
+    def build(self, config: GatewayConfig, previous: RoutingTable | None) -> RoutingTable:
+        services = set(services_in(config))
+        if services and self.discovery is None:
+            cluster = Cluster.in_cluster()
+            if cluster is None:
+                log.warning(
+                    "the routing table names Services but the gateway is not running in a "
+                    "cluster; those tracks use only their static addresses"
+                )
+            else:
+                self.discovery = EndpointSliceWatcher(cluster, self.on_endpoints)
+        if self.discovery is not None:
+            self.discovery.want(services)
+        resolve = self.discovery.resolve if self.discovery is not None else None
+        return build_table(config, self.registry, read_api_key, resolve, previous)
+
+    def apply(self, config: GatewayConfig) -> None:
+        try:
+            table = self.build(config, self.gateway.table)
+        except Exception as e:  # a bug in build must not take the gateway down
+            log.exception("routing table rejected")
+            self.on_error(str(e))
+            return
+        self.config = config
+        self.gateway.set_table(table)
+        self.metrics.reloads["success"] += 1
+        log.info(
+            "routing table loaded: generation %d, %d models", table.generation, len(table.models)
+        )
+
+    def on_error(self, _: str) -> None:
+        self.metrics.reloads["error"] += 1
+
+    def on_endpoints(self) -> None:
+        self.gateway.set_table(self.build(self.config, self.gateway.table))
+
+
+async def serve(args: argparse.Namespace) -> int:
+    try:
+        config = load(args.config)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    app = App(args, config)
+    gw = app.gateway
+    app.metrics.reloads["success"] += 1
+    loop = app.loop
+    server = await loop.create_server(
+        gw.protocol, args.host, args.port, reuse_address=True, backlog=2048
+    )
+    servers = [server]
+    ports = {"port": server.sockets[0].getsockname()[1]}
+    if args.metrics_port is not None:
+        metrics_gw = Gateway(loop, gw.table, app.metrics, AccessLog(None), serve_metrics=True)
+        ms = await loop.create_server(metrics_gw.protocol, args.host, args.metrics_port)
+        servers.append(ms)
+        ports["metricsPort"] = ms.sockets[0].getsockname()[1]
+    app.access_log.start(loop)
+    watcher = loop.create_task(
+        watch(args.config, config, app.apply, app.on_error), name="routing-table-watch"
+    )
+    log.info(
+        "gateway listening on %s:%d with %d models", args.host, ports["port"], len(gw.table.models)
+    )
+    if args.port_file:
+        tmp = Path(args.port_file + ".tmp")
+        tmp.write_text(json.dumps(ports))
+        os.replace(tmp, args.port_file)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    # Drain: stop accepting, let in-flight requests finish (Kubernetes sends SIGTERM while
+    # the endpoint is being removed, so new connections can still arrive for a moment).
+    for s in servers:
+        s.close()
+    deadline = time.monotonic() + args.drain_seconds
+    while gw.in_flight > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    watcher.cancel()
+    if app.discovery is not None:
+        await app.discovery.close()
+    app.access_log.stop()
+    for conn in list(gw.connections):
+        conn.close()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    if args.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(args.log_level.upper())
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+    return int(runner(serve(args)))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,177 @@
+"""Prometheus metrics, hand-written for the hot path.
+
+prometheus-client's labelled metrics cost a dict lookup, a lock and several calls per
+observation; here each (model, backend, track) target gets its `Series` object once, at table
+load, and an observation is a bisect and two increments. The text exposition is rendered only
+when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable
+from typing import Final
+
+# Seconds. Time to first byte of an LLM answer spans ~1 ms (a cached short prompt) to minutes.
+LATENCY_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+
+OUTCOMES: Final = (
+    "success",
+    "client_error",
+    "server_error",
+    "stream_error",
+    "unavailable",
+    "timeout",
+    "client_closed",
+)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def labels(**kv: str) -> str:
+    return ",".join(f'{k}="{_escape(v)}"' for k, v in kv.items())
+
+
+class Histogram:
+    __slots__ = ("count", "counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, v)] += 1
+        self.sum += v
+        self.count += 1
+
+    def render(self, name: str, label_str: str, out: list[str]) -> None:
+        acc = 0
+        sep = "," if label_str else ""
+        for bound, c in zip(LATENCY_BUCKETS, self.counts, strict=False):
+            acc += c
+            out.append(f'{name}_bucket{{{label_str}{sep}le="{bound}"}} {acc}')
+        acc += self.counts[-1]
+        out.append(f'{name}_bucket{{{label_str}{sep}le="+Inf"}} {acc}')
+        out.append(f"{name}_sum{{{label_str}}} {self.sum}")
+        out.append(f"{name}_count{{{label_str}}} {self.count}")
+
+
+class Series:
+    """Everything recorded for one (model, backend, track)."""
+
+    __slots__ = ("in_flight", "label_str", "outcomes", "total", "ttfb")
+
+    def __init__(self, label_str: str) -> None:
+        self.label_str = label_str
+        self.outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        self.ttfb = Histogram()
+        self.total = Histogram()
+        self.in_flight = 0
+
+
+class Metrics:
+    """All gateway metrics; one instance per process."""
+
+    def __init__(self) -> None:
+        self.series: dict[tuple[str, str, str], Series] = {}
+        # (model, target, reason) -> count
+        self.fallbacks: dict[tuple[str, str, str], int] = {}
+        # (model, backend, reason) -> count
+        self.attempt_failures: dict[tuple[str, str, str], int] = {}
+        self.retries: dict[str, int] = {}
+        self.budget_exhausted: dict[str, int] = {}
+        self.edge_rejections: dict[str, int] = {}
+        self.reloads: dict[str, int] = {"success": 0, "error": 0}
+        self.generation = 0
+        self.circuit_source: Callable[[], list[tuple[str, int]]] = list
+
+    def target(self, model: str, backend: str, track: str) -> Series:
+        key = (model, backend, track)
+        s = self.series.get(key)
+        if s is None:
+            s = self.series[key] = Series(labels(model=model, backend=backend, track=track))
+        return s
+
+    def inc(self, table: dict[tuple[str, str, str], int], key: tuple[str, str, str]) -> None:
+        table[key] = table.get(key, 0) + 1
+
+    def render(self) -> bytes:
+        out: list[str] = []
+        p = "llm_gateway_"
+        out.append(f"# HELP {p}requests_total Requests answered, by model, backend, track, outcome.")
+        out.append(f"# TYPE {p}requests_total counter")
+        for s in self.series.values():
+            for outcome, n in s.outcomes.items():
+                if n:
+                    out.append(f'{p}requests_total{{{s.label_str},outcome="{outcome}"}} {n}')
+        out.append(f"# HELP {p}in_flight_requests Requests in flight to a backend.")
+        out.append(f"# TYPE {p}in_flight_requests gauge")
+        for s in self.series.values():
+            out.append(f"{p}in_flight_requests{{{s.label_str}}} {s.in_flight}")
+        for name, attr, help_ in (
+            ("time_to_first_byte_seconds", "ttfb", "Time from request to the backend's first byte."),
+            ("request_duration_seconds", "total", "Time from request to the last byte."),
+        ):
+            out.append(f"# HELP {p}{name} {help_}")
+            out.append(f"# TYPE {p}{name} histogram")
+            for s in self.series.values():
+                h: Histogram = getattr(s, attr)
+                if h.count:
+                    h.render(p + name, s.label_str, out)
+        out.append(f"# HELP {p}fallbacks_total Fallback steps taken, by target and reason.")
+        out.append(f"# TYPE {p}fallbacks_total counter")
+        for (model, target, reason), n in self.fallbacks.items():
+            lbl = labels(model=model, target=target, reason=reason)
+            out.append(f"{p}fallbacks_total{{{lbl}}} {n}")
+        out.append(f"# HELP {p}attempt_failures_total Failed attempts, by backend and reason.")
+        out.append(f"# TYPE {p}attempt_failures_total counter")
+        for (model, backend, reason), n in self.attempt_failures.items():
+            lbl = labels(model=model, backend=backend, reason=reason)
+            out.append(f"{p}attempt_failures_total{{{lbl}}} {n}")
+        out.append(f"# HELP {p}retries_total Retries to another backend of the same model.")
+        out.append(f"# TYPE {p}retries_total counter")
+        for model, n in self.retries.items():
+            out.append(f'{p}retries_total{{model="{_escape(model)}"}} {n}')
+        out.append(f"# HELP {p}retry_budget_exhausted_total Failovers refused by the budget.")
+        out.append(f"# TYPE {p}retry_budget_exhausted_total counter")
+        for model, n in self.budget_exhausted.items():
+            out.append(f'{p}retry_budget_exhausted_total{{model="{_escape(model)}"}} {n}')
+        out.append(f"# HELP {p}circuit_state Breaker state: 0 closed, 1 open, 2 half-open.")
+        out.append(f"# TYPE {p}circuit_state gauge")
+        for backend, v in self.circuit_source():
+            out.append(f'{p}circuit_state{{backend="{_escape(backend)}"}} {v}')
+        out.append(f"# HELP {p}edge_rejections_total Requests refused before routing.")
+        out.append(f"# TYPE {p}edge_rejections_total counter")
+        for reason, n in self.edge_rejections.items():
+            out.append(f'{p}edge_rejections_total{{reason="{_escape(reason)}"}} {n}')
+        out.append(f"# HELP {p}config_reloads_total Routing table loads, by result.")
+        out.append(f"# TYPE {p}config_reloads_total counter")
+        for result, n in self.reloads.items():
+            out.append(f'{p}config_reloads_total{{result="{result}"}} {n}')
+        out.append(f"# HELP {p}config_generation Generation of the routing table in use.")
+        out.append(f"# TYPE {p}config_generation gauge")
+        out.append(f"{p}config_generation {self.generation}")
+        out.append("")
+        return "\n".join(out).encode()

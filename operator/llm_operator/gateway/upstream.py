@@ -1,0 +1,238 @@
+"""Keep-alive HTTP/1.1 connections to backends, as raw asyncio protocols with httptools.
+
+An `Exchange` is one attempt: the request bytes go out, the response head resolves a future
+(the proxy then decides to commit it to the client or to fail over), and body pieces go to
+a sink callback — straight to the client's transport once committed, without a task switch
+per chunk. Body pieces that arrive before the decision are buffered (a non-streaming answer
+usually arrives with its head in one read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Callable
+
+import httptools
+
+from llm_operator.gateway.routing import Backend
+
+
+class UpstreamError(Exception):
+    """The attempt failed before or after the head; `reason` is a fallback trigger name."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
+class Exchange:
+    """One request/response on one upstream connection."""
+
+    __slots__ = (
+        "buffered",
+        "complete",
+        "conn",
+        "done",
+        "error",
+        "head",
+        "headers",
+        "keep_alive",
+        "received_any",
+        "sink",
+        "status",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.head: asyncio.Future[None] = loop.create_future()
+        self.done: asyncio.Future[None] | None = None
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.buffered: list[bytes] = []
+        self.complete = False
+        self.keep_alive = False
+        self.sink: Callable[[bytes | None, UpstreamError | None], None] | None = None
+        self.error: UpstreamError | None = None
+        self.received_any = False
+        self.conn: UpstreamConnection | None = None
+
+    # Called by the connection.
+    def on_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.headers = headers
+        if not self.head.done():
+            self.head.set_result(None)
+
+    def on_body(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink(data, None)
+        else:
+            self.buffered.append(data)
+
+    def on_complete(self, keep_alive: bool) -> None:
+        self.complete = True
+        self.keep_alive = keep_alive
+        if self.sink is not None:
+            self.sink(None, None)
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    def on_error(self, err: UpstreamError) -> None:
+        if self.complete:
+            return
+        self.error = err
+        if not self.head.done():
+            self.head.set_exception(err)
+            # Nobody may await it (a timeout already fired): avoid "exception never retrieved".
+            self.head.exception()
+            return
+        if self.sink is not None:
+            self.sink(None, err)
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive connection to a backend."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.closed = False
+        self.used = False
+        self._headers: list[tuple[bytes, bytes]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; the interface is the same.
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Without it a small SSE chunk after a reused connection's last write can wait
+            # for the peer's delayed ACK (~40 ms): sglang-router's first-chunk bug.
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def send(self, exchange: Exchange, data: bytes) -> None:
+        self.exchange = exchange
+        exchange.conn = self
+        self.used = True
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:
+            # Bytes with no request outstanding: the server misbehaves; drop the connection.
+            self.abort()
+            return
+        ex.received_any = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.abort()
+        except httptools.HttpParserError as e:
+            self.abort()
+            ex.on_error(UpstreamError("5xx", f"bad response from backend: {e}"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.exchange
+        headers, self._headers = self._headers, []
+        if ex is not None:
+            ex.on_head(self.parser.get_status_code(), headers)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.on_body(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.exchange
+        self.exchange = None
+        if ex is not None:
+            ex.on_complete(self.parser.should_keep_alive())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.discard(self)
+        ex = self.exchange
+        self.exchange = None
+        if ex is not None:
+            ex.on_error(UpstreamError("connectError", "backend closed the connection"))
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+
+class Pool:
+    """Idle keep-alive connections to one backend."""
+
+    MAX_IDLE = 256
+
+    def __init__(self, backend: Backend, loop: asyncio.AbstractEventLoop) -> None:
+        self.backend = backend
+        self.loop = loop
+        self.idle: list[UpstreamConnection] = []
+        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if backend.tls else None
+
+    def take_idle(self) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    async def connect(self, timeout: float) -> UpstreamConnection:
+        b = self.backend
+        try:
+            async with asyncio.timeout(timeout):
+                _, proto = await self.loop.create_connection(
+                    lambda: UpstreamConnection(self),
+                    b.host,
+                    b.port,
+                    ssl=self.ssl,
+                    server_hostname=b.host if self.ssl else None,
+                )
+        except TimeoutError:
+            raise UpstreamError("connectError", f"connect to {b.key} timed out") from None
+        except OSError as e:
+            raise UpstreamError("connectError", f"connect to {b.key}: {e.strerror or e}") from None
+        return proto
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if conn.closed or conn.exchange is not None:
+            return
+        if len(self.idle) >= self.MAX_IDLE:
+            conn.abort()
+            return
+        self.idle.append(conn)
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def close(self) -> None:
+        for conn in self.idle:
+            conn.abort()
+        self.idle.clear()
