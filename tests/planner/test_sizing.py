@@ -338,7 +338,9 @@ def test_unknown_model_with_explicit_tensor_plans_what_is_known() -> None:
     result = plan(spec(model={"name": "acme/secret-model"}, parallelism={"tensor": 2}))
     assert result.tensor_parallel_size == 2
     assert result.kv_cache_tokens is None
-    assert result.sizing_plan() is None
+    partial_status = result.sizing_plan()
+    assert (partial_status.tensor_parallel_size, partial_status.gpus_per_replica) == (2, 2)
+    assert partial_status.kv_cache_tokens is None and partial_status.weight_gi_b_per_gpu is None
     assert any("not in the built-in catalog" in note for note in result.notes)
     # Known numbers are still checked.
     partial = {"name": "acme/secret-model", "architecture": {"numAttentionHeads": 6}}

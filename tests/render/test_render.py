@@ -476,7 +476,11 @@ def test_status_extras_describe_the_plan_and_endpoint() -> None:
     assert extras["plan"]["tensorParallelSize"] == 1
     assert extras["plan"]["maxModelLen"] == 131072
     unknown = llmd({"model": {"name": "acme/x"}, "parallelism": {"tensor": 2}})
-    assert status_extras(unknown)["plan"] is None
+    assert status_extras(unknown)["plan"] == {
+        "tensorParallelSize": 2,
+        "pipelineParallelSize": 1,
+        "gpusPerReplica": 2,
+    }
     assert status_extras(unknown)["gpusPerReplica"] == 2
 
 

@@ -584,13 +584,13 @@ class SizingPlan(ApiModel):
     """Pipeline-parallel size."""
     gpus_per_replica: int
     """GPUs one replica uses."""
-    weight_gi_b_per_gpu: float
+    weight_gi_b_per_gpu: float | None = None
     """Model weights on each GPU, GiB."""
-    kv_cache_gi_b_per_gpu: float
+    kv_cache_gi_b_per_gpu: float | None = None
     """Memory left for the KV cache on each GPU, GiB."""
-    kv_cache_tokens: int
-    """Tokens of KV cache one replica holds."""
-    max_model_len: int
+    kv_cache_tokens: int | None = None
+    """Tokens of KV cache one replica holds; unset while the model's numbers are unknown."""
+    max_model_len: int | None = None
     """Sequence length the plan was made for."""
 
 

@@ -71,7 +71,7 @@ class Controller:
 
     def remember_child(self, obj: dict[str, Any], deleted: bool = False) -> OwnerKey | None:
         metadata = obj.get("metadata", {})
-        owner = (metadata.get("labels") or {}).get(DEPLOYMENT_LABEL)
+        owner = controller_owner(metadata) or (metadata.get("labels") or {}).get(DEPLOYMENT_LABEL)
         if not owner:
             return None
         owner_key = (metadata["namespace"], owner)
@@ -209,6 +209,15 @@ class Controller:
             metrics.WRITES.labels(verb="delete", kind=obj["kind"]).inc()
             self.remember_child(obj, deleted=True)
         return None
+
+
+def controller_owner(metadata: dict[str, Any]) -> str | None:
+    """The LLMDeployment that controls an object. Labels are trimmed for names over 63
+    characters; ownerReferences carry the full name."""
+    for reference in metadata.get("ownerReferences") or []:
+        if reference.get("kind") == "LLMDeployment" and reference.get("controller"):
+            return str(reference["name"])
+    return None
 
 
 def _condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:

@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
     if args.metrics_port:
         start_http_server(args.metrics_port)
     client = KubeClient()
-    config = RenderConfig(cluster_domain=args.cluster_domain)
+    config = RenderConfig(cluster_domain=args.cluster_domain, keda_enabled=args.keda)
     controller = Controller(client=client, config=config)
     registry = kopf.OperatorRegistry()
     child_kinds = [k.kind for k in CHILD_KINDS if k.kind != "ScaledObject" or args.keda]

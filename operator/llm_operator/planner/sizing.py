@@ -114,21 +114,18 @@ class Plan:
     def capacity_known(self) -> bool:
         return self.kv_cache_tokens is not None
 
-    def sizing_plan(self) -> SizingPlan | None:
-        """The plan as status carries it; None while a number it needs is unknown."""
-        if (
-            self.weight_bytes_per_gpu is None
-            or self.kv_cache_bytes_per_gpu is None
-            or self.kv_cache_tokens is None
-            or self.max_model_len is None
-        ):
-            return None
+    def sizing_plan(self) -> SizingPlan:
+        """The plan as status carries it; numbers the planner could not know stay unset."""
+
+        def gib(value: float | None) -> float | None:
+            return None if value is None else round(value / GIB, 2)
+
         return SizingPlan(
             tensor_parallel_size=self.tensor_parallel_size,
             pipeline_parallel_size=self.pipeline_parallel_size,
             gpus_per_replica=self.gpus_per_replica,
-            weight_gi_b_per_gpu=round(self.weight_bytes_per_gpu / GIB, 2),
-            kv_cache_gi_b_per_gpu=round(self.kv_cache_bytes_per_gpu / GIB, 2),
+            weight_gi_b_per_gpu=gib(self.weight_bytes_per_gpu),
+            kv_cache_gi_b_per_gpu=gib(self.kv_cache_bytes_per_gpu),
             kv_cache_tokens=self.kv_cache_tokens,
             max_model_len=self.max_model_len,
         )

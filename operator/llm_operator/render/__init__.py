@@ -69,8 +69,8 @@ def status_extras(
     llmd: LLMDeployment, config: RenderConfig | None = None, *, sizing: Plan | None = None
 ) -> dict[str, Any]:
     """The status fields rendering decides, on the wire (camelCase): gpusPerReplica,
-    endpoint, servedName, revision (the stable pod-template hash) and plan (null while the
-    model's numbers are incomplete, so a stale plan does not linger)."""
+    endpoint, servedName, revision (the stable pod-template hash) and plan (without the numbers
+    the planner could not know for a model outside the catalog)."""
     config = config or RenderConfig()
     sizing = sizing or plan(llmd.spec)
     status_plan = sizing.sizing_plan()
@@ -79,5 +79,5 @@ def status_extras(
         "endpoint": service_endpoint(llmd, config),
         "servedName": llmd.spec.model.effective_served_name,
         "revision": pod_template_hash(llmd, config, sizing),
-        "plan": None if status_plan is None else status_plan.model_dump(by_alias=True, mode="json"),
+        "plan": status_plan.model_dump(by_alias=True, mode="json", exclude_none=True),
     }

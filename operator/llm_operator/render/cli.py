@@ -36,9 +36,7 @@ def plan_report(llmd: LLMDeployment, sizing: Plan) -> dict[str, Any]:
         "pipelineParallelSize": sizing.pipeline_parallel_size,
         "gpusPerReplica": sizing.gpus_per_replica,
     }
-    status = sizing.sizing_plan()
-    if status is not None:
-        report["plan"] = status.model_dump(by_alias=True, mode="json")
+    report["plan"] = sizing.sizing_plan().model_dump(by_alias=True, mode="json", exclude_none=True)
     if sizing.kv_bytes_per_token_per_gpu is not None:
         report["kvCacheKiBPerTokenPerGPU"] = round(sizing.kv_bytes_per_token_per_gpu / 1024, 1)
     if sizing.weight_bytes_total is not None:
