@@ -52,6 +52,7 @@ class SimApp:
         self.cfg = cfg
         self.served = cfg.served_names
         self.model_name = self.served[0]
+        self.model_json = dumps(self.model_name)
         self.rng = random.Random(cfg.seed)
         self.latency = LatencyModel(
             ttft_base=cfg.ttft_base,
@@ -304,11 +305,11 @@ class SimApp:
                 return
 
         target, stop = self._plan_length(req, max_tokens)
-        request_id = ex.headers.get("x-request-id") or protocol.new_request_id(chat)
+        request_id = protocol.new_request_id(chat, ex.headers.get("x-request-id"))
         created = int(time.time())
         sink: StreamSink | JsonSink
         if req.stream:
-            sink = StreamSink(ex, req, request_id, self.model_name, created, cut_after)
+            sink = StreamSink(ex, req, request_id, self.model_json, created, cut_after)
         else:
             sink = JsonSink(ex, req, request_id, self.model_name, created, cut_after)
         seq = Sequence(req.prompt_tokens, target, stop, sink, hang=hang)
@@ -349,12 +350,12 @@ class StreamSink:
         ex: Exchange,
         req: protocol.GenRequest,
         request_id: str,
-        model: str,
+        model_json: str,
         created: int,
         cut_after: int,
     ) -> None:
         self.ex = ex
-        self.fmt = protocol.ChunkFormat(req.chat, request_id, model, created)
+        self.fmt = protocol.ChunkFormat(req.chat, request_id, model_json, created)
         self.include_usage = req.include_usage
         self.cut_after = cut_after  # drop the connection after this many events (-1: never)
         self.events = 0

@@ -251,8 +251,9 @@ def check_length(req: GenRequest, max_model_len: int) -> int:
     return req.max_tokens
 
 
-def new_request_id(chat: bool) -> str:
-    return ("chatcmpl-" if chat else "cmpl-") + os.urandom(16).hex()
+def new_request_id(chat: bool, base: str | None = None) -> str:
+    """vLLM's ids: a prefix plus the client's X-Request-Id, or a random hex id."""
+    return ("chatcmpl-" if chat else "cmpl-") + (base or os.urandom(16).hex())
 
 
 def answer_text(tokens: int) -> str:
@@ -337,16 +338,17 @@ class ChunkFormat:
 
     __slots__ = ("chat", "final_prefix", "head", "prefix", "suffix", "usage_prefix")
 
-    def __init__(self, chat: bool, request_id: str, model: str, created: int) -> None:
+    def __init__(self, chat: bool, request_id: str, model_json: str, created: int) -> None:
+        """`model_json` is the model name already JSON-encoded (it never changes)."""
         self.chat = chat
-        envelope = dumps(
-            {
-                "id": request_id,
-                "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": created,
-                "model": model,
-            }
-        )[:-1].encode()  # without the closing brace
+        # Formatted by hand: json.dumps with compact separators builds a new encoder
+        # per call, which was a fifth of the cost of a request; plain json.dumps of a
+        # string reuses the module's cached encoder.
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        envelope = (
+            f'{{"id":{json.dumps(request_id)},"object":"{obj}","created":{created},'
+            f'"model":{model_json}'
+        ).encode()
         self.usage_prefix = b"data: " + envelope + b',"choices":[],"usage":'
         if chat:
             self.head = (
