@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -177,10 +178,8 @@ async def scrape_running(port: int, stop: asyncio.Event, peaks: dict[str, float]
         running, waiting = await asyncio.to_thread(read)
         peaks["running"] = max(peaks.get("running", 0.0), running)
         peaks["waiting"] = max(peaks.get("waiting", 0.0), waiting)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.5)
-        except TimeoutError:
-            pass
 
 
 async def drive(port: int, sc: Scenario) -> tuple[list[Record], Tracker, dict[str, float], float]:
