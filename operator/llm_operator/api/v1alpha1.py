@@ -127,6 +127,22 @@ class ModelSpec(ApiModel):
     cache: ModelCache | None = None
     """Optional model cache volume; without it weights download into the pod on every start."""
 
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!self.name.startsWith('pvc://') || self.name.matches("
+            "'^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*(/.*)?$')",
+            message="model.name pvc://CLAIM/PATH needs CLAIM to be a PersistentVolumeClaim name "
+            "(lowercase letters, digits, '-' and '.')",
+            holds=lambda m: not m.name.startswith("pvc://")
+            or re.match(
+                r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*(/.*)?$",
+                m.name,
+            )
+            is not None,
+            field_path=".name",
+        ),
+    )
+
     @property
     def effective_served_name(self) -> str:
         return self.served_name or self.name
@@ -491,6 +507,14 @@ class Toleration(ApiModel):
     """Taint effect to match; empty matches all."""
     toleration_seconds: int | None = None
     """How long a NoExecute taint is tolerated."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!has(self.operator) || self.operator != 'Exists' || !has(self.value)",
+            message="a toleration with operator Exists takes no value",
+            holds=lambda t: t.operator != "Exists" or t.value is None,
+        ),
+    )
 
 
 class SchedulingSpec(ApiModel):
