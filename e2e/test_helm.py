@@ -1,0 +1,413 @@
+"""The Helm chart on a real API server: install, least-privilege RBAC proven by running the
+operator with its ServiceAccount's token, upgrade of the CRD, uninstall that keeps the CRD.
+
+kwok runs no containers, so the chart's operator pod cannot do the work; instead the operator
+runs here, out of the cluster, with the chart's own command line and a kubeconfig that carries a
+TokenRequest token of the chart's operator ServiceAccount: every API call it makes is
+authorised exactly as it would be in the pod. A denied call fails the test, in the API (the
+LLMDeployment never gets Ready) and in the operator's log (scanned for 403 and Forbidden).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from harness import kube
+from harness.providers import Cluster
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "charts" / "llm-operator"
+SAMPLE = REPO / "manifests" / "samples" / "llama-3-8b.yaml"
+CRD_NAME = "llmdeployments.llmoperator.io"
+GROUP, VERSION, PLURAL = "llmoperator.io", "v1alpha1", "llmdeployments"
+#: Signs of a call the RBAC denied, in the operator's log (kopf logs "Not enough permissions"
+#: when it falls back from a denied list or watch).
+DENIED = re.compile(r"\b403\b|Forbidden|forbidden|Not enough permissions|permission denied")
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Helm:
+    """helm (the pinned build) against the test cluster, with its own config folders."""
+
+    def __init__(self, cluster: Cluster, home: Path) -> None:
+        found = cluster.which("helm")
+        if found is None:
+            from llm_operator import chartgen
+
+            found = str(chartgen.helm_binary())
+        self.binary = found
+        self.env = {
+            **cluster.env(),
+            "HELM_CACHE_HOME": str(home / "cache"),
+            "HELM_CONFIG_HOME": str(home / "config"),
+            "HELM_DATA_HOME": str(home / "data"),
+        }
+
+    def __call__(self, *args: str, timeout: float = 240) -> str:
+        result = kube.run([self.binary, *args], self.env, timeout=timeout)
+        assert result.returncode == 0, f"helm {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+
+def adopt_crd(api: client.ApiClient, release: str, namespace: str) -> None:
+    """Let this release take over the CRD the session applied (Helm adopts an object that
+    carries its release's ownership metadata; without it, install refuses to touch it)."""
+    client.ApiextensionsV1Api(api).patch_custom_resource_definition(
+        CRD_NAME,
+        {
+            "metadata": {
+                "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                "annotations": {
+                    "meta.helm.sh/release-name": release,
+                    "meta.helm.sh/release-namespace": namespace,
+                },
+            }
+        },
+    )
+
+
+def restore_crd(api: client.ApiClient) -> None:
+    """Give the CRD back to the rest of the session as crds/ defines it: its spec, and none of
+    the labels and annotations Helm and the chart added."""
+    kube.apply_crds(api, REPO / "crds")
+    ext = client.ApiextensionsV1Api(api)
+    want = yaml.safe_load((REPO / "crds" / f"{CRD_NAME}.yaml").read_text())["metadata"]
+    live = ext.read_custom_resource_definition(CRD_NAME).metadata
+    extra: dict[str, dict[str, None]] = {
+        field: {k: None for k in (getattr(live, field) or {}) if k not in (want.get(field) or {})}
+        for field in ("labels", "annotations")
+    }
+    ext.patch_custom_resource_definition(CRD_NAME, {"metadata": extra})
+
+
+def service_account_kubeconfig(
+    api: client.ApiClient, cluster: Cluster, namespace: str, name: str, path: Path
+) -> Path:
+    """A kubeconfig for the cluster that authenticates as ServiceAccount ``namespace/name``
+    with a short-lived TokenRequest token (what a pod of that ServiceAccount gets mounted)."""
+    request = client.AuthenticationV1TokenRequest(
+        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)
+    )
+    token = (
+        client.CoreV1Api(api)
+        .create_namespaced_service_account_token(name, namespace, request)
+        .status.token
+    )
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    current = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])
+    entry = next(c for c in admin["clusters"] if c["name"] == current["context"]["cluster"])
+    user = f"system:serviceaccount:{namespace}:{name}"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [entry],
+                "users": [{"name": user, "user": {"token": token}}],
+                "contexts": [{"name": user, "context": {"cluster": entry["name"], "user": user}}],
+                "current-context": user,
+            }
+        )
+    )
+    path.chmod(0o600)
+    return path
+
+
+def can(api: client.ApiClient, user: str, verb: str, resource: str, namespace: str | None,
+        group: str = "", name: str | None = None) -> bool:  # fmt: skip
+    """A SubjectAccessReview: may ``user`` do ``verb`` on ``resource``?"""
+    review = client.V1SubjectAccessReview(
+        spec=client.V1SubjectAccessReviewSpec(
+            user=user,
+            groups=[
+                "system:authenticated",
+                "system:serviceaccounts",
+                f"system:serviceaccounts:{user.split(':')[2]}",
+            ],
+            resource_attributes=client.V1ResourceAttributes(
+                verb=verb, resource=resource, group=group, namespace=namespace, name=name
+            ),
+        )
+    )
+    result = client.AuthorizationV1Api(api).create_subject_access_review(review)
+    return bool(result.status.allowed)
+
+
+class OutOfClusterOperator:
+    """`llm-operator run` with the chart's arguments and a ServiceAccount's kubeconfig."""
+
+    def __init__(self, args: list[str], kubeconfig: Path, log_path: Path) -> None:
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "KUBECONFIG"))
+        }
+        env.update(KUBECONFIG=str(kubeconfig), PYTHONUNBUFFERED="1", POD_ID="e2e-helm-rbac")
+        self.log_path = log_path
+        self.log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "llm_operator.cli", *args],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def denied(self) -> list[str]:
+        return [line[:1500] for line in self.text().splitlines() if DENIED.search(line)]
+
+    def alive(self) -> bool:
+        """True while it runs; fails at once if it exited or the RBAC denied it a call."""
+        if self.process.poll() is not None:
+            raise AssertionError(f"the operator exited:\n{self.text()[-4000:]}")
+        if denied := self.denied():
+            raise AssertionError("calls the chart's RBAC denied:\n" + "\n".join(denied[:5]))
+        return True
+
+    def healthy(self, port: int) -> bool:
+        """kopf answers /healthz once it has started (and could list what it watches)."""
+        self.alive()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.log.close()
+
+
+def chart_operator_args(deployment: client.V1Deployment) -> list[str]:
+    """The operator container's arguments as the chart set them, with free local ports."""
+    args: list[str] = list(deployment.spec.template.spec.containers[0].args)
+    assert args[0] == "run"
+    ports = {"--liveness-port": free_port(), "--metrics-port": free_port()}
+    out = []
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        out.append(f"{flag}={ports[flag]}" if flag in ports else arg)
+    return out
+
+
+def ready(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any] | None:
+    body: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name
+    )
+    status = body.get("status") or {}
+    if (
+        status.get("phase") == "Ready"
+        and status.get("observedGeneration") == body["metadata"]["generation"]
+    ):
+        return body
+    return None
+
+
+# -- fixtures --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def workload_namespace(api_client: client.ApiClient, namespace: str) -> Iterator[str]:
+    """A second namespace, for the models: the operator watches it, not its own."""
+    name = f"{namespace}-ml"
+    kube.create_namespace(api_client, name)
+    yield name
+    kube.delete_namespace(api_client, name)
+
+
+@pytest.fixture
+def helm(cluster: Cluster, tmp_path: Path) -> Helm:
+    return Helm(cluster, tmp_path / "helm-home")
+
+
+@pytest.fixture
+def release(
+    api_client: client.ApiClient, namespace: str, helm: Helm, crd_names: list[str]
+) -> Iterator[str]:
+    """A release name for this test; whatever happens, it is uninstalled and the session's CRD
+    is given back as crds/ defines it."""
+    name = f"llmop-{secrets.token_hex(3)}"
+    adopt_crd(api_client, name, namespace)
+    yield name
+    kube.run([helm.binary, "uninstall", name, "--namespace", namespace, "--wait"], helm.env, 120)
+    restore_crd(api_client)
+
+
+# -- tests -----------------------------------------------------------------------------------
+
+
+def test_install_runs_restricted_and_its_service_account_reconciles_a_sample_to_ready(
+    api_client: client.ApiClient,
+    cluster: Cluster,
+    namespace: str,
+    workload_namespace: str,
+    helm: Helm,
+    release: str,
+    tmp_path: Path,
+) -> None:
+    core = client.CoreV1Api(api_client)
+    # Pod Security "restricted", enforced: a pod of the chart that breaks it is never created.
+    core.patch_namespace(
+        namespace, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
+    )
+    out = helm(
+        "install", release, str(CHART), "--namespace", namespace, "--wait", "--timeout", "180s",
+        "--set", f"watchNamespaces={{{workload_namespace}}}",
+    )  # fmt: skip
+    assert "NOTES:" in out and f"It watches LLMDeployments in: {workload_namespace}." in out
+    apps = client.AppsV1Api(api_client)
+    fullname = f"{release}-llm-operator"
+    operator_deployment = apps.read_namespaced_deployment(fullname, namespace)
+    gateway = apps.read_namespaced_deployment(f"{fullname}-gateway", namespace)
+    assert operator_deployment.status.ready_replicas == 1
+    assert gateway.status.ready_replicas == 2
+    assert core.list_namespaced_pod(namespace).items, "the pods were admitted as restricted"
+
+    sa = fullname
+    user = f"system:serviceaccount:{namespace}:{sa}"
+    # What the chart granted, and what it did not.
+    assert can(api_client, user, "create", "deployments", workload_namespace, "apps")
+    assert can(api_client, user, "patch", "llmdeployments/status", workload_namespace, GROUP)
+    assert can(api_client, user, "watch", "customresourcedefinitions", None, "apiextensions.k8s.io")
+    assert not can(api_client, user, "get", "secrets", workload_namespace)
+    assert not can(api_client, user, "list", "secrets", None)
+    assert not can(api_client, user, "create", "deployments", "default", "apps")
+    assert not can(api_client, user, "list", "llmdeployments", None, GROUP)
+    assert not can(api_client, user, "update", "llmdeployments", workload_namespace, GROUP)
+    assert not can(api_client, user, "create", "pods", workload_namespace)
+    gateway_user = f"system:serviceaccount:{namespace}:{fullname}-gateway"
+    assert can(api_client, gateway_user, "watch", "endpointslices", workload_namespace,
+               "discovery.k8s.io")  # fmt: skip
+    assert not can(api_client, gateway_user, "get", "secrets", namespace)
+    assert not can(api_client, gateway_user, "get", "configmaps", namespace, name="other")
+
+    # The operator, out of the cluster, with the chart's arguments and only the SA's rights.
+    args = chart_operator_args(operator_deployment)
+    assert f"--namespace={workload_namespace}" in args
+    kubeconfig = service_account_kubeconfig(
+        api_client, cluster, namespace, sa, tmp_path / "sa.kubeconfig"
+    )
+    operator = OutOfClusterOperator(args, kubeconfig, tmp_path / "operator.log")
+    try:
+        liveness = int(next(a for a in args if a.startswith("--liveness-port=")).split("=")[1])
+        kube.wait_until("the operator's /healthz", lambda: operator.healthy(liveness), timeout=60)
+        sample = yaml.safe_load(SAMPLE.read_text())
+        client.CustomObjectsApi(api_client).create_namespaced_custom_object(
+            GROUP, VERSION, workload_namespace, PLURAL, sample
+        )
+        name = sample["metadata"]["name"]
+
+        def reconciled() -> dict[str, Any] | None:
+            operator.alive()
+            return ready(api_client, workload_namespace, name)
+
+        body = kube.wait_until(f"{name} to be Ready", reconciled, timeout=180)
+        children = apps.list_namespaced_deployment(
+            workload_namespace, label_selector=f"llmoperator.io/deployment={name}"
+        ).items
+        assert children and all(
+            d.metadata.owner_references[0].uid == body["metadata"]["uid"] for d in children
+        )
+        assert body["spec"] == sample["spec"], "the operator wrote into spec"
+    finally:
+        operator.stop()
+    denied = operator.denied()
+    assert not denied, "calls the chart's RBAC denied:\n" + "\n".join(denied[:20])
+    assert "Traceback" not in operator.text(), operator.text()[-4000:]
+
+
+def test_upgrade_updates_the_crd_and_uninstall_keeps_it(
+    api_client: client.ApiClient,
+    namespace: str,
+    workload_namespace: str,
+    helm: Helm,
+    release: str,
+    tmp_path: Path,
+) -> None:
+    ext = client.ApiextensionsV1Api(api_client)
+    helm("install", release, str(CHART), "--namespace", namespace,
+         "--set", f"watchNamespaces={{{workload_namespace}}}")  # fmt: skip
+    crd = ext.read_custom_resource_definition(CRD_NAME)
+    assert crd.metadata.annotations["helm.sh/resource-policy"] == "keep"
+    assert crd.metadata.labels["app.kubernetes.io/instance"] == release
+
+    # An upgrade changes the CRD: metadata from values, and the schema from the template (a
+    # chart's crds/ folder would never be upgraded; templates/crds is).
+    changed = tmp_path / "chart"
+    shutil.copytree(CHART, changed)
+    template = changed / "templates" / "crds" / f"{CRD_NAME}.yaml"
+    # A status field nobody reads in tests, so a concurrent test is not disturbed.
+    text, found = re.subn(
+        r"(\n\s+kvCacheTokens:\n(?:\s+[a-zA-Z]+: .*\n)*?\s+description: )",
+        r"\1Upgraded. ",
+        template.read_text(),
+    )
+    assert found == 1
+    template.write_text(text)
+    marker = secrets.token_hex(4)
+    helm("upgrade", release, str(changed), "--namespace", namespace, "--reuse-values",
+         "--set", f"crds.annotations.llmoperator\\.io/e2e-upgrade={marker}")  # fmt: skip
+    crd = ext.read_custom_resource_definition(CRD_NAME)
+    assert crd.metadata.annotations["llmoperator.io/e2e-upgrade"] == marker
+    status = crd.spec.versions[0].schema.open_apiv3_schema.properties["status"]
+    plan = status.properties["plan"].properties
+    assert plan["kvCacheTokens"].description.startswith("Upgraded. ")
+
+    # A model exists when the release goes away.
+    sample = yaml.safe_load(SAMPLE.read_text())
+    client.CustomObjectsApi(api_client).create_namespaced_custom_object(
+        GROUP, VERSION, workload_namespace, PLURAL, sample
+    )
+    helm("uninstall", release, "--namespace", namespace, "--wait")
+    apps, rbac = client.AppsV1Api(api_client), client.RbacAuthorizationV1Api(api_client)
+    assert not apps.list_namespaced_deployment(
+        namespace, label_selector=f"app.kubernetes.io/instance={release}"
+    ).items
+    assert not [
+        r
+        for r in rbac.list_cluster_role(
+            label_selector=f"app.kubernetes.io/instance={release}"
+        ).items
+    ]
+    with pytest.raises(ApiException) as gone:
+        client.CoreV1Api(api_client).read_namespaced_service_account(
+            f"{release}-llm-operator", namespace
+        )
+    assert gone.value.status == 404
+    # The CRD stays (crds.keep), and with it the LLMDeployment.
+    assert ext.read_custom_resource_definition(CRD_NAME).metadata.deletion_timestamp is None
+    kept = client.CustomObjectsApi(api_client).get_namespaced_custom_object(
+        GROUP, VERSION, workload_namespace, PLURAL, sample["metadata"]["name"]
+    )
+    assert kept["metadata"].get("deletionTimestamp") is None
