@@ -6,9 +6,10 @@ import re
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from llm_operator.api import LLMDeployment
-from llm_operator.planner import PlanError, plan
+from llm_operator.planner import plan
 from llm_operator.render import (
     RenderConfig,
     RenderError,
@@ -431,8 +432,9 @@ def test_models_on_volumes_and_object_storage() -> None:
 
 @pytest.mark.parametrize("name", ["pvc://", "pvc:///path", "pvc://Claim_1/x"])
 def test_a_pvc_model_needs_a_valid_claim_name(name: str) -> None:
-    with pytest.raises(PlanError, match="is not a PersistentVolumeClaim name"):
-        render_all(llmd({"model": {"name": name}, "parallelism": {"tensor": 1}}))
+    # The API (and the CRD's CEL rule) refuses these before anything renders.
+    with pytest.raises(ValidationError, match="needs CLAIM to be a PersistentVolumeClaim name"):
+        llmd({"model": {"name": name}, "parallelism": {"tensor": 1}})
 
 
 def test_names_are_valid_and_distinct_however_the_llmdeployment_is_named() -> None:
