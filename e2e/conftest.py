@@ -100,7 +100,7 @@ def kubeconfig(cluster: Cluster) -> Path:
 
 @pytest.fixture(scope="session")
 def api_client(cluster: Cluster) -> Iterator[client.ApiClient]:
-    api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+    api = config.new_client_from_config(config_file=str(cluster.kubeconfig))  # type: ignore[no-untyped-call]
     with api:
         yield api
 

@@ -24,13 +24,13 @@ GPU = "nvidia.com/gpu"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _gpu_nodes(api: client.ApiClient) -> list[client.V1Node]:
-    nodes = client.CoreV1Api(api).list_node().items
-    return [n for n in nodes if int((n.status.capacity or {}).get(GPU, "0")) > 0]
+def _gpu_nodes(api: client.ApiClient) -> list[dict[str, Any]]:
+    nodes = [kube.as_dict(api, n) for n in client.CoreV1Api(api).list_node().items]
+    return [n for n in nodes if int(n["status"].get("capacity", {}).get(GPU, "0")) > 0]
 
 
 @pytest.fixture
-def gpu_nodes(api_client: client.ApiClient) -> list[client.V1Node]:
+def gpu_nodes(api_client: client.ApiClient) -> list[dict[str, Any]]:
     nodes = _gpu_nodes(api_client)
     if not nodes:
         pytest.skip(f"no node advertises {GPU} capacity (LLMOP_CLUSTER=local has fake GPU nodes)")
@@ -58,81 +58,84 @@ def _deployment(name: str, gpus: int, tolerate: bool = True, replicas: int = 1) 
     }
 
 
-def _pods(api: client.ApiClient, namespace: str, app: str) -> list[client.V1Pod]:
-    return list(
-        client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=f"app={app}").items
-    )
+def _pods(api: client.ApiClient, namespace: str, app: str) -> list[dict[str, Any]]:
+    pods = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=f"app={app}")
+    return [kube.as_dict(api, p) for p in pods.items]
 
 
-def _ready(pod: client.V1Pod) -> bool:
-    conditions = pod.status.conditions or []
-    return pod.status.phase == "Running" and any(
-        c.type == "Ready" and c.status == "True" for c in conditions
-    )
+def _condition(obj: dict[str, Any], kind: str) -> bool:
+    conditions = obj.get("status", {}).get("conditions") or []
+    return any(c["type"] == kind and c["status"] == "True" for c in conditions)
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    return pod["status"].get("phase") == "Running" and _condition(pod, "Ready")
 
 
 def test_nodes_are_ready_and_gpu_nodes_look_like_the_gpu_operator_made_them(
-    api_client: client.ApiClient, gpu_nodes: list[client.V1Node]
+    api_client: client.ApiClient, gpu_nodes: list[dict[str, Any]]
 ) -> None:
     for node in gpu_nodes:
-        labels = node.metadata.labels
-        assert labels.get("nvidia.com/gpu.product"), node.metadata.name
-        assert labels.get("nvidia.com/gpu.memory"), node.metadata.name
-        assert labels.get("nvidia.com/gpu.count") == node.status.capacity[GPU]
-        assert any(c.type == "Ready" and c.status == "True" for c in node.status.conditions)
+        name, labels = node["metadata"]["name"], node["metadata"]["labels"]
+        assert labels.get("nvidia.com/gpu.product"), name
+        assert labels.get("nvidia.com/gpu.memory"), name
+        assert labels.get("nvidia.com/gpu.count") == node["status"]["capacity"][GPU], name
+        assert _condition(node, "Ready"), name
 
 
 def test_a_gpu_deployment_is_scheduled_onto_a_gpu_node_and_runs(
-    api_client: client.ApiClient, namespace: str, gpu_nodes: list[client.V1Node]
+    api_client: client.ApiClient, namespace: str, gpu_nodes: list[dict[str, Any]]
 ) -> None:
     kube.apply(api_client, _deployment("gpu-app", gpus=4, replicas=2), namespace)
-    pods = kube.wait_until(
-        "2 Running and Ready pods",
-        lambda: (p := _pods(api_client, namespace, "gpu-app")) and len(p) == 2
-        and all(_ready(x) for x in p) and p,
-        timeout=90,
-    )  # fmt: skip
-    gpu_names = {n.metadata.name for n in gpu_nodes}
+
+    def both_ready() -> list[dict[str, Any]] | None:
+        pods = _pods(api_client, namespace, "gpu-app")
+        return pods if len(pods) == 2 and all(_ready(p) for p in pods) else None
+
+    pods = kube.wait_until("2 Running and Ready pods", both_ready, timeout=90)
+    gpu_names = {n["metadata"]["name"] for n in gpu_nodes}
     for pod in pods:
-        assert pod.spec.node_name in gpu_names
-        assert pod.status.container_statuses[0].ready
-    kube.wait_until(
-        "deployment status readyReplicas=2",
-        lambda: client.AppsV1Api(api_client)
-        .read_namespaced_deployment_status("gpu-app", namespace)
-        .status.ready_replicas == 2,
-    )  # fmt: skip
+        assert pod["spec"]["nodeName"] in gpu_names
+        assert pod["status"]["containerStatuses"][0]["ready"]
+
+    def deployment_ready() -> bool:
+        got = client.AppsV1Api(api_client).read_namespaced_deployment_status("gpu-app", namespace)
+        return bool(kube.as_dict(api_client, got)["status"].get("readyReplicas") == 2)
+
+    kube.wait_until("the Deployment to report readyReplicas=2", deployment_ready)
 
 
 def _pending_reason(api: client.ApiClient, namespace: str, app: str) -> str:
     """Wait for the scheduler's FailedScheduling event on the only pod of ``app``."""
     pod = kube.wait_until("the pod to exist", lambda: _pods(api, namespace, app), timeout=60)[0]
+    name = pod["metadata"]["name"]
 
     def failed() -> str | None:
-        events = kube.events_for(api, namespace, pod.metadata.name)
-        messages = [e.message for e in events if e.reason == "FailedScheduling"]
+        events = [kube.as_dict(api, e) for e in kube.events_for(api, namespace, name)]
+        messages = [str(e["message"]) for e in events if e["reason"] == "FailedScheduling"]
         return messages[-1] if messages else None
 
     message = kube.wait_until("a FailedScheduling event", failed, timeout=60)
-    current = client.CoreV1Api(api).read_namespaced_pod(pod.metadata.name, namespace)
-    assert current.status.phase == "Pending"
-    assert not current.spec.node_name
+    current = kube.as_dict(api, client.CoreV1Api(api).read_namespaced_pod(name, namespace))
+    assert current["status"]["phase"] == "Pending"
+    assert not current["spec"].get("nodeName")
     return message
 
 
 def test_asking_for_more_gpus_than_any_node_has_stays_pending(
-    api_client: client.ApiClient, namespace: str, gpu_nodes: list[client.V1Node]
+    api_client: client.ApiClient, namespace: str, gpu_nodes: list[dict[str, Any]]
 ) -> None:
-    most = max(int(n.status.capacity[GPU]) for n in gpu_nodes)
+    most = max(int(n["status"]["capacity"][GPU]) for n in gpu_nodes)
     kube.apply(api_client, _deployment("too-big", gpus=most + 1), namespace)
     message = _pending_reason(api_client, namespace, "too-big")
     assert f"Insufficient {GPU}" in message
 
 
 def test_a_gpu_pod_without_the_toleration_is_not_scheduled(
-    api_client: client.ApiClient, namespace: str, gpu_nodes: list[client.V1Node]
+    api_client: client.ApiClient, namespace: str, gpu_nodes: list[dict[str, Any]]
 ) -> None:
-    if not any(t.key == GPU for n in gpu_nodes for t in (n.spec.taints or [])):
+    taints = [t for n in gpu_nodes for t in n["spec"].get("taints") or []]
+    if not any(t["key"] == GPU for t in taints):
         pytest.skip(f"the GPU nodes carry no {GPU} taint here")
     kube.apply(api_client, _deployment("no-toleration", gpus=1, tolerate=False), namespace)
     message = _pending_reason(api_client, namespace, "no-toleration")
@@ -146,9 +149,8 @@ def test_deleting_an_owner_garbage_collects_what_it_owns(
     owner = core.create_namespaced_config_map(
         namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="owner"))
     )
-    ref = client.V1OwnerReference(
-        api_version="v1", kind="ConfigMap", name="owner", uid=owner.metadata.uid
-    )
+    uid = kube.as_dict(api_client, owner)["metadata"]["uid"]
+    ref = client.V1OwnerReference(api_version="v1", kind="ConfigMap", name="owner", uid=uid)
     core.create_namespaced_config_map(
         namespace,
         client.V1ConfigMap(metadata=client.V1ObjectMeta(name="child", owner_references=[ref])),
@@ -159,10 +161,13 @@ def test_deleting_an_owner_garbage_collects_what_it_owns(
     )
     core.delete_namespaced_config_map("owner", namespace, propagation_policy="Background")
 
+    def names(listed: Any) -> set[str]:
+        return {kube.as_dict(api_client, o)["metadata"]["name"] for o in listed.items}
+
     def gone() -> bool:
-        names = {c.metadata.name for c in core.list_namespaced_config_map(namespace).items}
-        secrets = {s.metadata.name for s in core.list_namespaced_secret(namespace).items}
-        return "child" not in names and "child" not in secrets
+        configmaps = names(core.list_namespaced_config_map(namespace))
+        secrets = names(core.list_namespaced_secret(namespace))
+        return "child" not in configmaps and "child" not in secrets
 
     kube.wait_until("the garbage collector to delete the dependents", gone, timeout=60)
 
@@ -170,6 +175,7 @@ def test_deleting_an_owner_garbage_collects_what_it_owns(
 def test_deleting_a_deployment_removes_its_replicasets_and_pods(
     api_client: client.ApiClient, namespace: str
 ) -> None:
+    # No GPU and no toleration: only the untainted CPU node can take it.
     kube.apply(api_client, _deployment("cpu-app", gpus=0, tolerate=False), namespace)
     kube.wait_until(
         "a Running pod",
@@ -178,12 +184,12 @@ def test_deleting_a_deployment_removes_its_replicasets_and_pods(
     )
     apps = client.AppsV1Api(api_client)
     apps.delete_namespaced_deployment("cpu-app", namespace, propagation_policy="Background")
-    kube.wait_until(
-        "ReplicaSets and pods to be collected",
-        lambda: not apps.list_namespaced_replica_set(namespace).items
-        and not _pods(api_client, namespace, "cpu-app"),
-        timeout=90,
-    )  # fmt: skip
+
+    def collected() -> bool:
+        replicasets = apps.list_namespaced_replica_set(namespace).items
+        return not replicasets and not _pods(api_client, namespace, "cpu-app")
+
+    kube.wait_until("ReplicaSets and pods to be collected", collected, timeout=90)
 
 
 def _token_client(api: client.ApiClient, token: str) -> client.ApiClient:
@@ -228,14 +234,16 @@ def test_a_serviceaccount_token_authenticates_and_rbac_limits_it(
     request = client.AuthenticationV1TokenRequest(
         spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=600)
     )
-    token = core.create_namespaced_service_account_token("reader", namespace, request)
-    assert token.status.token
+    issued = core.create_namespaced_service_account_token("reader", namespace, request)
+    token = kube.as_dict(api_client, issued)["status"]["token"]
+    assert token
 
-    with _token_client(api_client, token.status.token) as as_reader:
+    with _token_client(api_client, token) as as_reader:
         review = client.AuthenticationV1Api(as_reader).create_self_subject_review(
             client.V1SelfSubjectReview()
         )
-        assert review.status.user_info.username == f"system:serviceaccount:{namespace}:reader"
+        username = kube.as_dict(as_reader, review)["status"]["userInfo"]["username"]
+        assert username == f"system:serviceaccount:{namespace}:reader"
         reader = client.CoreV1Api(as_reader)
         # Granted: configmaps in its own namespace (kube-root-ca.crt is always there).
         kube.wait_until(
@@ -262,9 +270,9 @@ def test_the_api_server_reports_the_pinned_version(
     from llm_operator.devcluster.layout import read_versions
 
     pinned = read_versions(REPO / "e2e" / "cluster" / "versions.env").k8s
-    version = client.VersionApi(api_client).get_code()
-    assert version.git_version == pinned
-    assert (version.major, version.minor) == ("1", pinned.split(".")[1])
+    version = kube.as_dict(api_client, client.VersionApi(api_client).get_code())
+    assert version["gitVersion"] == pinned
+    assert (version["major"], version["minor"]) == ("1", pinned.split(".")[1])
 
 
 def _devcluster(*args: str) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import yaml
 from kubernetes import client
@@ -53,8 +53,19 @@ def load_yaml_documents(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
-def dynamic(api: client.ApiClient) -> DynamicClient:
-    return DynamicClient(api)
+_dynamic: dict[int, Any] = {}
+
+
+def dynamic(api: client.ApiClient) -> Any:
+    """One DynamicClient per ApiClient: building one runs API discovery."""
+    if id(api) not in _dynamic:
+        _dynamic[id(api)] = DynamicClient(api)  # type: ignore[no-untyped-call]
+    return _dynamic[id(api)]
+
+
+def as_dict(api: client.ApiClient, obj: Any) -> dict[str, Any]:
+    """A client model object as the plain JSON dict the API server sent (camelCase keys)."""
+    return api.sanitize_for_serialization(obj)  # type: ignore[no-untyped-call,no-any-return]
 
 
 def apply(
@@ -90,8 +101,12 @@ def apply_crds(api: client.ApiClient, folder: Path, timeout: float = 60.0) -> li
             apply(api, doc)
             names.append(doc["metadata"]["name"])
     for name in names:
-        wait_until(f"CRD {name} Established", lambda n=name: crd_established(api, n), timeout)
+        wait_until(f"CRD {name} Established", _established(api, name), timeout)
     return names
+
+
+def _established(api: client.ApiClient, name: str) -> Callable[[], bool]:
+    return lambda: crd_established(api, name)
 
 
 def create_namespace(api: client.ApiClient, name: str) -> None:
@@ -129,10 +144,13 @@ def _strip_custom_finalizers(api: client.ApiClient, namespace: str, crds: list[s
         group, plural = crd.spec.group, crd.spec.names.plural
         for version in (v.name for v in crd.spec.versions if v.served):
             try:
-                items = custom.list_namespaced_custom_object(group, version, namespace, plural)
+                listed = cast(
+                    dict[str, Any],
+                    custom.list_namespaced_custom_object(group, version, namespace, plural),
+                )
             except ApiException:
                 continue
-            for item in items.get("items", []):
+            for item in listed.get("items", []):
                 if item["metadata"].get("finalizers"):
                     custom.patch_namespaced_custom_object(
                         group,
@@ -154,7 +172,8 @@ def reap_namespaces(api: client.ApiClient, crds: list[str], timeout: float = 90.
     selector = f"{E2E_LABEL}=true"
 
     def remaining() -> list[str]:
-        return [ns.metadata.name for ns in core.list_namespace(label_selector=selector).items]
+        items = core.list_namespace(label_selector=selector).items
+        return [as_dict(api, ns)["metadata"]["name"] for ns in items]
 
     for name in remaining():
         delete_namespace(api, name)
