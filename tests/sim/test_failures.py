@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -205,3 +206,20 @@ def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
             return
         time.sleep(0.02)
     raise AssertionError("condition not met in time")
+
+
+def test_sigterm_lets_running_streams_finish_and_refuses_new_connections() -> None:
+    sim = start_sim(MODEL, served_name="m", args=[*FAST_ARGS, "--sim-itl", "0.01"])
+    try:
+        client = openai.OpenAI(base_url=sim.openai_url, api_key="x", max_retries=0, timeout=10)
+        stream = client.completions.create(
+            model="m", prompt="x", max_tokens=40, stream=True, extra_body={"ignore_eos": True}
+        )
+        sim.proc.send_signal(signal.SIGTERM)  # ~0.4 s of tokens still to come
+        texts = [chunk.choices[0].text for chunk in stream]
+        assert len(texts) == 40
+        with pytest.raises(openai.APIConnectionError):
+            client.completions.create(model="m", prompt="x", max_tokens=1)
+        assert sim.proc.wait(5) == 0
+    finally:
+        sim.stop()

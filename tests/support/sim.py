@@ -119,14 +119,14 @@ class SimProcess:
         raise SimStartError(f"simulator not healthy after {timeout}s:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 5.0) -> int | None:
-        """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
+        """SIGTERM (the simulator drains running requests), a second SIGTERM after
+        `timeout` (cuts the drain short), SIGKILL as a last resort; returns the exit code."""
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+            if self.proc.poll() is not None:
+                break
+            self.proc.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(wait)
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None

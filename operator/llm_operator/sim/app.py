@@ -68,6 +68,7 @@ class SimApp:
         )
         self.ready = cfg.startup_delay <= 0
         self.health_status: int | None = None  # admin override of /health
+        self.draining = False  # SIGTERM received: finish what runs, take nothing new
         self.started_at = time.monotonic()
         self._bearer = {f"Bearer {key}" for key in cfg.api_keys}
         get, post = "GET", "POST"
@@ -128,7 +129,7 @@ class SimApp:
         if self.health_status is not None:
             status = self.health_status
         else:
-            status = 200 if self.ready else 503
+            status = 200 if self.ready and not self.draining else 503
         ex.respond(status, b"", content_type="application/json")
 
     def version(self, ex: Exchange) -> None:
@@ -252,8 +253,9 @@ class SimApp:
     def _generate(self, ex: Exchange, chat: bool) -> None:
         if not self._authorized(ex):
             return
-        if not self.ready:
-            self._fail(ex, RequestError(503, "The model is still loading.", "Service Unavailable"))
+        if not self.ready or self.draining:
+            message = "The server is shutting down." if self.draining else "The model is loading."
+            self._fail(ex, RequestError(503, message, "Service Unavailable"))
             return
         try:
             media_type = ex.headers.get("content-type", "").split(";", 1)[0].strip().lower()

@@ -49,6 +49,7 @@ class SimConfig:
 
     # Failure injection.
     startup_delay: float = 0.0
+    drain_timeout: float = 10.0
     error_rate_500: float = 0.0
     error_rate_429: float = 0.0
     retry_after: int = 1
@@ -234,6 +235,11 @@ SIM_FLAGS: dict[str, _Flag] = {
     "--sim-kv-cache-tokens": _Flag("kv_cache_tokens", _positive_int, "KV-cache capacity in tokens"),
     "--sim-startup-delay": _Flag(
         "startup_delay", _non_negative, "seconds /health answers 503 after start"
+    ),
+    "--sim-drain-timeout": _Flag(
+        "drain_timeout",
+        _non_negative,
+        "on SIGTERM, seconds to let running requests finish before cutting them",
     ),
     "--sim-error-rate-500": _Flag("error_rate_500", _rate, "fraction of requests answered 500"),
     "--sim-error-rate-429": _Flag("error_rate_429", _rate, "fraction of requests answered 429"),

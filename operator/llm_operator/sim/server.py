@@ -47,6 +47,27 @@ class SimServer:
             self.cfg.max_model_len,
         )
 
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, let running and waiting requests finish for up to `timeout` s.
+
+        Like uvicorn under vLLM on SIGTERM: a rolling update or scale-down should not
+        cut streams that can finish within the pod's grace period.
+        """
+        self.app.draining = True
+        if self._server is not None:
+            self._server.close()  # no new connections; open ones stay
+        deadline = asyncio.get_running_loop().time() + timeout
+        engine = self.app.engine
+        while engine.running or engine.waiting:
+            if asyncio.get_running_loop().time() >= deadline:
+                log.warning(
+                    "drain timeout: cutting %d running and %d waiting requests",
+                    engine.running,
+                    len(engine.waiting),
+                )
+                break
+            await asyncio.sleep(0.05)
+
     async def stop(self) -> None:
         if self._stats is not None:
             self._stats.cancel()
@@ -98,6 +119,14 @@ async def run(cfg: SimConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
+        log.info("shutting down (draining for up to %gs)", cfg.drain_timeout)
+        if cfg.drain_timeout > 0:
+            # A second signal cuts the drain short.
+            stop.clear()
+            drain = asyncio.create_task(server.drain(cfg.drain_timeout))
+            interrupted = asyncio.create_task(stop.wait())
+            await asyncio.wait({drain, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+            drain.cancel()
+            interrupted.cancel()
     finally:
-        log.info("shutting down")
         await server.stop()
