@@ -139,15 +139,26 @@ check() {
     "$(stamp_of helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm "$helm_ld")" helm
 }
 
-command -v go >/dev/null || { log "go is not on PATH: install Go >= 1.26 (the wrapper modules say go 1.26.0)"; exit 2; }
-mkdir -p "$cache"
-if [ "${1:-}" = "--check" ]; then check; exit $?; fi
-targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(k8s etcd kwok helm)
-start=$SECONDS
-for t in "${targets[@]}"; do
-  case "$t" in
-    k8s|etcd|kwok|helm) "build_$t" ;;
-    *) log "unknown target $t (k8s|etcd|kwok|helm)"; exit 2 ;;
-  esac
-done
-log "all done in $((SECONDS - start))s"
+# Everything runs from main, parsed whole before it starts: bash reads a script as it
+# goes, so an edit to this file during a long build would otherwise derail the run.
+main() {
+  command -v go >/dev/null || { log "go is not on PATH: install Go >= 1.26 (the wrapper modules say go 1.26.0)"; exit 2; }
+  mkdir -p "$cache"
+  if [ "${1:-}" = "--check" ]; then check; return $?; fi
+  # One build at a time per cache (two test sessions may start together); then the
+  # temporary folders of an interrupted build can go.
+  exec 9>"$cache/.build.lock"
+  flock 9
+  rm -rf "$cache"/.build-*.*
+  targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(k8s etcd kwok helm)
+  start=$SECONDS
+  for t in "${targets[@]}"; do
+    case "$t" in
+      k8s|etcd|kwok|helm) "build_$t" ;;
+      *) log "unknown target $t (k8s|etcd|kwok|helm)"; return 2 ;;
+    esac
+  done
+  log "all done in $((SECONDS - start))s"
+}
+
+main "$@"
