@@ -223,3 +223,21 @@ def test_sigterm_lets_running_streams_finish_and_refuses_new_connections() -> No
         assert sim.proc.wait(5) == 0
     finally:
         sim.stop()
+
+
+def test_sigterm_does_not_wait_for_hung_requests() -> None:
+    sim = start_sim(MODEL, served_name="m", args=FAST_ARGS)
+    try:
+        client = openai.OpenAI(base_url=sim.openai_url, api_key="x", max_retries=0, timeout=10)
+        stream = client.completions.create(
+            model="m", prompt="x", max_tokens=5, stream=True, extra_headers={"x-sim-fail": "hang"}
+        )
+        sim.admin(hang=True)
+        start = time.monotonic()
+        sim.proc.send_signal(signal.SIGTERM)
+        assert sim.proc.wait(5) == 0
+        assert time.monotonic() - start < 2  # not the 10 s drain timeout
+        with pytest.raises((httpx.RemoteProtocolError, openai.APIError)):
+            list(stream)
+    finally:
+        sim.stop()

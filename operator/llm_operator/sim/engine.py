@@ -106,6 +106,7 @@ class Engine:
         self.rng = rng
         self.waiting: deque[Sequence] = deque()
         self.running = 0
+        self.hung = 0  # running sequences that will never produce a token (x-sim-fail: hang)
         self.kv_used = 0
         self.generated_total = 0  # for the periodic stats line
         self.prompt_total = 0
@@ -124,6 +125,13 @@ class Engine:
     @property
     def paused(self) -> bool:
         return self._paused_at is not None
+
+    @property
+    def busy(self) -> bool:
+        """Is there work that will finish if we wait (not hung, not paused)?"""
+        if self._paused_at is not None:
+            return False
+        return self.running > self.hung or bool(self.waiting)
 
     # -- requests ------------------------------------------------------------------
 
@@ -189,6 +197,7 @@ class Engine:
             seq.admitted_at = now
             self.metrics.queue_time.observe(now - seq.arrival)
             if seq.hang:
+                self.hung += 1
                 continue
             seq.due = now + self.model.draw_ttft(self.rng, seq.prompt_tokens, self.running)
             self._push(seq)
@@ -202,6 +211,8 @@ class Engine:
 
     def _release(self, seq: Sequence) -> None:
         self.running -= 1
+        if seq.hang:
+            self.hung -= 1
         self.kv_used -= seq.prompt_tokens + seq.generated
 
     def _arm(self) -> None:

@@ -58,7 +58,8 @@ class SimServer:
             self._server.close()  # no new connections; open ones stay
         deadline = asyncio.get_running_loop().time() + timeout
         engine = self.app.engine
-        while engine.running or engine.waiting:
+        # Hung work (hang mode, x-sim-fail: hang) never finishes: no point waiting on it.
+        while engine.busy:
             if asyncio.get_running_loop().time() >= deadline:
                 log.warning(
                     "drain timeout: cutting %d running and %d waiting requests",
