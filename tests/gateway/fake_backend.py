@@ -34,7 +34,7 @@ class FakeBackend:
     async def start(self) -> FakeBackend:
         app = web.Application()
         app.router.add_post("/{tail:.*}", self._handle)
-        app.router.add_get("/health", lambda _: web.Response(text="ok"))
+        app.router.add_get("/health", self._health)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -52,6 +52,9 @@ class FakeBackend:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    async def _health(self, _: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.seen.append(Seen(request.path, dict(request.headers), body))
@@ -59,7 +62,9 @@ class FakeBackend:
             return web.json_response({"error": {"message": "boom", "code": 500}}, status=500)
         if self.mode == "429":
             return web.json_response(
-                {"error": {"message": "busy", "code": 429}}, status=429, headers={"Retry-After": "1"}
+                {"error": {"message": "busy", "code": 429}},
+                status=429,
+                headers={"Retry-After": "1"},
             )
         if self.mode == "hang":
             await asyncio.sleep(3600)

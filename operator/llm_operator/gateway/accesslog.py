@@ -109,9 +109,7 @@ class AccessLog:
         if self.fmt == "json":
             self.buffer.append(json.dumps(rec, separators=(",", ":")) + "\n")
         else:
-            self.buffer.append(
-                " ".join(f"{k}={v}" for k, v in rec.items() if v is not None) + "\n"
-            )
+            self.buffer.append(" ".join(f"{k}={v}" for k, v in rec.items() if v is not None) + "\n")
 
 
 def default_stream() -> TextIO:

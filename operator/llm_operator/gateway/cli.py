@@ -1,6 +1,6 @@
 """`llm-operator gateway`: run the OpenAI-compatible gateway.
 
-    llm-operator gateway --config /etc/llm-gateway/routes.yaml --port 8000 --metrics-port 9090
+llm-operator gateway --config /etc/llm-gateway/routes.yaml --port 8000 --metrics-port 9090
 """
 
 from __future__ import annotations
@@ -198,11 +198,9 @@ def main(argv: list[str]) -> int:
     root.setLevel(args.log_level.upper())
     try:
         import uvloop
-
-        runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.run
-    return int(runner(serve(args)))
+        return int(asyncio.run(serve(args)))
+    return int(uvloop.run(serve(args)))
 
 
 if __name__ == "__main__":

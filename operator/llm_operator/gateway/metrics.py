@@ -120,7 +120,9 @@ class Metrics:
     def render(self) -> bytes:
         out: list[str] = []
         p = "llm_gateway_"
-        out.append(f"# HELP {p}requests_total Requests answered, by model, backend, track, outcome.")
+        out.append(
+            f"# HELP {p}requests_total Requests answered, by model, backend, track, outcome."
+        )
         out.append(f"# TYPE {p}requests_total counter")
         for s in self.series.values():
             for outcome, n in s.outcomes.items():
@@ -131,7 +133,11 @@ class Metrics:
         for s in self.series.values():
             out.append(f"{p}in_flight_requests{{{s.label_str}}} {s.in_flight}")
         for name, attr, help_ in (
-            ("time_to_first_byte_seconds", "ttfb", "Time from request to the backend's first byte."),
+            (
+                "time_to_first_byte_seconds",
+                "ttfb",
+                "Time from request to the backend's first byte.",
+            ),
             ("request_duration_seconds", "total", "Time from request to the last byte."),
         ):
             out.append(f"# HELP {p}{name} {help_}")

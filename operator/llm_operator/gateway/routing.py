@@ -265,9 +265,7 @@ class ModelState:
         best.current -= self.total_weight
         return best
 
-    def pick(
-        self, now: float, exclude: Sequence[Backend] = ()
-    ) -> tuple[Backend | None, str, bool]:
+    def pick(self, now: float, exclude: Sequence[Backend] = ()) -> tuple[Backend | None, str, bool]:
         """A backend for the next attempt: (backend, track name, saturated).
 
         The first attempt follows the weighted track choice; when that track has nothing
@@ -371,7 +369,7 @@ def build_table(
     config: GatewayConfig,
     registry: BackendRegistry,
     read_key: KeyReader,
-    resolve: Callable[[str, int, str | int], list[tuple[str, int]]] | None = None,
+    resolve: Callable[[str, str, int | str], list[tuple[str, int]]] | None = None,
     previous: RoutingTable | None = None,
     clock: Clock = time.monotonic,
 ) -> RoutingTable:

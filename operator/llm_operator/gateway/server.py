@@ -17,14 +17,13 @@ event and closes the connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any
 
 import httptools
 
@@ -168,10 +167,8 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
         self.gw.connections.add(self)
@@ -240,7 +237,9 @@ class ClientConnection(asyncio.Protocol):
             return
         self._size += len(body)
         if self._size > self.gw.table.max_request_bytes:
-            self.gw.metrics.edge_rejections["413"] = self.gw.metrics.edge_rejections.get("413", 0) + 1
+            self.gw.metrics.edge_rejections["413"] = (
+                self.gw.metrics.edge_rejections.get("413", 0) + 1
+            )
             self.reject(413, "request body too large", "invalid_request_error")
             return
         self._body.append(body)
@@ -376,7 +375,9 @@ class Gateway:
             if conn.upstream is None:
                 conn.write(
                     http_response(
-                        500, error_body("internal gateway error", "server_error", 500), keep_alive=False
+                        500,
+                        error_body("internal gateway error", "server_error", 500),
+                        keep_alive=False,
                     )
                 )
         conn.finish(keep_alive)
@@ -407,7 +408,9 @@ class Gateway:
             )
         else:
             conn.write(
-                http_response(404, error_body("not found", "invalid_request_error", 404), keep_alive=ka)
+                http_response(
+                    404, error_body("not found", "invalid_request_error", 404), keep_alive=ka
+                )
             )
         return ka
 
@@ -442,7 +445,9 @@ class Gateway:
             conn.write(
                 http_response(
                     401,
-                    error_body("invalid or missing API key", "invalid_request_error", "invalid_api_key"),
+                    error_body(
+                        "invalid or missing API key", "invalid_request_error", "invalid_api_key"
+                    ),
                     extra=b'www-authenticate: Bearer realm="llm-gateway"\r\n',
                     keep_alive=req.keep_alive,
                 )
@@ -473,7 +478,9 @@ class Gateway:
             sc = scan(req.body)
         except BodyError as e:
             self._reject_count("400")
-            conn.write(http_response(400, error_body(str(e), "invalid_request_error", 400), keep_alive=ka))
+            conn.write(
+                http_response(400, error_body(str(e), "invalid_request_error", 400), keep_alive=ka)
+            )
             return ka
         model = table.models.get(sc.model)
         if model is None:
@@ -537,7 +544,9 @@ class Gateway:
                 if backend is None:
                     break
                 if attempts > 0 and not model.budget.try_spend(now):
-                    metrics.budget_exhausted[model.name] = metrics.budget_exhausted.get(model.name, 0) + 1
+                    metrics.budget_exhausted[model.name] = (
+                        metrics.budget_exhausted.get(model.name, 0) + 1
+                    )
                     budget_out = True
                     break
                 if tried and step_i == 0:
@@ -545,7 +554,18 @@ class Gateway:
                 attempts += 1
                 tried.append(backend)
                 result = await self._attempt(
-                    conn, req, sc, model, step_model, ext, backend, track, body, key_name, attempts, step_label
+                    conn,
+                    req,
+                    sc,
+                    model,
+                    step_model,
+                    ext,
+                    backend,
+                    track,
+                    body,
+                    key_name,
+                    attempts,
+                    step_label,
                 )
                 if result is None:
                     return req.keep_alive and not conn.closed
@@ -557,10 +577,14 @@ class Gateway:
                 metrics.inc(metrics.attempt_failures, (model.name, backend.key, reason))
                 if reason not in triggers:
                     # Not a trigger: this failure is the answer.
-                    return self._answer_failure(conn, req, model, result, backend, track, key_name, attempts)
+                    return self._answer_failure(
+                        conn, req, model, result, backend, track, key_name, attempts
+                    )
             if budget_out:
                 break
-        return self._answer_failure(conn, req, model, last, None, "none", key_name, attempts, reason)
+        return self._answer_failure(
+            conn, req, model, last, None, "none", key_name, attempts, reason
+        )
 
     def _answer_failure(
         self,
@@ -584,7 +608,9 @@ class Gateway:
             status = 504
             conn.write(
                 http_response(
-                    504, error_body("the model did not answer in time", "server_error", 504), keep_alive=ka
+                    504,
+                    error_body("the model did not answer in time", "server_error", 504),
+                    keep_alive=ka,
                 )
             )
             outcome = "timeout"
@@ -607,8 +633,19 @@ class Gateway:
         elapsed = time.monotonic() - req.start
         series.total.observe(elapsed)
         self.access_log.record(
-            req, model.name, status, outcome, series_backend(backend), track, attempts, reason, None,
-            elapsed, 0, key_name, False,
+            req,
+            model.name,
+            status,
+            outcome,
+            series_backend(backend),
+            track,
+            attempts,
+            reason,
+            None,
+            elapsed,
+            0,
+            key_name,
+            False,
         )
         return ka
 
@@ -658,7 +695,11 @@ class Gateway:
             if ext is not None:
                 path = ext.base_path.encode() + req.path[3:]  # base URL + path after /v1
                 host = ext.host_header.encode()
-                auth = b"authorization: Bearer " + ext.api_key.encode() + b"\r\n" if ext.api_key else b""
+                auth = (
+                    b"authorization: Bearer " + ext.api_key.encode() + b"\r\n"
+                    if ext.api_key
+                    else b""
+                )
             else:
                 path, host, auth = req.path, backend.key.encode(), b""
             data = b"".join(
@@ -711,7 +752,19 @@ class Gateway:
                 backend.on_failure(time.monotonic())
                 return Attempt("connectError", "backend closed reused connections")
             return await self._respond(
-                conn, req, sc, model, backend, track, upc, ex, pool, series, key_name, attempts, step_label
+                conn,
+                req,
+                sc,
+                model,
+                backend,
+                track,
+                upc,
+                ex,
+                pool,
+                series,
+                key_name,
+                attempts,
+                step_label,
             )
         finally:
             backend.end(probe)
@@ -785,7 +838,9 @@ class Gateway:
             backend.on_success()
 
         # Commit: from here on there is no failover.
-        outcome = "success" if status < 400 else ("client_error" if status < 500 else "server_error")
+        outcome = (
+            "success" if status < 400 else ("client_error" if status < 500 else "server_error")
+        )
         if ex.complete:
             body = ex.buffered[0] if len(ex.buffered) == 1 else b"".join(ex.buffered)
             parts.append(b"content-length: %d\r\n\r\n" % len(body))
@@ -820,9 +875,13 @@ class Gateway:
                 else:
                     state.error = err
                     if sse and chunked:
-                        event = b"data: " + error_body(
-                            f"the backend failed mid-stream: {err}", "server_error", 502
-                        ) + b"\n\n"
+                        event = (
+                            b"data: "
+                            + error_body(
+                                f"the backend failed mid-stream: {err}", "server_error", 502
+                            )
+                            + b"\n\n"
+                        )
                         transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event))
 
             for piece in ex.buffered:
@@ -869,8 +928,20 @@ class Gateway:
         series.ttfb.observe(ttfb)
         series.total.observe(end - req.start)
         self.access_log.record(
-            req, model.name, status, outcome, backend.key, track, attempts,
-            "", step_label or None, end - req.start, nbytes, key_name, sc.stream, ttfb,
+            req,
+            model.name,
+            status,
+            outcome,
+            backend.key,
+            track,
+            attempts,
+            "",
+            step_label or None,
+            end - req.start,
+            nbytes,
+            key_name,
+            sc.stream,
+            ttfb,
         )
         return None
 
@@ -890,4 +961,3 @@ def _timeout(ex: Exchange, upc: UpstreamConnection, what: str) -> None:
 
 def series_backend(backend: Backend | None) -> str:
     return backend.key if backend is not None else ""
-

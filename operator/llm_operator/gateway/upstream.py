@@ -10,6 +10,7 @@ usually arrives with its head in one read).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import Callable
@@ -113,10 +114,8 @@ class UpstreamConnection(asyncio.Protocol):
         if sock is not None:
             # Without it a small SSE chunk after a reused connection's last write can wait
             # for the peer's delayed ACK (~40 ms): sglang-router's first-chunk bug.
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
 
     def send(self, exchange: Exchange, data: bytes) -> None:
         self.exchange = exchange
@@ -227,10 +226,8 @@ class Pool:
         self.idle.append(conn)
 
     def discard(self, conn: UpstreamConnection) -> None:
-        try:
+        with contextlib.suppress(ValueError):
             self.idle.remove(conn)
-        except ValueError:
-            pass
 
     def close(self) -> None:
         for conn in self.idle:
