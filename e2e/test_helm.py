@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "llm-operator"
 SAMPLE = REPO / "manifests" / "samples" / "llama-3-8b.yaml"
 CRD_NAME = "llmdeployments.llmoperator.io"
+#: Every CRD the chart may install (kopf's peering CRDs with ha.enabled).
+CHART_CRDS = (CRD_NAME, "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev")
 GROUP, VERSION, PLURAL = "llmoperator.io", "v1alpha1", "llmdeployments"
+#: kopf's identity of the out-of-cluster operator (POD_ID), as it appears in peering objects.
+OPERATOR_IDENTITY = "e2e-helm-rbac"
 #: Signs of a call the RBAC denied, in the operator's log (kopf logs "Not enough permissions"
 #: when it falls back from a denied list or watch).
 DENIED = re.compile(r"\b403\b|Forbidden|forbidden|Not enough permissions|permission denied")
@@ -73,35 +77,51 @@ class Helm:
         return result.stdout
 
 
-def adopt_crd(api: client.ApiClient, release: str, namespace: str) -> None:
-    """Let this release take over the CRD the session applied (Helm adopts an object that
-    carries its release's ownership metadata; without it, install refuses to touch it)."""
-    client.ApiextensionsV1Api(api).patch_custom_resource_definition(
-        CRD_NAME,
-        {
-            "metadata": {
-                "labels": {"app.kubernetes.io/managed-by": "Helm"},
-                "annotations": {
-                    "meta.helm.sh/release-name": release,
-                    "meta.helm.sh/release-namespace": namespace,
+def adopt_crds(api: client.ApiClient, release: str, namespace: str) -> None:
+    """Let this release take over the CRDs that exist already (the session applied the
+    LLMDeployment CRD; an earlier HA test left kopf's peering CRDs). Helm adopts an object that
+    carries its release's ownership metadata; without it, install refuses to touch it."""
+    ext = client.ApiextensionsV1Api(api)
+    for name in CHART_CRDS:
+        try:
+            ext.patch_custom_resource_definition(
+                name,
+                {
+                    "metadata": {
+                        "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                        "annotations": {
+                            "meta.helm.sh/release-name": release,
+                            "meta.helm.sh/release-namespace": namespace,
+                        },
+                    }
                 },
-            }
-        },
-    )
+            )
+        except ApiException as err:
+            if err.status != 404:
+                raise
 
 
-def restore_crd(api: client.ApiClient) -> None:
-    """Give the CRD back to the rest of the session as crds/ defines it: its spec, and none of
-    the labels and annotations Helm and the chart added."""
+def restore_crds(api: client.ApiClient) -> None:
+    """Give the CRDs back to the rest of the session: the LLMDeployment CRD as crds/ defines
+    it, and none of the labels and annotations Helm and the chart added to any of them."""
     kube.apply_crds(api, REPO / "crds")
     ext = client.ApiextensionsV1Api(api)
-    want = yaml.safe_load((REPO / "crds" / f"{CRD_NAME}.yaml").read_text())["metadata"]
-    live = ext.read_custom_resource_definition(CRD_NAME).metadata
-    extra: dict[str, dict[str, None]] = {
-        field: {k: None for k in (getattr(live, field) or {}) if k not in (want.get(field) or {})}
-        for field in ("labels", "annotations")
-    }
-    ext.patch_custom_resource_definition(CRD_NAME, {"metadata": extra})
+    ours = yaml.safe_load((REPO / "crds" / f"{CRD_NAME}.yaml").read_text())["metadata"]
+    for name in CHART_CRDS:
+        want = ours if name == CRD_NAME else {}
+        try:
+            live = ext.read_custom_resource_definition(name).metadata
+        except ApiException as err:
+            if err.status == 404:
+                continue
+            raise
+        extra: dict[str, dict[str, None]] = {
+            field: {
+                k: None for k in (getattr(live, field) or {}) if k not in (want.get(field) or {})
+            }
+            for field in ("labels", "annotations")
+        }
+        ext.patch_custom_resource_definition(name, {"metadata": extra})
 
 
 def service_account_kubeconfig(
@@ -164,7 +184,7 @@ class OutOfClusterOperator:
         env = {
             k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "KUBECONFIG"))
         }
-        env.update(KUBECONFIG=str(kubeconfig), PYTHONUNBUFFERED="1", POD_ID="e2e-helm-rbac")
+        env.update(KUBECONFIG=str(kubeconfig), PYTHONUNBUFFERED="1", POD_ID=OPERATOR_IDENTITY)
         self.log_path = log_path
         self.log = log_path.open("ab")
         self.process = subprocess.Popen(
@@ -234,6 +254,58 @@ def ready(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any] | 
     return None
 
 
+def reconcile_sample_as(
+    api: client.ApiClient,
+    cluster: Cluster,
+    namespace: str,
+    service_account: str,
+    args: list[str],
+    workload_namespace: str,
+    tmp_path: Path,
+    while_running: Callable[[], None] | None = None,
+) -> OutOfClusterOperator:
+    """Run the operator with ``args`` as ``namespace/service_account``, create the sample in
+    ``workload_namespace`` and wait until it is Ready with its children, then call
+    ``while_running``. Fails on any call the RBAC denied. Returns the stopped operator."""
+    kubeconfig = service_account_kubeconfig(
+        api, cluster, namespace, service_account, tmp_path / "sa.kubeconfig"
+    )
+    operator = OutOfClusterOperator(args, kubeconfig, tmp_path / "operator.log")
+    try:
+        liveness = int(next(a for a in args if a.startswith("--liveness-port=")).split("=")[1])
+        kube.wait_until("the operator's /healthz", lambda: operator.healthy(liveness), timeout=60)
+        sample = yaml.safe_load(SAMPLE.read_text())
+        client.CustomObjectsApi(api).create_namespaced_custom_object(
+            GROUP, VERSION, workload_namespace, PLURAL, sample
+        )
+        name = sample["metadata"]["name"]
+
+        def reconciled() -> dict[str, Any] | None:
+            operator.alive()
+            return ready(api, workload_namespace, name)
+
+        body = kube.wait_until(f"{name} to be Ready", reconciled, timeout=180)
+        children = (
+            client.AppsV1Api(api)
+            .list_namespaced_deployment(
+                workload_namespace, label_selector=f"llmoperator.io/deployment={name}"
+            )
+            .items
+        )
+        assert children and all(
+            d.metadata.owner_references[0].uid == body["metadata"]["uid"] for d in children
+        )
+        assert body["spec"] == sample["spec"], "the operator wrote into spec"
+        if while_running is not None:
+            while_running()
+    finally:
+        operator.stop()
+    denied = operator.denied()
+    assert not denied, "calls the chart's RBAC denied:\n" + "\n".join(denied[:20])
+    assert "Traceback" not in operator.text(), operator.text()[-4000:]
+    return operator
+
+
 # -- fixtures --------------------------------------------------------------------------------
 
 
@@ -258,10 +330,10 @@ def release(
     """A release name for this test; whatever happens, it is uninstalled and the session's CRD
     is given back as crds/ defines it."""
     name = f"llmop-{secrets.token_hex(3)}"
-    adopt_crd(api_client, name, namespace)
+    adopt_crds(api_client, name, namespace)
     yield name
     kube.run([helm.binary, "uninstall", name, "--namespace", namespace, "--wait"], helm.env, 120)
-    restore_crd(api_client)
+    restore_crds(api_client)
 
 
 # -- tests -----------------------------------------------------------------------------------
@@ -315,36 +387,53 @@ def test_install_runs_restricted_and_its_service_account_reconciles_a_sample_to_
     # The operator, out of the cluster, with the chart's arguments and only the SA's rights.
     args = chart_operator_args(operator_deployment)
     assert f"--namespace={workload_namespace}" in args
-    kubeconfig = service_account_kubeconfig(
-        api_client, cluster, namespace, sa, tmp_path / "sa.kubeconfig"
+    reconcile_sample_as(api_client, cluster, namespace, sa, args, workload_namespace, tmp_path)
+
+
+def test_ha_install_peers_through_its_peering_object_with_its_service_account(
+    api_client: client.ApiClient,
+    cluster: Cluster,
+    namespace: str,
+    workload_namespace: str,
+    helm: Helm,
+    release: str,
+    tmp_path: Path,
+) -> None:
+    helm(
+        "install", release, str(CHART), "--namespace", namespace, "--wait", "--timeout", "180s",
+        "--set", f"watchNamespaces={{{workload_namespace}}}", "--set", "ha.enabled=true",
+    )  # fmt: skip
+    fullname = f"{release}-llm-operator"
+    operator_deployment = client.AppsV1Api(api_client).read_namespaced_deployment(
+        fullname, namespace
     )
-    operator = OutOfClusterOperator(args, kubeconfig, tmp_path / "operator.log")
-    try:
-        liveness = int(next(a for a in args if a.startswith("--liveness-port=")).split("=")[1])
-        kube.wait_until("the operator's /healthz", lambda: operator.healthy(liveness), timeout=60)
-        sample = yaml.safe_load(SAMPLE.read_text())
-        client.CustomObjectsApi(api_client).create_namespaced_custom_object(
-            GROUP, VERSION, workload_namespace, PLURAL, sample
-        )
-        name = sample["metadata"]["name"]
+    assert operator_deployment.status.ready_replicas == 2
+    # The peering CRDs came with the release and the peering object after them (a hook).
+    peerings = client.CustomObjectsApi(api_client)
+    peering = peerings.get_namespaced_custom_object(
+        "kopf.dev", "v1", workload_namespace, "kopfpeerings", "llm-operator"
+    )
+    assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
 
-        def reconciled() -> dict[str, Any] | None:
-            operator.alive()
-            return ready(api_client, workload_namespace, name)
+    args = chart_operator_args(operator_deployment)
+    assert "--peering=llm-operator" in args
 
-        body = kube.wait_until(f"{name} to be Ready", reconciled, timeout=180)
-        children = apps.list_namespaced_deployment(
-            workload_namespace, label_selector=f"llmoperator.io/deployment={name}"
-        ).items
-        assert children and all(
-            d.metadata.owner_references[0].uid == body["metadata"]["uid"] for d in children
-        )
-        assert body["spec"] == sample["spec"], "the operator wrote into spec"
-    finally:
-        operator.stop()
-    denied = operator.denied()
-    assert not denied, "calls the chart's RBAC denied:\n" + "\n".join(denied[:20])
-    assert "Traceback" not in operator.text(), operator.text()[-4000:]
+    def keeps_alive_in_the_peering() -> None:
+        def seen() -> bool:
+            status = (
+                peerings.get_namespaced_custom_object(
+                    "kopf.dev", "v1", workload_namespace, "kopfpeerings", "llm-operator"
+                ).get("status")
+                or {}
+            )
+            return OPERATOR_IDENTITY in status
+
+        kube.wait_until("the operator's keep-alive in the KopfPeering", seen, timeout=60)
+
+    reconcile_sample_as(
+        api_client, cluster, namespace, fullname, args, workload_namespace, tmp_path,
+        while_running=keeps_alive_in_the_peering,
+    )  # fmt: skip
 
 
 def test_upgrade_updates_the_crd_and_uninstall_keeps_it(

@@ -581,3 +581,14 @@ def test_helm_is_the_pinned_version() -> None:
         [str(helm()), "version", "--short"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith(Layout.discover().versions.helm)
+
+
+def test_cluster_scoped_names_of_releases_in_similar_namespaces_do_not_collide() -> None:
+    prefix = "e2e-test-install-runs-restricted-and-its-service"  # long and shared
+    first = render(None, namespace=f"{prefix}-aaaaaa")
+    second = render(None, namespace=f"{prefix}-bbbbbb")
+
+    def names(objs: list[dict[str, Any]]) -> set[str]:
+        return {o["metadata"]["name"] for o in objs if o["kind"].startswith("Cluster")}
+
+    assert names(first) and not names(first) & names(second)

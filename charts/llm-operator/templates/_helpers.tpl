@@ -20,13 +20,17 @@ the chart name (`helm install llm-operator ...` gives "llm-operator"), else "<re
 {{- end }}
 {{- end }}
 
-{{/* Name prefix of cluster-scoped objects: unique per release namespace as well. */}}
+{{/*
+Name prefix of cluster-scoped objects (ClusterRoles and their bindings): unique per release
+namespace too, so the same release name in two namespaces does not collide. Not truncated: RBAC
+names may be up to 253 characters, and cutting them could make two releases collide.
+*/}}
 {{- define "llm-operator.clusterName" -}}
 {{- $full := include "llm-operator.fullname" . }}
 {{- if eq .Release.Namespace $full }}
 {{- $full }}
 {{- else }}
-{{- printf "%s-%s" .Release.Namespace $full | trunc 50 | trimSuffix "-" }}
+{{- printf "%s-%s" .Release.Namespace $full }}
 {{- end }}
 {{- end }}
 
