@@ -153,7 +153,7 @@ def test_failed_is_degraded() -> None:
 
 
 def test_a_canary_in_flight_is_progressing_at_its_weight() -> None:
-    canary_spec = {
+    canary_spec: dict[str, Any] = {
         "rollout": {"strategy": "Canary", "canary": {"steps": [{"weight": 10}, {"weight": 50}]}}
     }
     obj = llmd(
