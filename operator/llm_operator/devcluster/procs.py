@@ -95,6 +95,13 @@ def start(name: str, argv: list[str], run_dir: Path, log: Path, cwd: Path) -> Ru
         )
     # We never wait() on it; forget the handle so Python does not warn that it still runs.
     proc.returncode = 0
+    # Popen returns once exec has begun, but the kernel sets up the new command line a
+    # moment later; until then /proc shows our own, and the process would not look like ours.
+    deadline = time.monotonic() + 2.0
+    while cmdline(proc.pid) != argv and time.monotonic() < deadline:
+        if exited_early(proc.pid):
+            break
+        time.sleep(0.005)
     tmp = pid_file(run_dir, name).with_suffix(".tmp")
     tmp.write_text(json.dumps({"pid": proc.pid, "argv0": argv[0]}) + "\n")
     tmp.replace(pid_file(run_dir, name))
