@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import os
+import random
 import sys
 
 import kopf
@@ -97,6 +98,8 @@ def main(argv: list[str]) -> int:
                 namespaces=namespaces,
                 standalone=not args.peering,
                 peering_name=args.peering or None,
+                # Peers of equal priority all keep working; distinct ones make a real standby.
+                priority=random.SystemRandom().randint(1, 1_000_000) if args.peering else None,
                 liveness_endpoint=liveness,
             )
         )

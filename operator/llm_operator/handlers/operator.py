@@ -46,7 +46,7 @@ def register(
 
         for namespace in namespaces or [None]:  # type: ignore[list-item]
             for child in await asyncio.to_thread(
-                controller.client.list_children, namespace, MANAGED_BY_SELECTOR
+                controller.client.list_children, namespace, MANAGED_BY_SELECTOR, child_kinds
             ):
                 controller.remember_child(child)
         log.info("cache primed with %d owners' children", len(controller.children))

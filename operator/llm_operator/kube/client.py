@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+from collections.abc import Collection
 from typing import Any
 
 import kubernetes
@@ -109,9 +110,15 @@ class KubeClient:
             item.setdefault("apiVersion", kind.api_version)
         return items
 
-    def list_children(self, namespace: str | None, label_selector: str) -> list[dict[str, Any]]:
+    def list_children(
+        self, namespace: str | None, label_selector: str, kinds: Collection[str]
+    ) -> list[dict[str, Any]]:
+        """Children of the given kinds (only those the operator may read: KEDA is optional)."""
         return [
-            obj for kind in CHILD_KINDS for obj in self.list_kind(kind, namespace, label_selector)
+            obj
+            for kind in CHILD_KINDS
+            if kind.kind in kinds
+            for obj in self.list_kind(kind, namespace, label_selector)
         ]
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
