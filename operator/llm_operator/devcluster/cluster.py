@@ -244,7 +244,7 @@ def ensure_built(layout: Layout, allow_build: bool) -> bool:
         )
     if shutil.which("go") is None:
         raise ClusterError("Go is needed to build the control plane (go >= 1.26 on PATH)")
-    say(f"building the control plane into {layout.cache_dir} (cold: tens of minutes on 2 cores)")
+    say(f"building the control plane into {layout.cache_dir} (cold: about 15 minutes on 2 cores)")
     started = time.monotonic()
     result = subprocess.run(["bash", str(script)], env={**os.environ, **env_cache}, check=False)
     if result.returncode != 0:
