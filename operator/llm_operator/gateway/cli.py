@@ -19,7 +19,7 @@ from pathlib import Path
 from llm_operator.api.gateway_config import GatewayConfig
 from llm_operator.gateway.accesslog import AccessLog
 from llm_operator.gateway.discovery import Cluster, EndpointSliceWatcher
-from llm_operator.gateway.loader import ConfigError, load, read_api_key, watch
+from llm_operator.gateway.loader import ConfigError, fingerprint, load, read_api_key, watch
 from llm_operator.gateway.metrics import Metrics
 from llm_operator.gateway.routing import BackendRegistry, RoutingTable, build_table, services_in
 from llm_operator.gateway.server import Gateway
@@ -134,6 +134,7 @@ class App:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    seen = fingerprint(args.config, None)
     try:
         config = load(args.config)
     except ConfigError as e:
@@ -149,13 +150,22 @@ async def serve(args: argparse.Namespace) -> int:
     servers = [server]
     ports = {"port": server.sockets[0].getsockname()[1]}
     if args.metrics_port is not None:
-        metrics_gw = Gateway(loop, gw.table, app.metrics, AccessLog(None), serve_metrics=True)
+        metrics_gw = Gateway(
+            loop, gw.table, app.metrics, AccessLog(None), serve_metrics=True, metrics_only=True
+        )
         ms = await loop.create_server(metrics_gw.protocol, args.host, args.metrics_port)
         servers.append(ms)
         ports["metricsPort"] = ms.sockets[0].getsockname()[1]
     app.access_log.start(loop)
     watcher = loop.create_task(
-        watch(args.config, config, app.apply, app.on_error), name="routing-table-watch"
+        watch(
+            args.config,
+            config,
+            app.apply,
+            app.on_error,
+            seen=seen + fingerprint(args.config, config)[1:],
+        ),
+        name="routing-table-watch",
     )
     log.info(
         "gateway listening on %s:%d with %d models", args.host, ports["port"], len(gw.table.models)

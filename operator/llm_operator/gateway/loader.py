@@ -93,9 +93,15 @@ async def watch(
     apply: Callable[[GatewayConfig], None],
     on_error: Callable[[str], None],
     interval: float = POLL_INTERVAL_S,
+    seen: Fingerprint | None = None,
 ) -> None:
-    """Poll the table (and its key files) and call `apply` with each new valid table."""
-    seen = fingerprint(path, current)
+    """Poll the table (and its key files) and call `apply` with each new valid table.
+
+    `seen` is the fingerprint taken *before* `current` was read, so a change made between
+    that read and the first poll is not missed.
+    """
+    if seen is None:
+        seen = fingerprint(path, current)
     config = current
     while True:
         await asyncio.sleep(interval)

@@ -320,12 +320,15 @@ class Gateway:
         metrics: Metrics,
         access_log: AccessLog,
         serve_metrics: bool = True,
+        metrics_only: bool = False,
     ) -> None:
         self.loop = loop
         self.table = table
         self.metrics = metrics
         self.access_log = access_log
         self.serve_metrics = serve_metrics
+        self.metrics_only = metrics_only
+        """A listener for --metrics-port: /metrics and health only, no API."""
         self.pools: dict[str, Pool] = {}
         self.backends: dict[str, Backend] = {}
         self.connections: set[ClientConnection] = set()
@@ -357,7 +360,15 @@ class Gateway:
         keep_alive = req.keep_alive
         try:
             path = req.path
-            if req.method == b"POST" and path.startswith(b"/v1/"):
+            if self.metrics_only and (req.method != b"GET" or path.startswith(b"/v1/")):
+                conn.write(
+                    http_response(
+                        404,
+                        error_body("not found", "invalid_request_error", 404),
+                        keep_alive=keep_alive,
+                    )
+                )
+            elif req.method == b"POST" and path.startswith(b"/v1/"):
                 keep_alive = await self.proxy(conn, req)
             elif req.method == b"GET":
                 keep_alive = self.get(conn, req)
