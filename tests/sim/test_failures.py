@@ -177,7 +177,7 @@ def test_startup_delay_answers_503_until_loaded() -> None:
         assert err.value.status_code == 503
         t0 = time.monotonic()
         sim.wait_healthy(timeout=5)
-        assert time.monotonic() - t0 < 1.5
+        assert time.monotonic() - t0 < 2.5  # ready on its own, about when configured
         assert client.completions.create(model="m", prompt="x", max_tokens=1).choices
     finally:
         sim.stop()

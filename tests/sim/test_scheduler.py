@@ -106,11 +106,12 @@ async def test_ttft_follows_prompt_length_and_itl_the_model() -> None:
     engine.submit(Sequence(1000, 6, False, long_))
     await asyncio.wait_for(asyncio.gather(short.done, long_.done), 5)
     model = engine.model
-    # Loop timers have ~1 ms resolution; allow a few ms.
-    assert short.times[0] - t0 == pytest.approx(model.mean_ttft(10, 1), abs=0.004)
-    assert long_.times[0] - t0 == pytest.approx(model.mean_ttft(1000, 2), abs=0.004)
+    # Loop timers have ~1 ms resolution, and a busy CI machine adds lateness: the
+    # margins are a tenth of the 100 ms the prompt length adds.
+    assert short.times[0] - t0 == pytest.approx(model.mean_ttft(10, 1), abs=0.01)
+    assert long_.times[0] - t0 == pytest.approx(model.mean_ttft(1000, 2), abs=0.01)
     gaps = [b - a for a, b in zip(long_.times, long_.times[1:], strict=False)]
-    assert sum(gaps) / len(gaps) == pytest.approx(model.mean_itl(2), abs=0.002)
+    assert sum(gaps) / len(gaps) == pytest.approx(model.mean_itl(2), abs=0.003)
 
 
 def test_load_factor_grows_linearly_to_one_plus_slowdown() -> None:
