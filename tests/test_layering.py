@@ -34,9 +34,9 @@ def violations(path: Path) -> list[str]:
         if top == "llm_operator":
             if not any(module == own or module.startswith(own + ".") for own in ALLOWED_OWN):
                 bad.append(module)
-        elif top in FORBIDDEN_STDLIB:
-            bad.append(module)
-        elif top not in sys.stdlib_module_names and top not in ALLOWED_THIRD_PARTY:
+        elif top in FORBIDDEN_STDLIB or (
+            top not in sys.stdlib_module_names and top not in ALLOWED_THIRD_PARTY
+        ):
             bad.append(module)
     return bad
 

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from llm_operator.api import LLMDeployment
 from llm_operator.handlers import metrics
+from llm_operator.handlers.routes import RoutesWriter
 from llm_operator.kube.client import RETRYABLE_STATUSES, KubeClient
 from llm_operator.planner import plan
 from llm_operator.reconcile import (
@@ -66,6 +67,7 @@ class Controller:
     locks: dict[OwnerKey, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     failures: dict[OwnerKey, int] = field(default_factory=lambda: defaultdict(int))
     retries: dict[OwnerKey, asyncio.TimerHandle] = field(default_factory=dict)
+    routes: RoutesWriter | None = None
 
     # -- the cache, fed by watches -------------------------------------------------------
 
@@ -98,7 +100,12 @@ class Controller:
             if handle:
                 handle.cancel()
         else:
+            previous = self.bodies.get(owner_key)
             self.bodies[owner_key] = body
+            if previous is not None and previous.get("spec") == body.get("spec"):
+                return owner_key  # a status change: the routes stay as they are
+        if self.routes is not None:
+            self.routes.schedule(self.bodies)
         return owner_key
 
     # -- reconcile -----------------------------------------------------------------------

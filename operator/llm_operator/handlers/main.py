@@ -18,6 +18,7 @@ from prometheus_client import start_http_server
 
 from llm_operator.handlers.controller import Controller
 from llm_operator.handlers.operator import register
+from llm_operator.handlers.routes import RoutesWriter
 from llm_operator.kube.client import KubeClient
 from llm_operator.kube.resources import CHILD_KINDS
 from llm_operator.render import RenderConfig
@@ -68,6 +69,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="also watch KEDA ScaledObjects (KEDA's CRDs must be installed)",
     )
     parser.add_argument("--cluster-domain", default=env("LLMOP_CLUSTER_DOMAIN", "cluster.local"))
+    parser.add_argument(
+        "--gateway-namespace",
+        default=env("LLMOP_GATEWAY_NAMESPACE", ""),
+        help="write the gateway's routing table into a ConfigMap in this namespace "
+        "(off when empty; the Helm chart sets it)",
+    )
+    parser.add_argument(
+        "--routes-configmap",
+        default=env("LLMOP_ROUTES_CONFIGMAP", "llm-operator-routes"),
+        help="name of the routing-table ConfigMap",
+    )
     return parser.parse_args(argv)
 
 
@@ -84,7 +96,12 @@ def main(argv: list[str]) -> int:
         start_http_server(args.metrics_port)
     client = KubeClient()
     config = RenderConfig(cluster_domain=args.cluster_domain, keda_enabled=args.keda)
-    controller = Controller(client=client, config=config)
+    routes = (
+        RoutesWriter(client, args.gateway_namespace, args.routes_configmap)
+        if args.gateway_namespace
+        else None
+    )
+    controller = Controller(client=client, config=config, routes=routes)
     registry = kopf.OperatorRegistry()
     child_kinds = [k.kind for k in CHILD_KINDS if k.kind != "ScaledObject" or args.keda]
     namespaces = [] if args.all_namespaces else list(dict.fromkeys(args.namespace))

@@ -49,6 +49,8 @@ def register(
                 controller.client.list_children, namespace, MANAGED_BY_SELECTOR, child_kinds
             ):
                 controller.remember_child(child)
+        if controller.routes is not None:
+            await asyncio.to_thread(controller.routes.prime)
         log.info("cache primed with %d owners' children", len(controller.children))
 
     @kopf.on.event(GROUP, VERSION, PLURAL, id="llmdeployment", registry=registry)

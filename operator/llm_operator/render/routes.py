@@ -1,0 +1,141 @@
+"""The gateway's routing table from every LLMDeployment (pure).
+
+One table for the whole installation: each LLMDeployment becomes a model route named by its
+served name, whose stable track is its Service (the gateway resolves it through
+EndpointSlices), with its fallback chain, triggers and timeouts. The operator writes the
+table into the ConfigMap the gateway mounts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from llm_operator.api.gateway_config import (
+    Fallback,
+    GatewayConfig,
+    ModelRoute,
+    ServiceRef,
+    Timeouts,
+    Track,
+)
+from llm_operator.api.v1alpha1 import LLMDeployment, parse_duration_seconds
+from llm_operator.render.engine import PORT_NAME
+from llm_operator.render.names import object_name
+
+ROUTES_KEY = "routes.yaml"
+# Where the gateway finds an external fallback's API key: the platform team mounts the Secret
+# there (the operator itself never reads Secrets).
+API_KEY_DIR = "/etc/llm-gateway/keys"
+
+
+def api_key_path(namespace: str, secret: str, key: str) -> str:
+    return f"{API_KEY_DIR}/{namespace}.{secret}/{key}"
+
+
+def _fallbacks(
+    llmd: LLMDeployment, served: dict[tuple[str, str], str]
+) -> tuple[list[Fallback], list[str]]:
+    namespace = llmd.metadata.namespace or "default"
+    chain: list[Fallback] = []
+    problems: list[str] = []
+    for step in llmd.spec.routing.fallbacks:
+        if step.llm_deployment is not None:
+            target = served.get((namespace, step.llm_deployment))
+            if target is None:
+                problems.append(
+                    f"{namespace}/{llmd.metadata.name}: fallback llmDeployment "
+                    f"{step.llm_deployment!r} does not exist (yet); the step is left out"
+                )
+                continue
+            chain.append(Fallback(model=target))
+        else:
+            secret = step.api_key_secret_ref
+            chain.append(
+                Fallback(
+                    url=step.url,
+                    target_model=step.model,
+                    api_key_file=None
+                    if secret is None
+                    else api_key_path(namespace, secret.name, secret.key),
+                )
+            )
+    return chain, problems
+
+
+def model_route(
+    llmd: LLMDeployment, served: dict[tuple[str, str], str]
+) -> tuple[ModelRoute, list[str]]:
+    namespace = llmd.metadata.namespace or "default"
+    routing = llmd.spec.routing
+    fallbacks, problems = _fallbacks(llmd, served)
+    route = ModelRoute(
+        name=llmd.spec.model.effective_served_name,
+        tracks=[
+            Track(
+                name="stable",
+                weight=100,
+                service=ServiceRef(namespace=namespace, name=object_name(llmd), port=PORT_NAME),
+            )
+        ],
+        fallbacks=fallbacks,
+        fallback_on=list(routing.fallback_on),
+        timeouts=Timeouts(
+            first_byte=parse_duration_seconds(routing.first_byte_timeout),
+            total=parse_duration_seconds(routing.request_timeout),
+        ),
+        max_concurrency=llmd.spec.engine.max_num_seqs,
+        saturation_queue_depth=routing.saturation_queue_depth or 0,
+    )
+    return route, problems
+
+
+def render_routes(llmds: Sequence[LLMDeployment]) -> tuple[GatewayConfig, list[str]]:
+    """The table, plus what could not go in it (said to a person, never fatal)."""
+    ordered = sorted(llmds, key=lambda d: (d.metadata.namespace or "", d.metadata.name or ""))
+    served: dict[tuple[str, str], str] = {}
+    owner_of: dict[str, str] = {}
+    problems: list[str] = []
+    kept: list[LLMDeployment] = []
+    for llmd in ordered:
+        namespace, name = llmd.metadata.namespace or "default", llmd.metadata.name or ""
+        served_name = llmd.spec.model.effective_served_name
+        if served_name in owner_of:
+            problems.append(
+                f"{namespace}/{name}: served name {served_name!r} is already routed to "
+                f"{owner_of[served_name]}; pick another model.servedName"
+            )
+            continue
+        owner_of[served_name] = f"{namespace}/{name}"
+        served[(namespace, name)] = served_name
+        kept.append(llmd)
+    routes = []
+    for llmd in kept:
+        route, route_problems = model_route(llmd, served)
+        routes.append(route)
+        problems += route_problems
+    return GatewayConfig(models=routes), problems
+
+
+def routes_yaml(table: GatewayConfig) -> str:
+    wire = table.model_dump(by_alias=True, exclude_unset=True, exclude_none=True, mode="json")
+    return str(yaml.safe_dump(wire, sort_keys=False))
+
+
+def render_routes_configmap(table: GatewayConfig, namespace: str, name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {
+                "app.kubernetes.io/name": "llm-operator",
+                "app.kubernetes.io/component": "gateway-routes",
+                "app.kubernetes.io/managed-by": "llm-operator",
+            },
+        },
+        "data": {ROUTES_KEY: routes_yaml(table)},
+    }

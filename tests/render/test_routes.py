@@ -1,0 +1,115 @@
+"""The gateway's routing table rendered from LLMDeployments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from llm_operator.api import LLMDeployment
+from llm_operator.api.gateway_config import GatewayConfig
+from llm_operator.render.routes import ROUTES_KEY, render_routes, render_routes_configmap
+
+
+def llmd(name: str, namespace: str = "ml", **spec: Any) -> LLMDeployment:
+    body = {
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"model": {"name": f"org/{name}"}, **spec},
+    }
+    return LLMDeployment.model_validate(body)
+
+
+def test_each_llmdeployment_routes_its_served_name_to_its_service() -> None:
+    table, problems = render_routes(
+        [llmd("big", model={"name": "org/big", "servedName": "big-chat"}), llmd("small")]
+    )
+    assert problems == []
+    big = table.model("big-chat")
+    assert big is not None
+    [track] = big.tracks
+    assert (track.name, track.weight) == ("stable", 100)
+    assert track.service is not None
+    assert (track.service.namespace, track.service.name, track.service.port) == (
+        "ml",
+        "big",
+        "http",
+    )
+    assert table.model("org/small") is not None
+
+
+def test_fallbacks_become_a_chain_of_models_and_external_urls() -> None:
+    primary = llmd(
+        "big",
+        routing={
+            "fallbacks": [
+                {"llmDeployment": "small"},
+                {"url": "https://api.example.com/v1", "model": "gpt-x",
+                 "apiKeySecretRef": {"name": "ext", "key": "token"}},
+            ],
+            "fallbackOn": ["429", "5xx"],
+            "requestTimeout": "2m",
+            "firstByteTimeout": "15s",
+        },
+        engine={"maxNumSeqs": 64},
+    )  # fmt: skip
+    table, problems = render_routes([primary, llmd("small")])
+    assert problems == []
+    route = table.model("org/big")
+    assert route is not None
+    assert [f.model for f in route.fallbacks] == ["org/small", None]
+    external = route.fallbacks[1]
+    assert (external.url, external.target_model) == ("https://api.example.com/v1", "gpt-x")
+    assert external.api_key_file == "/etc/llm-gateway/keys/ml.ext/token"
+    assert route.fallback_on == ["429", "5xx"]
+    assert (route.timeouts.first_byte, route.timeouts.total) == (15, 120)
+    assert route.max_concurrency == 64
+
+
+def test_a_missing_fallback_target_is_left_out_and_said() -> None:
+    table, problems = render_routes(
+        [llmd("big", routing={"fallbacks": [{"llmDeployment": "gone"}]})]
+    )
+    route = table.model("org/big")
+    assert route is not None and route.fallbacks == []
+    assert problems == [
+        "ml/big: fallback llmDeployment 'gone' does not exist (yet); the step is left out"
+    ]
+
+
+def test_a_served_name_taken_twice_keeps_the_first_and_says_so() -> None:
+    same = {"name": "org/x", "servedName": "chat"}
+    table, problems = render_routes([llmd("b", model=same), llmd("a", model=same)])
+    assert [m.name for m in table.models] == ["chat"]
+    [track] = table.models[0].tracks
+    assert track.service is not None and track.service.name == "a"
+    assert problems == [
+        "ml/b: served name 'chat' is already routed to ml/a; pick another model.servedName"
+    ]
+
+
+def test_fallbacks_do_not_cross_namespaces() -> None:
+    table, problems = render_routes(
+        [
+            llmd("big", routing={"fallbacks": [{"llmDeployment": "small"}]}),
+            llmd("small", namespace="other"),
+        ]
+    )
+    assert problems and "does not exist" in problems[0]
+    big = table.model("org/big")
+    assert big is not None and big.fallbacks == []
+
+
+def test_the_configmap_holds_a_table_the_gateway_accepts() -> None:
+    table, _ = render_routes(
+        [llmd("big", routing={"fallbacks": [{"llmDeployment": "small"}]}), llmd("small")]
+    )
+    configmap = render_routes_configmap(table, "llm-operator", "llm-operator-routes")
+    assert configmap["metadata"]["namespace"] == "llm-operator"
+    parsed = GatewayConfig.model_validate(yaml.safe_load(configmap["data"][ROUTES_KEY]))
+    assert parsed == table
+    assert "null" not in configmap["data"][ROUTES_KEY]
+
+
+def test_the_table_is_deterministic_whatever_the_order() -> None:
+    a, b = llmd("a"), llmd("b")
+    assert render_routes([a, b]) == render_routes([b, a])
