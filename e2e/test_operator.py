@@ -51,7 +51,9 @@ def free_port() -> int:
 class OperatorProcess:
     """`llm-operator run` in a subprocess, with its metrics endpoint for counting writes."""
 
-    def __init__(self, cluster: Cluster, namespace: str, log_path: Path) -> None:
+    def __init__(
+        self, cluster: Cluster, namespace: str, log_path: Path, extra: tuple[str, ...] = ()
+    ) -> None:
         self.metrics_port = free_port()
         self.log_path = log_path
         self.log = log_path.open("ab")
@@ -59,6 +61,7 @@ class OperatorProcess:
             [
                 sys.executable, "-m", "llm_operator.cli", "run", "--namespace", namespace,
                 "--liveness-port", "0", "--metrics-port", str(self.metrics_port),
+                *extra,
             ],
             env={**cluster.env(), "PYTHONUNBUFFERED": "1"},
             stdout=self.log,
@@ -348,3 +351,53 @@ def test_samples_reach_ready(
     for name in ("llama-3-8b", "llama-3-70b"):
         wait_ready(api_client, namespace, name)
     assert get(api_client, namespace, "llama-3-70b")["status"]["plan"]["tensorParallelSize"] == 2
+
+
+def test_the_gateway_routing_table_follows_the_llmdeployments(
+    api_client: client.ApiClient, namespace: str, cluster: Cluster, tmp_path: Path
+) -> None:
+    from llm_operator.api.gateway_config import GatewayConfig
+
+    operator = OperatorProcess(
+        cluster, namespace, tmp_path / "operator.log", ("--gateway-namespace", namespace)
+    )
+    core = client.CoreV1Api(api_client)
+
+    def table() -> GatewayConfig | None:
+        try:
+            data = core.read_namespaced_config_map("llm-operator-routes", namespace).data
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return GatewayConfig.model_validate(yaml.safe_load(data["routes.yaml"]))
+
+    try:
+        small = copy.deepcopy(SPEC)
+        small["metadata"]["name"] = "small"
+        small["spec"]["model"]["servedName"] = "small-chat"
+        big = copy.deepcopy(SPEC)
+        big["spec"]["routing"] = {"fallbacks": [{"llmDeployment": "small"}]}
+        create(api_client, namespace, small)
+        create(api_client, namespace, big)
+        routes = kube.wait_until(
+            "both models in the routing table",
+            lambda: (t := table()) is not None and len(t.models) == 2 and t,
+            timeout=30,
+        )
+        qwen = routes.model("qwen-7b")
+        assert qwen is not None and [f.model for f in qwen.fallbacks] == ["small-chat"]
+        assert qwen.tracks[0].service is not None
+        assert qwen.tracks[0].service.name == "qwen"
+        custom(api_client).delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, "small"
+        )
+        routes = kube.wait_until(
+            "the deleted model to leave the table",
+            lambda: (t := table()) is not None and len(t.models) == 1 and t,
+            timeout=30,
+        )
+        qwen = routes.model("qwen-7b")
+        assert qwen is not None and qwen.fallbacks == []
+    finally:
+        operator.stop()
