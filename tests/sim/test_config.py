@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+import yaml
+
+from llm_operator.api import LLMDeployment
+from llm_operator.render import render_all
 from llm_operator.sim.config import ConfigError, env_var, parse_args
 
 RENDERED = [
@@ -103,3 +108,19 @@ def test_kv_capacity_holds_at_least_one_full_request() -> None:
     assert cfg.kv_capacity == 100000
     cfg = parse_args(["m", "--sim-kv-cache-tokens", "777"], {})
     assert cfg.kv_capacity == 777
+
+
+SAMPLES = sorted((Path(__file__).resolve().parents[2] / "manifests" / "samples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.stem)
+def test_the_args_the_renderer_writes_for_each_sample_are_accepted(sample: Path) -> None:
+    llmd = LLMDeployment.model_validate(yaml.safe_load(sample.read_text()))
+    [deployment] = [o for o in render_all(llmd) if o["kind"] == "Deployment"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    cfg = parse_args(container["args"], {})
+    assert cfg.model == llmd.spec.model.name
+    assert cfg.served_names == [llmd.spec.model.effective_served_name]
+    assert cfg.port == container["ports"][0]["containerPort"]
+    assert cfg.max_model_len == llmd.spec.engine.max_model_len
+    assert cfg.unknown == []
