@@ -27,6 +27,8 @@ class FakeBackend:
     name: str = "fake"
     mode: str = "ok"  # ok | 500 | 429 | hang | disconnect-after:N
     chunks: int = 5
+    delay: float = 0.001
+    """Seconds between streamed chunks (and before the first one)."""
     seen: list[Seen] = field(default_factory=list)
     port: int = 0
     _runner: web.AppRunner | None = None
@@ -99,8 +101,8 @@ class FakeBackend:
                 "model": model,
                 "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}],
             }
+            await asyncio.sleep(self.delay)
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-            await asyncio.sleep(0.001)
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

@@ -264,6 +264,29 @@ async def test_streaming_exact_bytes_from_a_deterministic_backend(gateway: Gatew
         await fake.stop()
 
 
+async def test_first_chunk_is_not_delayed_on_reused_connections(gateway: GatewayProc) -> None:
+    """sglang-router's bug: without TCP_NODELAY a small SSE chunk on a reused connection
+    waits for the peer's delayed ACK (~40 ms). Chunks sent 30 ms apart must arrive so."""
+    fake = await FakeBackend("slow", chunks=4, delay=0.03).start()
+    try:
+        gateway.start({"models": [model("m", [("stable", 100, [fake.address])])]})
+        body = {"model": "m", "messages": MSG, "stream": True}
+        gaps: list[float] = []
+        async with httpx.AsyncClient(timeout=10) as h:
+            for _ in range(5):  # one client connection, one upstream connection, reused
+                t0 = time.monotonic()
+                async with h.stream("POST", gateway.url + "/v1/chat/completions", json=body) as r:
+                    async for _chunk in r.aiter_raw():
+                        now = time.monotonic()
+                        gaps.append(now - t0)
+                        t0 = now
+        # Every chunk follows the previous one by the backend's 30 ms, not 30 + 40.
+        late = [g for g in gaps if g > 0.03 + 0.025]
+        assert len(late) <= 1, [round(g * 1000, 1) for g in gaps]
+    finally:
+        await fake.stop()
+
+
 async def test_backend_dying_mid_stream_ends_with_an_error_event_not_a_second_answer(
     gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess]
 ) -> None:

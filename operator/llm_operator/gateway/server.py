@@ -874,16 +874,19 @@ class Gateway:
             transport = conn.transport
             assert transport is not None
 
+            pending: list[bytes] = []
+
             def sink(data: bytes | None, err: UpstreamError | None) -> None:
                 if conn.closed:
                     return
                 if data is not None:
                     state.nbytes += len(data)
-                    transport.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+                    pending.append(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
                 elif err is None:
                     if chunked:
-                        transport.write(b"0\r\n\r\n")
+                        pending.append(b"0\r\n\r\n")
                 else:
+                    flush()
                     state.error = err
                     if sse and chunked:
                         event = (
@@ -895,6 +898,11 @@ class Gateway:
                         )
                         transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event))
 
+            def flush() -> None:
+                if pending and not conn.closed:
+                    transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+                pending.clear()
+
             for piece in ex.buffered:
                 state.nbytes += len(piece)
                 parts.append(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
@@ -903,6 +911,7 @@ class Gateway:
             done: asyncio.Future[None] = self.loop.create_future()
             ex.done = done
             ex.sink = sink
+            ex.on_read_done = flush
             if conn.paused:
                 upc.pause_reading()
             timer = self.loop.call_at(

@@ -40,6 +40,7 @@ class Exchange:
         "head",
         "headers",
         "keep_alive",
+        "on_read_done",
         "received_any",
         "sink",
         "status",
@@ -57,6 +58,9 @@ class Exchange:
         self.error: UpstreamError | None = None
         self.received_any = False
         self.conn: UpstreamConnection | None = None
+        self.on_read_done: Callable[[], None] | None = None
+        """Called after each read is parsed: the sink batches the chunks of one read into
+        one write (one syscall, and fewer wake-ups for the client)."""
 
     # Called by the connection.
     def on_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -138,6 +142,8 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as e:
             self.abort()
             ex.on_error(UpstreamError("5xx", f"bad response from backend: {e}"))
+        if ex.on_read_done is not None:
+            ex.on_read_done()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
