@@ -93,12 +93,7 @@ class OperatorProcess:
         )
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        kube.stop_process(self.process)
         self.log.close()
 
 

@@ -202,3 +202,14 @@ def run(
     return subprocess.run(
         args, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def stop_process(process: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+    """SIGTERM (kopf and the servers shut down cleanly on it), then SIGKILL after `grace`."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)

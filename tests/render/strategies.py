@@ -7,11 +7,24 @@ the models still refuse (a cross-field rule) are filtered out by the tests with 
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 from hypothesis import strategies as st
 
+from llm_operator.api.v1alpha1 import EngineSpec
 from llm_operator.planner import CATALOG
+
+
+def choices(model: type[Any], field: str) -> st.SearchStrategy[Any]:
+    """Every value a Literal field of the API accepts, read from the model itself."""
+    annotation = model.model_fields[field].annotation
+    literals = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if literals and not isinstance(literals[0], str):  # Optional[Literal[...]]
+        literals = list(typing.get_args(literals[0]))
+    assert literals, f"{model.__name__}.{field} is not a Literal"
+    return st.sampled_from(literals)
+
 
 _ALNUM = "abcdefghijklmnopqrstuvwxyz0123456789"
 
@@ -88,21 +101,10 @@ engines = st.fixed_dictionaries(
         "image": st.sampled_from(
             ["vllm/vllm-openai:v0.11.0", "registry.example/vllm@sha256:" + "a" * 64]
         ),
-        "imagePullPolicy": st.sampled_from(["Always", "IfNotPresent", "Never"]),
-        "dtype": st.sampled_from(["auto", "bfloat16", "float16", "float32"]),
-        "quantization": st.sampled_from(
-            [
-                "none",
-                "fp8",
-                "awq",
-                "awq_marlin",
-                "gptq",
-                "gptq_marlin",
-                "bitsandbytes",
-                "compressed-tensors",
-            ]
-        ),
-        "kvCacheDtype": st.sampled_from(["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]),
+        "imagePullPolicy": choices(EngineSpec, "image_pull_policy"),
+        "dtype": choices(EngineSpec, "dtype"),
+        "quantization": choices(EngineSpec, "quantization"),
+        "kvCacheDtype": choices(EngineSpec, "kv_cache_dtype"),
         "maxModelLen": st.integers(1, 200_000),
         "gpuMemoryUtilization": st.floats(min_value=0.05, max_value=1.0),
         "maxNumSeqs": st.integers(1, 1024),
