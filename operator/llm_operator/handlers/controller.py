@@ -101,6 +101,9 @@ class Controller:
                 handle.cancel()
         else:
             previous = self.bodies.get(owner_key)
+            # managedFields is most of an object's size and nothing here reads it.
+            metadata = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
+            body = {**body, "metadata": metadata}
             self.bodies[owner_key] = body
             if previous is not None and previous.get("spec") == body.get("spec"):
                 return owner_key  # a status change: the routes stay as they are

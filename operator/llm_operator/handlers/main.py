@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import logging
 import os
 import random
@@ -19,7 +20,7 @@ from prometheus_client import start_http_server
 from llm_operator.handlers.controller import Controller
 from llm_operator.handlers.operator import register
 from llm_operator.handlers.routes import RoutesWriter
-from llm_operator.kube.client import KubeClient
+from llm_operator.kube.client import API_CONCURRENCY, KubeClient
 from llm_operator.kube.resources import CHILD_KINDS
 from llm_operator.render import RenderConfig
 
@@ -107,19 +108,25 @@ def main(argv: list[str]) -> int:
     namespaces = [] if args.all_namespaces else list(dict.fromkeys(args.namespace))
     register(registry, controller, namespaces, child_kinds)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
-    try:
-        asyncio.run(
-            kopf.operator(
-                registry=registry,
-                clusterwide=not namespaces,
-                namespaces=namespaces,
-                standalone=not args.peering,
-                peering_name=args.peering or None,
-                # Peers of equal priority all keep working; distinct ones make a real standby.
-                priority=random.SystemRandom().randint(1, 1_000_000) if args.peering else None,
-                liveness_endpoint=liveness,
-            )
+
+    async def operate() -> None:
+        # Blocking API calls run in this pool, as many at once as the client has connections.
+        asyncio.get_running_loop().set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(API_CONCURRENCY, "llm-operator-api")
         )
+        await kopf.operator(
+            registry=registry,
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            standalone=not args.peering,
+            peering_name=args.peering or None,
+            # Peers of equal priority all keep working; distinct ones make a real standby.
+            priority=random.SystemRandom().randint(1, 1_000_000) if args.peering else None,
+            liveness_endpoint=liveness,
+        )
+
+    try:
+        asyncio.run(operate())
     except KeyboardInterrupt:
         return 0
     return 0

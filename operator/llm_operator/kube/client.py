@@ -24,13 +24,20 @@ log = logging.getLogger(__name__)
 RETRYABLE_STATUSES = {409, 429, 500, 502, 503, 504}
 
 
+# Reconciles run in threads; each needs its own keep-alive connection, or urllib3 drops and
+# reopens connections (TLS handshakes) under load.
+API_CONCURRENCY = 16
+
+
 def load_config() -> kubernetes.client.ApiClient:
     """An ApiClient from the pod's ServiceAccount, or from KUBECONFIG / ~/.kube/config."""
+    configuration = kubernetes.client.Configuration()
     try:
-        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+        kubernetes.config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
-    return kubernetes.client.ApiClient()
+        kubernetes.config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    configuration.connection_pool_maxsize = API_CONCURRENCY
+    return kubernetes.client.ApiClient(configuration)
 
 
 class KubeClient:
