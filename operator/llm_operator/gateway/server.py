@@ -912,6 +912,9 @@ class Gateway:
             ex.done = done
             ex.sink = sink
             ex.on_read_done = flush
+            if ex.error is not None:
+                # The backend failed between its head and our commit: same as mid-stream.
+                sink(None, ex.error)
             if conn.paused:
                 upc.pause_reading()
             timer = self.loop.call_at(
