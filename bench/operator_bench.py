@@ -237,6 +237,14 @@ def run_once(api: client.ApiClient, count: int, settle: float) -> dict[str, Any]
         log.close()
         with contextlib.suppress(ApiException):
             core.delete_namespace(namespace)
+        # The next run must not share the API server with this namespace's garbage collection.
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                core.read_namespace(namespace)
+            except ApiException:
+                break
+            time.sleep(1)
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
