@@ -505,3 +505,25 @@ async def test_edge_errors(gateway: GatewayProc, sims: tuple[list[SimProcess], S
     with pytest.raises(openai.RateLimitError) as rl:
         await ok.chat.completions.create(model="llama", messages=MSG, max_tokens=2)
     assert int(rl.value.response.headers["retry-after"]) >= 1
+
+
+async def test_completions_endpoint_and_model_listing(
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess]
+) -> None:
+    llama, small = sims
+    gateway.start(
+        {
+            "models": [
+                model("llama", [("stable", 100, [addr(llama[0])])]),
+                model("small", [("stable", 100, [addr(small)])]),
+            ]
+        }
+    )
+    c = client(gateway)
+    r = await c.completions.create(model="small", prompt="Once upon a time", max_tokens=4)
+    assert r.model == "small" and r.choices[0].text
+    stream = await c.completions.create(model="llama", prompt="Hi", max_tokens=4, stream=True)
+    assert "".join([ch.choices[0].text async for ch in stream if ch.choices])
+    assert sorted(m.id for m in (await c.models.list()).data) == ["llama", "small"]
+    assert (await c.models.retrieve("llama")).id == "llama"
+    assert gateway.get("/health")[:2] == (200, b"ok")

@@ -396,9 +396,9 @@ class Gateway:
     def get(self, conn: ClientConnection, req: Request) -> bool:
         path = req.path.split(b"?", 1)[0]
         ka = req.keep_alive
+        if path.startswith(b"/v1/") and self._edge_auth(conn, req) is None:
+            return ka  # answered 401/429 ("" means no keys are configured)
         if path == b"/v1/models":
-            if not self._edge_auth(conn, req):
-                return ka
             conn.write(http_response(200, self.table.models_body, keep_alive=ka))
         elif path.startswith(b"/v1/models/"):
             name = path[len(b"/v1/models/") :].decode(errors="replace")
