@@ -163,6 +163,28 @@ def test_table_reload_keeps_backend_state_and_split_phase() -> None:
     assert t2.generation == t1.generation + 1
 
 
+def test_backends_no_table_refers_to_are_forgotten_when_idle() -> None:
+    reg = BackendRegistry()
+    cfg1 = GatewayConfig.model_validate({"models": [_model({"stable": 1}, per_track=2)]})
+    t1 = build_table(cfg1, reg, lambda f: None)
+    a, b = t1.models["m"].tracks[0].backends
+    cfg2 = GatewayConfig.model_validate(
+        {
+            "models": [
+                {"name": "m", "tracks": [{"name": "stable", "weight": 1, "addresses": [a.key]}]}
+            ]
+        }
+    )
+    t2 = build_table(cfg2, reg, lambda f: None, previous=t1)
+    assert t2.backend_keys() == {a.key}
+    b.outstanding = 1  # still busy: kept until its requests finish
+    reg.prune(t2.backend_keys())
+    assert set(reg.backends) == {a.key, b.key}
+    b.outstanding = 0
+    reg.prune(t2.backend_keys())
+    assert set(reg.backends) == {a.key} and reg.backends[a.key] is a
+
+
 def test_client_key_rate_limit() -> None:
     key = "sk-test"
     digest = hashlib.sha256(key.encode()).hexdigest()

@@ -122,6 +122,7 @@ class App:
             return
         self.config = config
         self.gateway.set_table(table)
+        self.registry.prune(table.backend_keys())
         self.metrics.reloads["success"] += 1
         log.info(
             "routing table loaded: generation %d, %d models", table.generation, len(table.models)
@@ -131,7 +132,9 @@ class App:
         self.metrics.reloads["error"] += 1
 
     def on_endpoints(self) -> None:
-        self.gateway.set_table(self.build(self.config, self.gateway.table))
+        table = self.build(self.config, self.gateway.table)
+        self.gateway.set_table(table)
+        self.registry.prune(table.backend_keys())
 
 
 async def serve(args: argparse.Namespace) -> int:

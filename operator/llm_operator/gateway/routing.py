@@ -125,6 +125,11 @@ class BackendRegistry:
     def __init__(self) -> None:
         self.backends: dict[str, Backend] = {}
 
+    def prune(self, keep: set[str]) -> None:
+        """Forget idle backends no table refers to (pod IPs churn; state must not pile up)."""
+        for key in [k for k, b in self.backends.items() if k not in keep and b.outstanding == 0]:
+            del self.backends[key]
+
     def get(self, key: str, host: str, port: int, tls: bool = False) -> Backend:
         backend = self.backends.get(key)
         if backend is None:
@@ -335,6 +340,13 @@ class RoutingTable:
     models_body: bytes
     """The /v1/models answer, rendered once."""
     generation: int = 0
+
+    def backend_keys(self) -> set[str]:
+        """Every backend this table can send to, fallbacks included."""
+        keys = {b.key for m in self.models.values() for t in m.tracks for b in t.backends}
+        for m in self.models.values():
+            keys.update(s.external.backend.key for s in m.fallbacks if s.external is not None)
+        return keys
 
 
 KeyReader = Callable[[Fallback], str | None]

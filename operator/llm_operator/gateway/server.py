@@ -344,12 +344,22 @@ class Gateway:
         """Swap the routing table; in-flight requests keep the objects they hold."""
         self.table = table
         self.metrics.generation = table.generation
+        keep = table.backend_keys()
+        for key in [k for k in self.pools if k not in keep]:
+            pool = self.pools[key]
+            if pool.backend.outstanding == 0:
+                pool.close()
+                del self.pools[key]
+                self.backends.pop(key, None)
 
     def pool(self, backend: Backend) -> Pool:
         pool = self.pools.get(backend.key)
         if pool is None:
             pool = self.pools[backend.key] = Pool(backend, self.loop)
             self.backends[backend.key] = backend
+        elif pool.backend is not backend:
+            # The registry forgot and re-created this address: follow the new state object.
+            pool.backend = self.backends[backend.key] = backend
         return pool
 
     def protocol(self) -> ClientConnection:

@@ -196,6 +196,7 @@ class Pool:
         self.backend = backend
         self.loop = loop
         self.idle: list[UpstreamConnection] = []
+        self.closed = False
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if backend.tls else None
 
     def take_idle(self) -> UpstreamConnection | None:
@@ -226,7 +227,7 @@ class Pool:
     def release(self, conn: UpstreamConnection) -> None:
         if conn.closed or conn.exchange is not None:
             return
-        if len(self.idle) >= self.MAX_IDLE:
+        if self.closed or len(self.idle) >= self.MAX_IDLE:
             conn.abort()
             return
         self.idle.append(conn)
@@ -236,6 +237,8 @@ class Pool:
             self.idle.remove(conn)
 
     def close(self) -> None:
+        """The backend left the table: drop idle connections; busy ones close on release."""
+        self.closed = True
         for conn in self.idle:
             conn.abort()
         self.idle.clear()
