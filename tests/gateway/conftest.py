@@ -72,8 +72,12 @@ class GatewayProc:
         if not self.config_path.is_symlink():
             os.symlink("..data/routes.yaml", self.config_path)
 
-    def start(self, table: dict[str, Any], *extra: str, env: dict[str, str] | None = None) -> None:
-        self.write(table)
+    def start(
+        self, table: dict[str, Any] | None, *extra: str, env: dict[str, str] | None = None
+    ) -> None:
+        """Start on `table`, or with no table file yet (as before the operator writes one)."""
+        if table is not None:
+            self.write(table)
         port_file = self.root / "port.json"
         cmd = [
             sys.executable,

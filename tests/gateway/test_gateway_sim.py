@@ -527,3 +527,19 @@ async def test_completions_endpoint_and_model_listing(
     assert sorted(m.id for m in (await c.models.list()).data) == ["llama", "small"]
     assert (await c.models.retrieve("llama")).id == "llama"
     assert gateway.get("/health")[:2] == (200, b"ok")
+
+
+async def test_starts_without_a_table_and_serves_it_once_the_operator_writes_it(
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess]
+) -> None:
+    _, small = sims
+    gateway.start(None)
+    status, body, _ = gateway.get("/v1/models")
+    assert status == 200 and json.loads(body)["data"] == []
+    with pytest.raises(openai.NotFoundError):
+        await client(gateway).chat.completions.create(model="small", messages=MSG, max_tokens=4)
+    gateway.update({"models": [model("small", [("stable", 100, [addr(small)])])]})
+    answer = await client(gateway).chat.completions.create(
+        model="small", messages=MSG, max_tokens=4
+    )
+    assert answer.choices[0].message.content

@@ -139,11 +139,17 @@ class App:
 
 async def serve(args: argparse.Namespace) -> int:
     seen = fingerprint(args.config, None)
-    try:
-        config = load(args.config)
-    except ConfigError as e:
-        log.error("%s", e)
-        return 2
+    if not os.path.exists(args.config):
+        # The operator writes the table once it has models; until then every model is unknown
+        # (404), and the watcher loads the file as soon as it appears.
+        log.warning("routing table %s does not exist yet; serving no models", args.config)
+        config = GatewayConfig()
+    else:
+        try:
+            config = load(args.config)
+        except ConfigError as e:
+            log.error("%s", e)
+            return 2
     app = App(args, config)
     gw = app.gateway
     app.metrics.reloads["success"] += 1
