@@ -52,6 +52,8 @@ def drifted(desired: Any, live: Any) -> list[str]:
     """Paths where `live` does not carry what `desired` says. Fields only in `live`
     (defaults, status, other managers' fields) are not drift."""
     if isinstance(desired, Mapping):
+        if live is None and not desired:
+            return []  # an empty object the API server did not keep
         if not isinstance(live, Mapping):
             return [""]
         return [
@@ -60,6 +62,8 @@ def drifted(desired: Any, live: Any) -> list[str]:
             for sub in drifted(value, live.get(key))
         ]
     if isinstance(desired, list):
+        if live is None and not desired:
+            return []  # an empty list the API server did not keep
         if not isinstance(live, list) or len(live) != len(desired):
             return [""]
         return [
@@ -69,6 +73,8 @@ def drifted(desired: Any, live: Any) -> list[str]:
         ]
     if desired is None:
         return []
+    if live is None and (desired == "" or desired is False):
+        return []  # the API server omits empty strings and false booleans it stores
     return [] if _same_scalar(desired, live) else [""]
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import itertools
 from typing import Any
 
 import pytest
 
-from llm_operator.handlers.controller import Controller
+from llm_operator.handlers.controller import HANDOVER_MANAGER, Controller
+from llm_operator.reconcile import FIELD_MANAGER
 from llm_operator.render import RenderConfig
 
 
@@ -20,11 +22,19 @@ class FakeKube:
         self.statuses: list[dict[str, Any]] = []
         self.events: list[tuple[str, str, str]] = []
         self.writes: list[tuple[str, str, str]] = []
+        self.handovers: list[tuple[str, dict[str, Any]]] = []
         self.versions = itertools.count(100)
 
-    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, obj: dict[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
+        if field_manager != FIELD_MANAGER:
+            self.handovers.append((field_manager, copy.deepcopy(obj)))
+            return obj
         self.writes.append(("apply", obj["kind"], obj["metadata"]["name"]))
         stored = copy.deepcopy(obj)
+        spec_fields = {f"f:{k}": {} for k in obj.get("spec", {})}
+        stored["metadata"]["managedFields"] = [
+            {"manager": field_manager, "operation": "Apply", "fieldsV1": {"f:spec": spec_fields}}
+        ]
         stored["metadata"]["resourceVersion"] = str(next(self.versions))
         stored["metadata"].setdefault("uid", f"uid-{obj['kind']}")
         self.objects[(obj["kind"], obj["metadata"]["name"])] = stored
@@ -69,12 +79,26 @@ def controller(fake: FakeKube) -> Controller:
 
 
 def run(controller: Controller, fake: FakeKube, llmd: dict[str, Any]) -> dict[str, Any]:
-    """One reconcile, then hand the written status back as the watch would."""
-    controller.reconcile_sync(llmd)
-    if fake.statuses:
-        merged = {**(llmd.get("status") or {}), **fake.statuses[-1]}
-        llmd = {**llmd, "status": {k: v for k, v in merged.items() if v is not None}}
+    """One reconcile as a watch event starts it, then hand the written status back."""
+    owner_key = controller.remember_owner(llmd)
+    written = len(fake.statuses)
+    asyncio.run(controller.reconcile(owner_key))
+    if len(fake.statuses) > written:
+        llmd = {**llmd, "status": apply_merge_patch(llmd.get("status") or {}, fake.statuses[-1])}
     return llmd
+
+
+def apply_merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386, as the API server applies the status patch."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for name, value in patch.items():
+        if value is None:
+            result.pop(name, None)
+        else:
+            result[name] = apply_merge_patch(result.get(name), value)
+    return result
 
 
 def make_ready(fake: FakeKube, controller: Controller) -> None:
@@ -179,3 +203,53 @@ def test_a_hand_edited_child_is_restored(controller: Controller, fake: FakeKube)
     assert ("apply", "Deployment", "m") in fake.writes
     restored = fake.objects[("Deployment", "m")]["spec"]["template"]["spec"]["containers"][0]
     assert restored["image"] == "vllm/vllm-openai:v0.11.0"
+
+
+def test_turning_autoscaling_on_hands_the_replica_count_over_instead_of_resetting_it(
+    controller: Controller, fake: FakeKube
+) -> None:
+    llmd = run(controller, fake, body({**BASE, "replicas": 3}))
+    assert fake.objects[("Deployment", "m")]["spec"]["replicas"] == 3
+    scaled = {**llmd, "spec": {**BASE, "autoscaling": {"minReplicas": 1, "maxReplicas": 4}}}
+    scaled["metadata"] = {**llmd["metadata"], "generation": 2}
+    run(controller, fake, scaled)
+    [(manager, handover)] = fake.handovers
+    assert manager == HANDOVER_MANAGER
+    assert handover["spec"] == {"replicas": 3}
+    assert "replicas" not in fake.objects[("Deployment", "m")]["spec"]
+    fake.handovers.clear()
+    run(controller, fake, scaled)  # once handed over, never again
+    assert fake.handovers == []
+
+
+def test_a_plan_that_loses_numbers_removes_them_from_status(
+    controller: Controller, fake: FakeKube
+) -> None:
+    llmd = run(controller, fake, body(BASE))
+    assert "kvCacheTokens" in llmd["status"]["plan"]
+    unknown = {
+        **llmd,
+        "spec": {**BASE, "model": {"name": "acme/unknown"}, "parallelism": {"tensor": 2}},
+    }
+    unknown["metadata"] = {**llmd["metadata"], "generation": 2}
+    unknown = run(controller, fake, unknown)
+    assert "kvCacheTokens" not in unknown["status"]["plan"]
+    fake.writes.clear()
+    run(controller, fake, unknown)
+    assert fake.writes == []
+
+
+def test_an_llmdeployment_being_deleted_is_not_rebuilt(
+    controller: Controller, fake: FakeKube
+) -> None:
+    llmd = run(controller, fake, body(BASE))
+    fake.objects.clear()  # garbage collection took the children
+    for child in list(controller.children[("ns", "m")].values()):
+        controller.remember_child(child, deleted=True)
+    fake.writes.clear()
+    deleting = {
+        **llmd,
+        "metadata": {**llmd["metadata"], "deletionTimestamp": "2026-01-01T00:00:00Z"},
+    }
+    run(controller, fake, deleting)
+    assert [w for w in fake.writes if w[0] == "apply"] == []

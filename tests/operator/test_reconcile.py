@@ -185,3 +185,10 @@ def test_recomputing_an_unchanged_status_changes_nothing() -> None:
         previous=first, generation=3, deployments=[settled()], problem=None, extra={}, now="t2"
     )
     assert not status_changed(first, again)
+
+
+def test_values_the_api_server_omits_when_empty_or_false_are_not_drift() -> None:
+    desired = {"env": [{"name": "A", "value": ""}], "mount": {"readOnly": False}, "extra": {}}
+    live = {"env": [{"name": "A"}], "mount": {}}
+    assert drifted(desired, live) == []
+    assert drifted({"replicas": 0}, {}) == [".replicas"]  # zero is a value, not an omission

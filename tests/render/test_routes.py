@@ -113,3 +113,26 @@ def test_the_configmap_holds_a_table_the_gateway_accepts() -> None:
 def test_the_table_is_deterministic_whatever_the_order() -> None:
     a, b = llmd("a"), llmd("b")
     assert render_routes([a, b]) == render_routes([b, a])
+
+
+def test_the_oldest_llmdeployment_keeps_a_contested_served_name() -> None:
+    same = {"name": "org/x", "servedName": "chat"}
+    older, newer = llmd("zzz", model=same), llmd("aaa", model=same)
+    older.metadata.model_extra["creationTimestamp"] = "2026-01-01T00:00:00Z"  # type: ignore[index]
+    newer.metadata.model_extra["creationTimestamp"] = "2026-06-01T00:00:00Z"  # type: ignore[index]
+    table, problems = render_routes([newer, older])
+    [track] = table.models[0].tracks
+    assert track.service is not None and track.service.name == "zzz"
+    assert "ml/aaa" in problems[0]
+
+
+def test_a_route_the_table_cannot_express_is_left_out_alone() -> None:
+    odd = llmd("odd", routing={"fallbacks": [{"url": "https://x.example/v1", "model": "m@2024"}]})
+    table, problems = render_routes([odd, llmd("fine")])
+    assert [m.name for m in table.models] == ["org/fine"]
+    assert problems and problems[0].startswith("ml/odd: not routed:")
+
+
+def test_timeouts_outside_what_the_gateway_takes_are_clamped() -> None:
+    table, problems = render_routes([llmd("a", routing={"requestTimeout": "48h"})])
+    assert problems == [] and table.models[0].timeouts.total == 86400

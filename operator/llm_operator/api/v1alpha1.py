@@ -11,7 +11,7 @@ import itertools
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, StrictInt, field_validator
+from pydantic import ConfigDict, Field, StrictInt
 
 from llm_operator.api.base import ApiModel, Rule
 
@@ -50,7 +50,13 @@ MANAGED_ENGINE_FLAGS = (
     "--revision",
     "--max-num-seqs",
 )
-_MANAGED_FLAG_RE = "^(" + "|".join(re.escape(f) for f in MANAGED_ENGINE_FLAGS) + ")(=.*)?$"
+# vLLM's parser takes `--tensor_parallel_size` as `--tensor-parallel-size`, and -tp/-pp.
+_MANAGED_FLAG_RE = (
+    "^(-tp|-pp|"
+    + "|".join("--" + re.escape(f[2:]).replace("\\-", "[-_]") for f in MANAGED_ENGINE_FLAGS)
+    # [\\s\\S]: a value with a newline is still a value (Python's int() strips it).
+    + ")(=[\\s\\S]*)?$"
+)
 
 Duration = Annotated[str, Field(pattern=DURATION_PATTERN, max_length=32)]
 Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=32)]
@@ -221,16 +227,14 @@ class EngineSpec(ApiModel):
             holds=lambda e: not any(re.match(_MANAGED_FLAG_RE, a) for a in e.extra_args),
             field_path=".extraArgs",
         ),
+        Rule(
+            cel="!has(self.env) || self.env.all(e, self.env.exists_one(f, f.name == e.name))",
+            message="engine.env names must be unique",
+            holds=lambda e: len({v.name for v in e.env}) == len(e.env),
+            field_path=".env",
+        ),
     )
 
-    @field_validator("env")
-    @classmethod
-    def _unique_env(cls, env: list[EnvVar]) -> list[EnvVar]:
-        names = [e.name for e in env]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"engine.env names must be unique; repeated: {', '.join(duplicates)}")
-        return env
 
 
 class GPUSpec(ApiModel):
@@ -422,7 +426,7 @@ class Fallback(ApiModel):
     """One step of a fallback chain: another LLMDeployment, or an external
     OpenAI-compatible endpoint."""
 
-    llm_deployment: DnsLabelName | None = None
+    llm_deployment: DnsSubdomainName | None = None
     """Name of another LLMDeployment in the same namespace."""
     url: Annotated[str, Field(max_length=2048, pattern=r"^https?://[^\s/]+(/\S*)?$")] | None = None
     """Base URL of an external OpenAI-compatible API, for example https://api.example.com/v1."""

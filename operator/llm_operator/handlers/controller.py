@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import urllib3
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
@@ -26,6 +27,7 @@ from llm_operator.kube.client import RETRYABLE_STATUSES, KubeClient
 from llm_operator.planner import plan
 from llm_operator.reconcile import (
     DEPLOYMENT_LABEL,
+    FIELD_MANAGER,
     Problem,
     compute_status,
     key,
@@ -67,9 +69,16 @@ class Controller:
     locks: dict[OwnerKey, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     failures: dict[OwnerKey, int] = field(default_factory=lambda: defaultdict(int))
     retries: dict[OwnerKey, asyncio.TimerHandle] = field(default_factory=dict)
+    tasks: set[asyncio.Future[None]] = field(default_factory=set)
     routes: RoutesWriter | None = None
 
-    # -- the cache, fed by watches -------------------------------------------------------
+    def __post_init__(self) -> None:
+        if self.routes is not None:
+            self.routes.bodies = self.bodies
+
+    # -- the cache, fed by watches (touched only on the event loop) ----------------------
+
+    replicas_owned: dict[tuple[str, str], bool] = field(default_factory=dict)
 
     def remember_child(self, obj: dict[str, Any], deleted: bool = False) -> OwnerKey | None:
         metadata = obj.get("metadata", {})
@@ -81,10 +90,15 @@ class Controller:
         child_key = key(obj)
         if deleted:
             children.pop(child_key, None)
+            self.replicas_owned.pop((metadata["namespace"], metadata["name"]), None)
             return owner_key
         known = children.get(child_key)
         if known is None or _newer(obj, known):
-            obj = {k: v for k, v in obj.items()}
+            if obj.get("kind") == "Deployment" and "managedFields" in metadata:
+                self.replicas_owned[(metadata["namespace"], metadata["name"])] = owns_replicas(
+                    metadata["managedFields"]
+                )
+            obj = dict(obj)
             obj["metadata"] = {k: v for k, v in metadata.items() if k != "managedFields"}
             children[child_key] = obj
         return owner_key
@@ -96,6 +110,7 @@ class Controller:
             self.bodies.pop(owner_key, None)
             self.children.pop(owner_key, None)
             self.failures.pop(owner_key, None)
+            self.locks.pop(owner_key, None)
             handle = self.retries.pop(owner_key, None)
             if handle:
                 handle.cancel()
@@ -108,7 +123,7 @@ class Controller:
             if previous is not None and previous.get("spec") == body.get("spec"):
                 return owner_key  # a status change: the routes stay as they are
         if self.routes is not None:
-            self.routes.schedule(self.bodies)
+            self.routes.schedule()
         return owner_key
 
     # -- reconcile -----------------------------------------------------------------------
@@ -118,107 +133,211 @@ class Controller:
             body = self.bodies.get(owner_key)
             if body is None:
                 return
+            # The worker thread gets copies: the cache is only ever changed on this loop.
+            live = list(self.children.get(owner_key, {}).values())
+            owned_replicas = {
+                name
+                for (ns, name), owns in self.replicas_owned.items()
+                if owns and ns == owner_key[0]
+            }
             started = time.perf_counter()
             try:
-                await asyncio.to_thread(self.reconcile_sync, body)
+                outcome = await asyncio.to_thread(self.reconcile_sync, body, live, owned_replicas)
             except ApiException as error:
                 metrics.RECONCILES.labels(result="error").inc()
-                if error.status in RETRYABLE_STATUSES:
-                    self.retry_later(owner_key, f"API {error.status}: {error.reason}")
-                else:
-                    log.error("reconcile %s/%s failed: %s", *owner_key, error)
-                    self.retry_later(owner_key, f"API {error.status}: {error.reason}")
+                self.retry_later(owner_key, f"API {error.status}: {error.reason}")
                 return
-            except (OSError, TimeoutError) as error:  # connection trouble: the API may be back soon
+            except (OSError, TimeoutError, urllib3.exceptions.HTTPError) as error:
+                # Connection trouble: the API server may be restarting.
                 metrics.RECONCILES.labels(result="error").inc()
                 self.retry_later(owner_key, str(error))
                 return
             finally:
                 metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
-            self.failures.pop(owner_key, None)
+            for obj in outcome.applied:
+                self.remember_child(obj)
+            for obj in outcome.deleted:
+                self.remember_child(obj, deleted=True)
+            if outcome.problem is not None and outcome.problem.reason == "ApplyFailed":
+                # Refused by admission or a missing CRD: may be fixed out of band; look again.
+                self.retry_later(owner_key, outcome.problem.message, delay=SLOW_RETRY_SECONDS)
+            else:
+                self.failures.pop(owner_key, None)
             metrics.RECONCILES.labels(result="ok").inc()
 
-    def retry_later(self, owner_key: OwnerKey, why: str) -> None:
+    def retry_later(self, owner_key: OwnerKey, why: str, delay: float | None = None) -> None:
         attempt = self.failures[owner_key]
         self.failures[owner_key] = attempt + 1
-        delay = BACKOFF_SECONDS[min(attempt, len(BACKOFF_SECONDS) - 1)]
+        if delay is None:
+            delay = BACKOFF_SECONDS[min(attempt, len(BACKOFF_SECONDS) - 1)]
         log.warning("reconcile %s/%s will retry in %.0fs: %s", *owner_key, delay, why)
         loop = asyncio.get_running_loop()
         previous = self.retries.pop(owner_key, None)
         if previous:
             previous.cancel()
-        self.retries[owner_key] = loop.call_later(
-            delay, lambda: asyncio.ensure_future(self.reconcile(owner_key))
-        )
+        self.retries[owner_key] = loop.call_later(delay, self._spawn_reconcile, owner_key)
 
-    def reconcile_sync(self, body: dict[str, Any]) -> None:
+    def _spawn_reconcile(self, owner_key: OwnerKey) -> None:
+        self.retries.pop(owner_key, None)
+        task = asyncio.ensure_future(self.reconcile(owner_key))
+        self.tasks.add(task)  # keep a reference until it ends
+        task.add_done_callback(self.tasks.discard)
+
+    def reconcile_sync(
+        self, body: dict[str, Any], live: list[dict[str, Any]], owned_replicas: set[str]
+    ) -> Outcome:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        owner_key = (namespace, name)
         generation = body["metadata"].get("generation")
-        problem: Problem | None = None
+        outcome = Outcome()
         extra: dict[str, Any] = {}
         try:
             llmd = LLMDeployment.model_validate(body)
         except ValidationError as error:
-            problem = Problem("InvalidSpec", describe_validation_error(error))
+            outcome.problem = Problem("InvalidSpec", describe_validation_error(error))
         else:
             try:
                 sizing = plan(llmd.spec)
                 desired = owned(render_all(llmd, self.config, sizing=sizing), body)
                 extra = status_extras(llmd, self.config, sizing=sizing)
             except ValueError as error:  # the planner's and renderers' own errors
-                problem = Problem("CannotPlan", str(error))
+                outcome.problem = Problem("CannotPlan", str(error))
             else:
-                problem = self.converge(owner_key, desired, body["metadata"]["uid"])
-        deployments = [
-            obj
-            for (kind, _), obj in self.children.get(owner_key, {}).items()
-            if kind == "Deployment"
-        ]
+                if body["metadata"].get("deletionTimestamp"):
+                    # Being deleted (foreground): garbage collection removes the children;
+                    # re-creating them would fight it.
+                    return outcome
+                self.converge(
+                    (namespace, name),
+                    body["metadata"]["uid"],
+                    desired,
+                    live,
+                    owned_replicas,
+                    outcome,
+                )
+        current = {key(obj): obj for obj in live}
+        current.update((key(obj), obj) for obj in outcome.applied)
+        for obj in outcome.deleted:
+            current.pop(key(obj), None)
+        deployments = [obj for (kind, _), obj in current.items() if kind == "Deployment"]
         previous = body.get("status") or {}
         status = compute_status(
             previous=previous,
             generation=generation,
             deployments=deployments,
-            problem=problem,
+            problem=outcome.problem,
             extra=extra,
             now=self.clock(),
         )
         if status_changed(previous, status):
-            # A merge patch keeps keys it does not mention: null out the ones that went away.
-            removed = {key_: None for key_ in previous if key_ not in status}
-            self.client.patch_status(namespace, name, {**status, **removed})
+            self.client.patch_status(namespace, name, merge_patch(previous, status))
             metrics.WRITES.labels(verb="patch", kind="LLMDeployment/status").inc()
+            problem = outcome.problem
             was_degraded = _condition(previous, "Degraded")
             if problem and (not was_degraded or was_degraded.get("message") != problem.message):
                 self.client.post_event(body, "Warning", problem.reason, problem.message)
                 log.warning("%s/%s: %s: %s", namespace, name, problem.reason, problem.message)
+        return outcome
 
     def converge(
-        self, owner_key: OwnerKey, desired: list[dict[str, Any]], owner_uid: str
-    ) -> Problem | None:
-        live = list(self.children.get(owner_key, {}).values())
+        self,
+        owner_key: OwnerKey,
+        owner_uid: str,
+        desired: list[dict[str, Any]],
+        live: list[dict[str, Any]],
+        owned_replicas: set[str],
+        outcome: Outcome,
+    ) -> None:
         actions = plan_actions(desired, live, owner_uid)
+        live_by_key = {key(obj): obj for obj in live}
+        # Owning a field the spec no longer sets is drift too: release it (with a handover).
+        actions.apply += [
+            obj
+            for obj in desired
+            if obj not in actions.apply
+            and replicas_handover_needed(obj, live_by_key.get(key(obj)), owned_replicas)
+        ]
         for obj in actions.apply:
             drift = actions.drift.get(key(obj))
             if drift:
                 log.info("%s/%s %s %s drifted at %s: applying", *owner_key, *key(obj), drift[:5])
             try:
+                current = live_by_key.get(key(obj))
+                if replicas_handover_needed(obj, current, owned_replicas):
+                    assert current is not None
+                    self.client.apply(replicas_handover(current), field_manager=HANDOVER_MANAGER)
+                    metrics.WRITES.labels(verb="apply", kind="Deployment/replicas").inc()
                 applied = self.client.apply(obj)
             except ApiException as error:
                 if error.status in RETRYABLE_STATUSES:
                     raise
                 # The API server refused what we rendered: report it, keep what runs.
-                return Problem(
+                outcome.problem = Problem(
                     "ApplyFailed", f"{obj['kind']} {obj['metadata']['name']}: {error.body}"
                 )
+                return
             metrics.WRITES.labels(verb="apply", kind=obj["kind"]).inc()
-            self.remember_child(applied)
+            outcome.applied.append(applied)
         for obj in actions.delete:
             self.client.delete(obj)
             metrics.WRITES.labels(verb="delete", kind=obj["kind"]).inc()
-            self.remember_child(obj, deleted=True)
-        return None
+            outcome.deleted.append(obj)
+
+
+HANDOVER_MANAGER = "llm-operator-replicas-handover"
+SLOW_RETRY_SECONDS = 300.0
+
+
+@dataclass
+class Outcome:
+    """What one reconcile did, handed back to the event loop to update the cache."""
+
+    problem: Problem | None = None
+    applied: list[dict[str, Any]] = field(default_factory=list)
+    deleted: list[dict[str, Any]] = field(default_factory=list)
+
+
+def owns_replicas(managed_fields: list[dict[str, Any]]) -> bool:
+    """Whether the operator's own apply set `spec.replicas` (so dropping it would reset it)."""
+    for entry in managed_fields:
+        if entry.get("manager") == FIELD_MANAGER and entry.get("operation") == "Apply":
+            spec = (entry.get("fieldsV1") or {}).get("f:spec") or {}
+            if "f:replicas" in spec:
+                return True
+    return False
+
+
+def replicas_handover_needed(
+    desired: dict[str, Any], live: dict[str, Any] | None, owned_replicas: set[str]
+) -> bool:
+    """Autoscaling was just turned on: the apply drops replicas the operator owned, which
+    the API server would reset to 1 (killing GPU pods) before the HPA acts."""
+    return (
+        desired["kind"] == "Deployment"
+        and live is not None
+        and "replicas" not in desired.get("spec", {})
+        and desired["metadata"]["name"] in owned_replicas
+        and (live.get("spec") or {}).get("replicas") is not None
+    )
+
+
+def replicas_handover(live: dict[str, Any]) -> dict[str, Any]:
+    """Another field manager keeps the current replica count when the operator lets go
+    (server-side apply's documented way to transfer ownership)."""
+    return {
+        "apiVersion": live["apiVersion"],
+        "kind": live["kind"],
+        "metadata": {"name": live["metadata"]["name"], "namespace": live["metadata"]["namespace"]},
+        "spec": {"replicas": live["spec"]["replicas"]},
+    }
+
+
+def merge_patch(old: Any, new: Any) -> Any:
+    """An RFC 7386 merge patch from `old` to `new`: keys gone at any depth become null."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return new
+    patch = {k: merge_patch(old.get(k), v) for k, v in new.items()}
+    patch.update({k: None for k in old if k not in new})
+    return patch
 
 
 def controller_owner(metadata: dict[str, Any]) -> str | None:

@@ -70,7 +70,7 @@ class KubeClient:
             )
         return json.loads(data) if data else None
 
-    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, obj: dict[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
         """Server-side apply as the operator's field manager; force, since the operator is
         the controller of these fields."""
         kind = kind_of(obj)
@@ -80,7 +80,7 @@ class KubeClient:
             "PATCH",
             kind.object_path(metadata["namespace"], metadata["name"]),
             obj,
-            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            query=[("fieldManager", field_manager), ("force", "true")],
             content_type="application/apply-patch+yaml",
         )
         return result

@@ -29,6 +29,7 @@ ROUTES_KEY = "routes.yaml"
 # Where the gateway finds an external fallback's API key: the platform team mounts the Secret
 # there (the operator itself never reads Secrets).
 API_KEY_DIR = "/etc/llm-gateway/keys"
+MAX_TIMEOUT_SECONDS = 86400.0
 
 
 def api_key_path(namespace: str, secret: str, key: str) -> str:
@@ -65,6 +66,11 @@ def _fallbacks(
     return chain, problems
 
 
+def _seconds(duration: str) -> float:
+    """A duration as the gateway takes it: above 0 and at most a day."""
+    return min(max(parse_duration_seconds(duration), 0.001), MAX_TIMEOUT_SECONDS)
+
+
 def model_route(
     llmd: LLMDeployment, served: dict[tuple[str, str], str]
 ) -> tuple[ModelRoute, list[str]]:
@@ -83,8 +89,8 @@ def model_route(
         fallbacks=fallbacks,
         fallback_on=list(routing.fallback_on),
         timeouts=Timeouts(
-            first_byte=parse_duration_seconds(routing.first_byte_timeout),
-            total=parse_duration_seconds(routing.request_timeout),
+            first_byte=_seconds(routing.first_byte_timeout),
+            total=_seconds(routing.request_timeout),
         ),
         max_concurrency=llmd.spec.engine.max_num_seqs,
         saturation_queue_depth=routing.saturation_queue_depth or 0,
@@ -94,7 +100,15 @@ def model_route(
 
 def render_routes(llmds: Sequence[LLMDeployment]) -> tuple[GatewayConfig, list[str]]:
     """The table, plus what could not go in it (said to a person, never fatal)."""
-    ordered = sorted(llmds, key=lambda d: (d.metadata.namespace or "", d.metadata.name or ""))
+    # The oldest LLMDeployment keeps a contested served name: a newcomer never takes traffic.
+    ordered = sorted(
+        llmds,
+        key=lambda d: (
+            str((d.metadata.model_extra or {}).get("creationTimestamp") or ""),
+            d.metadata.namespace or "",
+            d.metadata.name or "",
+        ),
+    )
     served: dict[tuple[str, str], str] = {}
     owner_of: dict[str, str] = {}
     problems: list[str] = []
@@ -113,7 +127,11 @@ def render_routes(llmds: Sequence[LLMDeployment]) -> tuple[GatewayConfig, list[s
         kept.append(llmd)
     routes = []
     for llmd in kept:
-        route, route_problems = model_route(llmd, served)
+        try:
+            route, route_problems = model_route(llmd, served)
+        except ValueError as error:  # a spec the gateway's table cannot express
+            problems.append(f"{llmd.metadata.namespace}/{llmd.metadata.name}: not routed: {error}")
+            continue
         routes.append(route)
         problems += route_problems
     return GatewayConfig(models=routes), problems
