@@ -244,7 +244,7 @@ def test_an_llmdeployment_being_deleted_is_not_rebuilt(
 ) -> None:
     llmd = run(controller, fake, body(BASE))
     fake.objects.clear()  # garbage collection took the children
-    for child in list(controller.children[("ns", "m")].values()):
+    for child in controller.live_children(("ns", "m")):
         controller.remember_child(child, deleted=True)
     fake.writes.clear()
     deleting = {
