@@ -109,6 +109,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.closed = False
         self.used = False
+        self.paused = False
+        """Reading is paused (the client is slower than the backend)."""
         self._headers: list[tuple[bytes, bytes]] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -179,11 +181,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
     def pause_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self.paused:
+            self.paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and self.paused:
+            self.paused = False
             self.transport.resume_reading()
 
 
@@ -230,6 +234,10 @@ class Pool:
         if self.closed or len(self.idle) >= self.MAX_IDLE:
             conn.abort()
             return
+        if conn.paused:
+            # Paused for a slow client while its answer streamed: an idle connection must
+            # read, or the next request on it would wait for a head it never sees.
+            conn.resume_reading()
         self.idle.append(conn)
 
     def discard(self, conn: UpstreamConnection) -> None:

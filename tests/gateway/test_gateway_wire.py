@@ -1,0 +1,207 @@
+"""The gateway in-process on loopback against small raw-socket backends: wire-level cases
+(framing, pausing, timeouts, headers) that the simulator cannot produce.
+
+Every test is bounded: raw sockets have timeouts and the module has a pytest timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import uvloop
+
+from llm_operator.api.gateway_config import GatewayConfig
+from llm_operator.gateway.accesslog import AccessLog
+from llm_operator.gateway.metrics import Metrics
+from llm_operator.gateway.routing import BackendRegistry, build_table
+from llm_operator.gateway.server import Gateway
+
+pytestmark = pytest.mark.timeout(30)
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+STREAM_BODY = b'{"model":"m","stream":true}'
+
+
+def post(
+    body: bytes = STREAM_BODY, extra: bytes = b"", path: bytes = b"/v1/chat/completions"
+) -> bytes:
+    head = b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n" % path
+    return head + extra + b"content-length: %d\r\n\r\n" % len(body) + body
+
+
+def table(*addresses: str, **kw: Any) -> dict[str, Any]:
+    return {
+        "models": [
+            {
+                "name": "m",
+                "tracks": [{"name": "stable", "weight": 1, "addresses": list(addresses)}],
+                **kw,
+            }
+        ]
+    }
+
+
+class Env:
+    def __init__(self) -> None:
+        self.servers: list[asyncio.AbstractServer] = []
+        self.gw: Gateway | None = None
+        self.port = 0
+
+    async def backend(self, handler: Handler) -> str:
+        async def guarded(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                await handler(r, w)
+            except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+                pass
+            finally:
+                w.close()
+
+        srv = await asyncio.start_server(guarded, "127.0.0.1", 0)
+        self.servers.append(srv)
+        return f"127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+
+    async def gateway(self, tbl: dict[str, Any], **kw: Any) -> Gateway:
+        loop = asyncio.get_running_loop()
+        t = build_table(GatewayConfig.model_validate(tbl), BackendRegistry(), lambda f: None)
+        self.gw = Gateway(loop, t, Metrics(), AccessLog(None), **kw)
+        srv = await loop.create_server(self.gw.protocol, "127.0.0.1", 0)
+        self.servers.append(srv)
+        self.port = srv.sockets[0].getsockname()[1]
+        return self.gw
+
+    async def close(self) -> None:
+        if self.gw is not None:
+            for c in list(self.gw.connections):
+                c.close()
+            for p in self.gw.pools.values():
+                p.close()
+        for s in self.servers:
+            s.close()
+        await asyncio.sleep(0)
+
+    async def raw(self, data: bytes, wait: float = 3.0, until_close: bool = True) -> bytes:
+        """Send `data` on a new connection and read until the gateway closes it (or `wait`)."""
+        return await asyncio.to_thread(raw_exchange, self.port, data, wait, until_close)
+
+
+def raw_exchange(port: int, data: bytes, wait: float, until_close: bool = True) -> bytes:
+    s = socket.create_connection(("127.0.0.1", port), timeout=wait)
+    deadline = time.monotonic() + wait
+    out = b""
+    try:
+        s.sendall(data)
+        while time.monotonic() < deadline:
+            s.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                d = s.recv(65536)
+            except TimeoutError:
+                break
+            if not d:
+                break
+            out += d
+            if not until_close and complete_response(out):
+                break
+    finally:
+        s.close()
+    return out
+
+
+def complete_response(out: bytes) -> bool:
+    """One whole response (content-length or chunked) is in `out`."""
+    if b"\r\n\r\n" not in out:
+        return False
+    head, rest = out.split(b"\r\n\r\n", 1)
+    for line in head.split(b"\r\n")[1:]:
+        if line.lower().startswith(b"content-length:"):
+            return len(rest) >= int(line.split(b":")[1])
+    return rest.endswith(b"0\r\n\r\n")
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    cl = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            cl = int(line.split(b":")[1])
+    return head, await reader.readexactly(cl)
+
+
+def sse_chunk(data: bytes) -> bytes:
+    ev = b"data: " + data + b"\n\n"
+    return b"%x\r\n%b\r\n" % (len(ev), ev)
+
+
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+)
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    e = Env()
+    try:
+        yield e
+    finally:
+        await e.close()
+
+
+# --- 1. a connection paused for a slow client goes back to the pool reading
+
+
+def test_connection_paused_for_a_slow_client_is_pooled_reading() -> None:
+    # uvloop, as in production: its buffer sizes make the last read of a big answer land
+    # while the client's transport is still over its high-water mark.
+    uvloop.run(_paused_for_a_slow_client())
+
+
+async def _paused_for_a_slow_client() -> None:
+    big = [b""]
+
+    async def backend(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(r)
+            w.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+                % len(big[0])
+                + big[0]
+            )
+            await w.drain()
+
+    env = Env()
+    try:
+        gw = await env.gateway(table(await env.backend(backend), timeouts={"firstByte": 3}))
+
+        def slow_client() -> int:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.settimeout(10)
+            s.connect(("127.0.0.1", env.port))
+            s.sendall(post(b'{"model":"m"}'))
+            time.sleep(0.3)  # the gateway's writes back up: it pauses reading the backend
+            n = 0
+            while n < len(big[0]):
+                d = s.recv(1 << 20)
+                if not d:
+                    break
+                n += len(d)
+            s.close()
+            return n
+
+        for size in (1_500_000, 4_000_000, 4_000_000):
+            big[0] = b"x" * size
+            assert await asyncio.to_thread(slow_client) >= size
+            await asyncio.sleep(0.05)
+            idle = next(iter(gw.pools.values())).idle
+            assert idle, "the connection went back to the pool"
+            assert all(c.transport is not None and c.transport.is_reading() for c in idle)
+        t0 = time.monotonic()
+        out = await env.raw(post(b'{"model":"m"}'), wait=5, until_close=False)
+        assert out.startswith(b"HTTP/1.1 200 "), out[:200]
+        assert time.monotonic() - t0 < 2
+    finally:
+        await env.close()
