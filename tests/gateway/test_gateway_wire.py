@@ -205,3 +205,61 @@ async def _paused_for_a_slow_client() -> None:
         assert time.monotonic() - t0 < 2
     finally:
         await env.close()
+
+
+# --- 2. the total timeout bounds the whole request and is never the backend's fault
+
+
+def _backends(gw: Gateway) -> list[Any]:
+    return list(gw.backends.values())
+
+
+async def test_total_timeout_covers_the_wait_for_the_head(env: Env) -> None:
+    async def slow(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        await asyncio.sleep(3)
+        w.write(SSE_HEAD + sse_chunk(b"late") + b"0\r\n\r\n")
+
+    gw = await env.gateway(table(await env.backend(slow), timeouts={"firstByte": 2, "total": 0.5}))
+    t0 = time.monotonic()
+    out = await env.raw(post(), wait=5, until_close=False)
+    took = time.monotonic() - t0
+    assert out.startswith(b"HTTP/1.1 504 "), out[:300]
+    assert b"total timeout" in out
+    assert 0.4 < took < 1.5
+    assert all(b.consecutive_failures == 0 for b in _backends(gw))
+
+
+async def test_a_retry_gets_what_is_left_of_the_total_not_a_fresh_first_byte(env: Env) -> None:
+    async def hang(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        await asyncio.sleep(5)
+
+    a, b = await env.backend(hang), await env.backend(hang)
+    gw = await env.gateway(
+        table(a, b, timeouts={"firstByte": 0.6, "total": 1.0}, fallbackOn=["timeout"])
+    )
+    t0 = time.monotonic()
+    out = await env.raw(post(), wait=5, until_close=False)
+    took = time.monotonic() - t0
+    assert out.startswith(b"HTTP/1.1 504 "), out[:300]
+    assert 0.9 < took < 1.15, took
+    # The first attempt timed out on its own first-byte timer; the second hit the total.
+    assert sorted(x.consecutive_failures for x in _backends(gw)) == [0, 1]
+
+
+async def test_total_timeout_mid_stream_does_not_charge_the_breaker(env: Env) -> None:
+    async def long_stream(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(SSE_HEAD)
+        for i in range(40):
+            w.write(sse_chunk(b'{"i":%d}' % i))
+            await w.drain()
+            await asyncio.sleep(0.05)
+
+    gw = await env.gateway(table(await env.backend(long_stream), timeouts={"total": 0.4}))
+    out = await env.raw(post(), wait=5)
+    assert out.startswith(b"HTTP/1.1 200 "), out[:300]
+    assert out.count(b'"error"') == 1 and b"total timeout" in out
+    assert out.endswith(b"0\r\n\r\n")
+    assert all(b.consecutive_failures == 0 for b in _backends(gw))

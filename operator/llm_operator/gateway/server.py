@@ -570,6 +570,11 @@ class Gateway:
                     )
                     budget_out = True
                     break
+                if now - req.start >= model.total_timeout:
+                    # The request's whole time is spent: no further attempt can answer.
+                    return self._answer_failure(
+                        conn, req, model, Attempt("total"), None, "none", key_name, attempts
+                    )
                 if tried and step_i == 0:
                     metrics.retries[model.name] = metrics.retries.get(model.name, 0) + 1
                 attempts += 1
@@ -625,15 +630,14 @@ class Gateway:
             status, head, body = result.complete_error
             conn.write(head + body)
             outcome = "server_error" if status >= 500 else "client_error"
-        elif result is not None and result.reason == "timeout":
+        elif result is not None and result.reason in ("timeout", "total"):
             status = 504
-            conn.write(
-                http_response(
-                    504,
-                    error_body("the model did not answer in time", "server_error", 504),
-                    keep_alive=ka,
-                )
+            msg = (
+                "the request did not complete within its total timeout"
+                if result.reason == "total"
+                else "the model did not answer in time"
             )
+            conn.write(http_response(504, error_body(msg, "server_error", 504), keep_alive=ka))
             outcome = "timeout"
         else:
             status = 503
@@ -676,7 +680,8 @@ class Gateway:
         model.waiters.append(fut)
         model.waiting += 1
         try:
-            remaining = req.start + model.first_byte_timeout - time.monotonic()
+            remaining = req.start + min(model.first_byte_timeout, model.total_timeout)
+            remaining -= time.monotonic()
             if remaining <= 0:
                 return False
             async with asyncio.timeout(remaining):
@@ -741,20 +746,35 @@ class Gateway:
             for _ in range(2):
                 upc = pool.take_idle()
                 reused = upc is not None
+                # This attempt's deadline: its own first-byte timeout, but never past the
+                # request's total timeout (which is not the backend's fault).
+                total_left = req.start + model.total_timeout - time.monotonic()
+                if total_left <= 0:
+                    if upc is not None:
+                        pool.release(upc)
+                    return Attempt("total", "the request's total timeout passed")
                 if upc is None:
                     try:
-                        upc = await pool.connect(limits.connect_timeout)
+                        upc = await pool.connect(min(limits.connect_timeout, total_left))
                     except UpstreamError as e:
+                        if time.monotonic() - req.start >= model.total_timeout:
+                            return Attempt("total", "the request's total timeout passed")
                         backend.on_failure(time.monotonic())
                         return Attempt(e.reason, str(e))
+                    total_left = req.start + model.total_timeout - time.monotonic()
                 if conn.closed:
                     pool.release(upc)
                     return Attempt("client_closed")
                 ex = Exchange(loop)
                 upc.send(ex, data)
                 conn.upstream = upc
+                fb = limits.first_byte_timeout
                 timer = loop.call_at(
-                    loop.time() + limits.first_byte_timeout, _timeout, ex, upc, "first byte"
+                    loop.time() + min(fb, max(0.0, total_left)),
+                    _timeout,
+                    ex,
+                    upc,
+                    "first byte" if fb <= total_left else "total",
                 )
                 try:
                     await ex.head
@@ -764,7 +784,8 @@ class Gateway:
                         return Attempt("client_closed")
                     if reused and not ex.received_any and e.reason == "connectError":
                         continue
-                    backend.on_failure(time.monotonic())
+                    if e.reason != "total":
+                        backend.on_failure(time.monotonic())
                     return Attempt(e.reason, str(e))
                 finally:
                     timer.cancel()
@@ -899,13 +920,12 @@ class Gateway:
                     flush()
                     state.error = err
                     if sse and chunked:
-                        event = (
-                            b"data: "
-                            + error_body(
-                                f"the backend failed mid-stream: {err}", "server_error", 502
-                            )
-                            + b"\n\n"
+                        msg = (
+                            str(err)
+                            if err.reason == "total"
+                            else f"the backend failed mid-stream: {err}"
                         )
+                        event = b"data: " + error_body(msg, "server_error", 502) + b"\n\n"
                         transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event))
 
             def flush() -> None:
@@ -949,6 +969,10 @@ class Gateway:
             if stream_err is not None:
                 if conn.closed:
                     outcome = "client_closed"
+                elif stream_err.reason == "total":
+                    # A long answer, not a broken backend: the breaker is not charged.
+                    outcome = "timeout"
+                    conn.close()
                 else:
                     outcome = "stream_error"
                     backend.on_failure(time.monotonic())
@@ -988,7 +1012,13 @@ class _StreamState:
 
 
 def _timeout(ex: Exchange, upc: UpstreamConnection, what: str) -> None:
-    ex.on_error(UpstreamError("timeout", f"no {what} from the backend in time"))
+    if what == "total":
+        # Reason "total": the request's own deadline, never a fallback trigger and never
+        # charged to the backend's circuit breaker.
+        err = UpstreamError("total", "the request did not complete within its total timeout")
+    else:
+        err = UpstreamError("timeout", f"no {what} from the backend in time")
+    ex.on_error(err)
     upc.abort()
 
 
