@@ -263,3 +263,29 @@ async def test_total_timeout_mid_stream_does_not_charge_the_breaker(env: Env) ->
     assert out.count(b'"error"') == 1 and b"total timeout" in out
     assert out.endswith(b"0\r\n\r\n")
     assert all(b.consecutive_failures == 0 for b in _backends(gw))
+
+
+# --- 3. a response that ends at connection close is complete, not a failure
+
+
+async def test_a_response_delimited_by_close_completes_normally(env: Env) -> None:
+    async def until_close(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+        for i in range(3):
+            w.write(b'data: {"i":%d}\n\n' % i)
+            await w.drain()
+            await asyncio.sleep(0.05)
+        w.write(b"data: [DONE]\n\n")
+        await w.drain()
+
+    gw = await env.gateway(table(await env.backend(until_close)))
+    out = await env.raw(post(), wait=3, until_close=False)
+    assert out.startswith(b"HTTP/1.1 200 "), out[:300]
+    head, body = out.split(b"\r\n\r\n", 1)
+    assert b"transfer-encoding: chunked" in head
+    assert body.endswith(b"0\r\n\r\n")
+    assert b'"error"' not in body and b"data: [DONE]" in body
+    assert all(b.consecutive_failures == 0 for b in _backends(gw))
+    series = next(iter(gw.metrics.series.values()))
+    assert series.outcomes["success"] == 1 and series.outcomes["stream_error"] == 0

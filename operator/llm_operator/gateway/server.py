@@ -916,6 +916,8 @@ class Gateway:
                 elif err is None:
                     if chunked:
                         pending.append(b"0\r\n\r\n")
+                    # Also when the end is the backend closing (no read follows to flush).
+                    flush()
                 else:
                     flush()
                     state.error = err

@@ -172,7 +172,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.discard(self)
         ex = self.exchange
         self.exchange = None
-        if ex is not None:
+        if ex is None:
+            return
+        if ex.head.done() and ex.error is None and _ends_at_close(ex.status, ex.headers):
+            # No Content-Length and not chunked: the body ends when the connection does.
+            ex.on_complete(False)
+        else:
             ex.on_error(UpstreamError("connectError", "backend closed the connection"))
 
     def abort(self) -> None:
@@ -189,6 +194,19 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed and self.paused:
             self.paused = False
             self.transport.resume_reading()
+
+
+def _ends_at_close(status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+    """A response whose body is delimited by the connection closing (RFC 9112 6.3)."""
+    if status < 200 or status in (204, 304):
+        return False
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"content-length":
+            return False
+        if lname == b"transfer-encoding" and value.lower().rstrip().endswith(b"chunked"):
+            return False
+    return True
 
 
 class Pool:
