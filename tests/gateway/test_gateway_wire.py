@@ -289,3 +289,20 @@ async def test_a_response_delimited_by_close_completes_normally(env: Env) -> Non
     assert all(b.consecutive_failures == 0 for b in _backends(gw))
     series = next(iter(gw.metrics.series.values()))
     assert series.outcomes["success"] == 1 and series.outcomes["stream_error"] == 0
+
+
+# --- 4. HEAD answers carry no body
+
+
+async def test_head_requests_get_no_body_on_a_kept_alive_connection(env: Env) -> None:
+    await env.gateway(table("127.0.0.1:1"))
+    out = await env.raw(
+        b"HEAD /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+        b"HEAD /v1/models HTTP/1.1\r\nhost: x\r\n\r\n"
+        b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        wait=3,
+    )
+    first, second, third = out.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200 ") and first.endswith(b"\r\n\r\n"), out
+    assert second.startswith(b"405 ") and second.endswith(b"\r\n\r\n"), out
+    assert third.startswith(b"200 ") and third.endswith(b"\r\n\r\nok"), out

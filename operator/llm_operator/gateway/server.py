@@ -370,7 +370,9 @@ class Gateway:
         keep_alive = req.keep_alive
         try:
             path = req.path
-            if self.metrics_only and (req.method != b"GET" or path.startswith(b"/v1/")):
+            if self.metrics_only and (
+                req.method not in (b"GET", b"HEAD") or path.startswith(b"/v1/")
+            ):
                 conn.write(
                     http_response(
                         404,
@@ -382,6 +384,8 @@ class Gateway:
                 keep_alive = await self.proxy(conn, req)
             elif req.method == b"GET":
                 keep_alive = self.get(conn, req)
+            elif req.method == b"HEAD":
+                keep_alive = self.head(conn, req)
             else:
                 conn.write(
                     http_response(
@@ -433,6 +437,18 @@ class Gateway:
                     404, error_body("not found", "invalid_request_error", 404), keep_alive=ka
                 )
             )
+        return ka
+
+    def head(self, conn: ClientConnection, req: Request) -> bool:
+        """HEAD: health checks answer 200, anything else 405; never a body (RFC 9110 9.3.2)."""
+        path = req.path.split(b"?", 1)[0]
+        ka = req.keep_alive
+        if path in (b"/health", b"/healthz", b"/readyz"):
+            conn.write(http_response(200, b"ok", b"text/plain", keep_alive=ka)[:-2])
+        else:
+            body = error_body("method not allowed", "invalid_request_error", 405)
+            resp = http_response(405, body, extra=b"allow: GET, POST\r\n", keep_alive=ka)
+            conn.write(resp[: -len(body)])
         return ka
 
     def _unknown_model(self, name: str, ka: bool) -> bytes:
