@@ -306,3 +306,24 @@ async def test_head_requests_get_no_body_on_a_kept_alive_connection(env: Env) ->
     assert first.startswith(b"200 ") and first.endswith(b"\r\n\r\n"), out
     assert second.startswith(b"405 ") and second.endswith(b"\r\n\r\n"), out
     assert third.startswith(b"200 ") and third.endswith(b"\r\n\r\nok"), out
+
+
+# --- 5. one error event, then the end of the stream, and nothing after it
+
+
+async def test_a_broken_chunk_mid_stream_ends_with_exactly_one_error_event(env: Env) -> None:
+    async def broken(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(SSE_HEAD + sse_chunk(b'{"i":0}'))
+        await w.drain()
+        await asyncio.sleep(0.1)
+        w.write(b"zz\r\nbroken\r\n")
+        await w.drain()
+        await asyncio.sleep(1)
+
+    gw = await env.gateway(table(await env.backend(broken)))
+    out = await env.raw(post(), wait=3)
+    assert out.startswith(b"HTTP/1.1 200 "), out[:300]
+    assert out.count(b'"error"') == 1, out
+    assert out.endswith(b"\r\n0\r\n\r\n") and out.count(b"\r\n0\r\n\r\n") == 1, out
+    assert next(iter(gw.metrics.series.values())).outcomes["stream_error"] == 1

@@ -85,7 +85,8 @@ class Exchange:
             self.done.set_result(None)
 
     def on_error(self, err: UpstreamError) -> None:
-        if self.complete:
+        # Idempotent: a timeout and the abort it causes must not end the stream twice.
+        if self.complete or self.error is not None:
             return
         self.error = err
         if not self.head.done():
@@ -142,6 +143,8 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self.abort()
         except httptools.HttpParserError as e:
+            # Detach first: the abort's connection_lost must not report a second error.
+            self.exchange = None
             self.abort()
             ex.on_error(UpstreamError("5xx", f"bad response from backend: {e}"))
         if ex.on_read_done is not None:
