@@ -17,6 +17,7 @@ import uvloop
 
 from llm_operator.api.gateway_config import GatewayConfig
 from llm_operator.gateway.accesslog import AccessLog
+from llm_operator.gateway.loader import read_api_key
 from llm_operator.gateway.metrics import Metrics
 from llm_operator.gateway.routing import BackendRegistry, build_table
 from llm_operator.gateway.server import Gateway
@@ -67,7 +68,7 @@ class Env:
 
     async def gateway(self, tbl: dict[str, Any], **kw: Any) -> Gateway:
         loop = asyncio.get_running_loop()
-        t = build_table(GatewayConfig.model_validate(tbl), BackendRegistry(), lambda f: None)
+        t = build_table(GatewayConfig.model_validate(tbl), BackendRegistry(), read_api_key)
         self.gw = Gateway(loop, t, Metrics(), AccessLog(None), **kw)
         srv = await loop.create_server(self.gw.protocol, "127.0.0.1", 0)
         self.servers.append(srv)
@@ -327,3 +328,48 @@ async def test_a_broken_chunk_mid_stream_ends_with_exactly_one_error_event(env: 
     assert out.count(b'"error"') == 1, out
     assert out.endswith(b"\r\n0\r\n\r\n") and out.count(b"\r\n0\r\n\r\n") == 1, out
     assert next(iter(gw.metrics.series.values())).outcomes["stream_error"] == 1
+
+
+# --- 6. an external fallback gets only allowlisted client headers
+
+
+async def test_external_fallback_gets_only_allowlisted_headers(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.gateway.fake_backend import FakeBackend
+
+    monkeypatch.setenv("WIRE_EXT_KEY", "sk-wire")
+    fake = await FakeBackend("ext").start()
+    try:
+        dead = socket.socket()
+        dead.bind(("127.0.0.1", 0))
+        dead_addr = f"127.0.0.1:{dead.getsockname()[1]}"
+        dead.close()
+        await env.gateway(
+            table(
+                dead_addr,
+                fallbacks=[
+                    {
+                        "url": f"http://127.0.0.1:{fake.port}/v1",
+                        "targetModel": "vendor/x",
+                        "apiKeyEnv": "WIRE_EXT_KEY",
+                    }
+                ],
+            )
+        )
+        extra = (
+            b"accept: application/json\r\nuser-agent: test-sdk/1\r\ncookie: session=secret\r\n"
+            b"x-internal-user: alice\r\nauthorization: Bearer client-key\r\n"
+            b"traceparent: 00-abc-def-01\r\n"
+        )
+        out = await env.raw(post(b'{"model":"m"}', extra=extra), wait=5, until_close=False)
+        assert out.startswith(b"HTTP/1.1 200 "), out[:300]
+        headers = {k.lower(): v for k, v in fake.seen[-1].headers.items()}
+        assert headers["authorization"] == "Bearer sk-wire"
+        assert headers["accept"] == "application/json"
+        assert headers["user-agent"] == "test-sdk/1"
+        assert headers["content-type"] == "application/json"
+        for name in ("cookie", "x-internal-user", "traceparent"):
+            assert name not in headers
+    finally:
+        await fake.stop()

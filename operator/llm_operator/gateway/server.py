@@ -72,6 +72,10 @@ DROP_REQUEST_HEADERS = frozenset(
         b"authorization",
     }
 )
+# The only client headers an external (url) fallback gets: a third party must not see the
+# client's cookies, tracing, internal or identity headers. No accept-encoding: a compressed
+# stream could not take the gateway's mid-stream error event.
+EXTERNAL_REQUEST_HEADERS = (b"content-type:", b"accept:", b"user-agent:")
 DROP_RESPONSE_HEADERS = frozenset(
     {b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"trailer"}
 )
@@ -742,8 +746,9 @@ class Gateway:
                     if ext.api_key
                     else b""
                 )
+                fwd = _external_headers(req.fwd)
             else:
-                path, host, auth = req.path, backend.key.encode(), b""
+                path, host, auth, fwd = req.path, backend.key.encode(), b"", req.fwd
             data = b"".join(
                 (
                     b"POST ",
@@ -751,7 +756,7 @@ class Gateway:
                     b" HTTP/1.1\r\nhost: ",
                     host,
                     b"\r\n",
-                    req.fwd,
+                    fwd,
                     auth,
                     b"content-length: %d\r\n\r\n" % len(body),
                     body,
@@ -1038,6 +1043,15 @@ def _timeout(ex: Exchange, upc: UpstreamConnection, what: str) -> None:
         err = UpstreamError("timeout", f"no {what} from the backend in time")
     ex.on_error(err)
     upc.abort()
+
+
+def _external_headers(fwd: bytes) -> bytes:
+    """The allowlisted lines of the serialized client headers `fwd`."""
+    return b"".join(
+        line + b"\r\n"
+        for line in fwd.split(b"\r\n")
+        if line.lower().startswith(EXTERNAL_REQUEST_HEADERS)
+    )
 
 
 def series_backend(backend: Backend | None) -> str:
