@@ -373,3 +373,91 @@ async def test_external_fallback_gets_only_allowlisted_headers(
             assert name not in headers
     finally:
         await fake.stop()
+
+
+# --- 7. header-size cap, idle timeout, draining
+
+
+async def test_oversized_request_head_gets_431_and_the_connection_closes(env: Env) -> None:
+    gw = await env.gateway(table("127.0.0.1:1"))
+
+    def flood() -> bytes:
+        s = socket.create_connection(("127.0.0.1", env.port), timeout=5)
+        out = b""
+        try:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+            pad = b"x-pad: " + b"a" * 8000 + b"\r\n"
+            for _ in range(64):  # 512 KiB of headers, far over the cap
+                try:
+                    s.sendall(pad)
+                except OSError:
+                    break
+            while True:
+                d = s.recv(65536)
+                if not d:
+                    break
+                out += d
+        except OSError:
+            pass
+        finally:
+            s.close()
+        return out
+
+    out = await asyncio.to_thread(flood)
+    assert out.startswith(b"HTTP/1.1 431 "), out[:200]
+    assert gw.metrics.edge_rejections.get("431") == 1
+    # A single huge header line is caught too (httptools would buffer it whole).
+    out = await env.raw(b"GET /health HTTP/1.1\r\nx-big: " + b"b" * 100_000, wait=3)
+    assert out.startswith(b"HTTP/1.1 431 "), out[:200]
+    # Big bodies are not head bytes.
+    body = b'{"model":"nope","pad":"' + b"c" * 200_000 + b'"}'
+    out = await env.raw(post(body), wait=3, until_close=False)
+    assert out.startswith(b"HTTP/1.1 404 "), out[:200]
+
+
+async def test_idle_keep_alive_connections_are_closed(env: Env) -> None:
+    gw = await env.gateway(table("127.0.0.1:1"), idle_timeout=0.3)
+
+    def idle_client() -> tuple[bytes, float]:
+        s = socket.create_connection(("127.0.0.1", env.port), timeout=5)
+        out = b""
+        s.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        t0 = time.monotonic()
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            out += d
+        s.close()
+        return out, time.monotonic() - t0
+
+    out, took = await asyncio.to_thread(idle_client)
+    assert out.endswith(b"\r\n\r\nok")
+    assert 0.25 < took < 1.5, took
+    await asyncio.sleep(0.05)
+    assert not gw.connections
+
+
+async def test_draining_fails_health_checks_and_closes_connections(env: Env) -> None:
+    gw = await env.gateway(table("127.0.0.1:1"))
+
+    def client() -> tuple[bytes, bytes]:
+        s = socket.create_connection(("127.0.0.1", env.port), timeout=5)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        first = s.recv(65536)
+        time.sleep(0.3)  # SIGTERM arrives meanwhile: the idle connection is closed
+        rest = s.recv(65536)
+        s.close()
+        return first, rest
+
+    task = asyncio.create_task(asyncio.to_thread(client))
+    await asyncio.sleep(0.1)
+    gw.start_draining()
+    first, rest = await task
+    assert first.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in first
+    assert rest == b""
+    # A new connection (still accepted for a moment) gets 503 and `connection: close`.
+    out = await env.raw(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n", wait=3)
+    assert out.startswith(b"HTTP/1.1 503 ") and b"connection: close" in out, out
+    out = await env.raw(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n", wait=3)
+    assert out.startswith(b"HTTP/1.1 200 ") and b"connection: close" in out, out

@@ -72,6 +72,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="write the bound port(s) here as JSON once listening (for tests with --port 0)",
     )
     p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=75.0,
+        help="close client connections with no request in progress for this long (0: never)",
+    )
+    p.add_argument(
         "--drain-seconds",
         type=float,
         default=30.0,
@@ -94,7 +100,12 @@ class App:
         stream = sys.stdout if args.access_log == "on" else None
         self.access_log = AccessLog(stream, args.log_format, args.access_log_sample)
         self.gateway = Gateway(
-            self.loop, table, self.metrics, self.access_log, serve_metrics=args.metrics_port is None
+            self.loop,
+            table,
+            self.metrics,
+            self.access_log,
+            serve_metrics=args.metrics_port is None,
+            idle_timeout=args.idle_timeout,
         )
 
     def build(self, config: GatewayConfig, previous: RoutingTable | None) -> RoutingTable:
@@ -159,6 +170,7 @@ async def serve(args: argparse.Namespace) -> int:
     )
     servers = [server]
     ports = {"port": server.sockets[0].getsockname()[1]}
+    metrics_gw: Gateway | None = None
     if args.metrics_port is not None:
         metrics_gw = Gateway(
             loop, gw.table, app.metrics, AccessLog(None), serve_metrics=True, metrics_only=True
@@ -193,6 +205,9 @@ async def serve(args: argparse.Namespace) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    gw.start_draining()
+    if metrics_gw is not None:
+        metrics_gw.start_draining()
     # Drain: stop accepting, let in-flight requests finish (Kubernetes sends SIGTERM while
     # the endpoint is being removed, so new connections can still arrive for a moment).
     for s in servers:

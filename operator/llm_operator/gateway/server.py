@@ -48,6 +48,7 @@ REASONS = {
     404: b"Not Found",
     405: b"Method Not Allowed",
     413: b"Payload Too Large",
+    431: b"Request Header Fields Too Large",
     429: b"Too Many Requests",
     500: b"Internal Server Error",
     502: b"Bad Gateway",
@@ -76,6 +77,8 @@ DROP_REQUEST_HEADERS = frozenset(
 # client's cookies, tracing, internal or identity headers. No accept-encoding: a compressed
 # stream could not take the gateway's mid-stream error event.
 EXTERNAL_REQUEST_HEADERS = (b"content-type:", b"accept:", b"user-agent:")
+MAX_HEAD_BYTES = 64 * 1024
+"""Request line plus headers; more gets 431 and the connection closed."""
 DROP_RESPONSE_HEADERS = frozenset(
     {b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"trailer"}
 )
@@ -164,6 +167,11 @@ class ClientConnection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._size = 0
         self._rejected = False
+        self._in_head = True
+        """Between requests or inside a request's head (bytes count toward MAX_HEAD_BYTES)."""
+        self._head_bytes = 0
+        self.idle_since = self.loop.time()
+        """When the connection last had no request in progress (the idle sweep reads it)."""
 
     # --- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -176,16 +184,23 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
         self.gw.connections.add(self)
+        self.gw.start_sweeping()
 
     def data_received(self, data: bytes) -> None:
         if self._rejected:
             return
+        if self._in_head:
+            # Counted before parsing: a request completed within this read resets the count.
+            self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.reject(400, "upgrades are not supported", "invalid_request_error")
         except httptools.HttpParserError as e:
             self.reject(400, f"malformed HTTP request: {e}", "invalid_request_error")
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES and not self._rejected:
+            self.gw._reject_count("431")
+            self.reject(431, "request line and headers too large", "invalid_request_error")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -236,6 +251,9 @@ class ClientConnection(asyncio.Protocol):
             return
         self._fwd.append(name + b": " + value + b"\r\n")
 
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+
     def on_body(self, body: bytes) -> None:
         if self._rejected:
             return
@@ -249,6 +267,8 @@ class ClientConnection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
         if self._rejected:
             return
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
@@ -283,6 +303,9 @@ class ClientConnection(asyncio.Protocol):
             self.loop.create_task(self.gw.handle(self, self.pending.popleft()))
         else:
             self.busy = False
+            self.idle_since = self.loop.time()
+            if self.gw.draining and self._in_head and self._head_bytes == 0:
+                self.close()
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -325,6 +348,7 @@ class Gateway:
         access_log: AccessLog,
         serve_metrics: bool = True,
         metrics_only: bool = False,
+        idle_timeout: float = 75.0,
     ) -> None:
         self.loop = loop
         self.table = table
@@ -337,6 +361,11 @@ class Gateway:
         self.backends: dict[str, Backend] = {}
         self.connections: set[ClientConnection] = set()
         self.in_flight = 0
+        self.idle_timeout = idle_timeout
+        """Close a client connection with no request in progress for this long."""
+        self.draining = False
+        """SIGTERM: /healthz and /readyz answer 503, every response closes its connection."""
+        self._sweeper: asyncio.TimerHandle | None = None
         metrics.circuit_source = self._circuit_states
         metrics.generation = table.generation
 
@@ -369,8 +398,40 @@ class Gateway:
     def protocol(self) -> ClientConnection:
         return ClientConnection(self)
 
+    def start_sweeping(self) -> None:
+        """Arm the idle-connection sweep: one timer per gateway, not one per connection."""
+        if self._sweeper is None and self.idle_timeout > 0:
+            interval = min(5.0, self.idle_timeout / 4)
+            self._sweeper = self.loop.call_later(interval, self._sweep, interval)
+
+    def _sweep(self, interval: float) -> None:
+        limit = self.loop.time() - self.idle_timeout
+        for c in [c for c in self.connections if not c.busy and c.idle_since < limit]:
+            c.close()
+        if self.connections:
+            self._sweeper = self.loop.call_later(interval, self._sweep, interval)
+        else:
+            self._sweeper = None
+
+    def start_draining(self) -> None:
+        """SIGTERM: fail health checks, close idle connections, close each busy one after
+        its current response."""
+        self.draining = True
+        for c in list(self.connections):
+            if not c.busy and c._in_head and c._head_bytes == 0:
+                c.close()
+
+    def _health(self, path: bytes, ka: bool, head: bool) -> bytes:
+        if self.draining and path != b"/health":
+            resp = http_response(503, b"draining", b"text/plain", keep_alive=ka)
+            return resp[: -len(b"draining")] if head else resp
+        resp = http_response(200, b"ok", b"text/plain", keep_alive=ka)
+        return resp[:-2] if head else resp
+
     # --- request handling
     async def handle(self, conn: ClientConnection, req: Request) -> None:
+        if self.draining:
+            req.keep_alive = False  # every answer says `connection: close`
         keep_alive = req.keep_alive
         try:
             path = req.path
@@ -428,7 +489,7 @@ class Gateway:
             else:
                 conn.write(self._unknown_model(name, ka))
         elif path in (b"/health", b"/healthz", b"/readyz"):
-            conn.write(http_response(200, b"ok", b"text/plain", keep_alive=ka))
+            conn.write(self._health(path, ka, False))
         elif path == b"/metrics" and self.serve_metrics:
             conn.write(
                 http_response(
@@ -448,7 +509,7 @@ class Gateway:
         path = req.path.split(b"?", 1)[0]
         ka = req.keep_alive
         if path in (b"/health", b"/healthz", b"/readyz"):
-            conn.write(http_response(200, b"ok", b"text/plain", keep_alive=ka)[:-2])
+            conn.write(self._health(path, ka, True))
         else:
             body = error_body("method not allowed", "invalid_request_error", 405)
             resp = http_response(405, body, extra=b"allow: GET, POST\r\n", keep_alive=ka)
