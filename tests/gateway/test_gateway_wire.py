@@ -461,3 +461,73 @@ async def test_draining_fails_health_checks_and_closes_connections(env: Env) -> 
     assert out.startswith(b"HTTP/1.1 503 ") and b"connection: close" in out, out
     out = await env.raw(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n", wait=3)
     assert out.startswith(b"HTTP/1.1 200 ") and b"connection: close" in out, out
+
+
+# --- 8. nothing is written into the middle of an earlier pipelined response
+
+
+async def _streaming_backend(env: Env) -> str:
+    async def stream(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(r)
+            w.write(SSE_HEAD)
+            for i in range(3):
+                w.write(sse_chunk(b'{"i":%d}' % i))
+                await w.drain()
+                await asyncio.sleep(0.1)
+            w.write(b"0\r\n\r\n")
+            await w.drain()
+
+    return await env.backend(stream)
+
+
+async def test_pipelined_100_continue_waits_for_the_earlier_response(env: Env) -> None:
+    await env.gateway(table(await _streaming_backend(env)))
+    r2_head = post(extra=b"expect: 100-continue\r\n")[: -len(STREAM_BODY)]
+
+    def client() -> bytes:
+        s = socket.create_connection(("127.0.0.1", env.port), timeout=5)
+        s.sendall(post())
+        time.sleep(0.05)
+        s.sendall(r2_head)
+        out = b""
+        while b"100 Continue" not in out:
+            d = s.recv(65536)
+            assert d, out
+            out += d
+        s.sendall(STREAM_BODY)
+        while out.count(b"\r\n0\r\n\r\n") < 2:
+            d = s.recv(65536)
+            assert d, out
+            out += d
+        s.close()
+        return out
+
+    out = await asyncio.to_thread(client)
+    first, rest = out.split(b"\r\n0\r\n\r\n", 1)
+    assert b"100 Continue" not in first
+    assert rest.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 "), rest[:200]
+
+
+async def test_pipelined_rejection_waits_for_the_earlier_response(env: Env) -> None:
+    await env.gateway(table(await _streaming_backend(env)))
+    too_big = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 999999999\r\n\r\n"
+
+    def client() -> bytes:
+        s = socket.create_connection(("127.0.0.1", env.port), timeout=5)
+        s.sendall(post())
+        time.sleep(0.05)
+        s.sendall(too_big)
+        out = b""
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            out += d
+        s.close()
+        return out
+
+    out = await asyncio.to_thread(client)
+    first, rest = out.split(b"\r\n0\r\n\r\n", 1)
+    assert b"413" not in first and first.count(b"data: ") == 3
+    assert rest.startswith(b"HTTP/1.1 413 "), rest[:200]

@@ -167,6 +167,10 @@ class ClientConnection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._size = 0
         self._rejected = False
+        self._continue = False
+        """A pipelined request waits for `100 Continue` until the earlier ones are answered."""
+        self._deferred: bytes | None = None
+        """A rejection of a pipelined request, written once the earlier ones are answered."""
         self._in_head = True
         """Between requests or inside a request's head (bytes count toward MAX_HEAD_BYTES)."""
         self._head_bytes = 0
@@ -247,7 +251,10 @@ class ClientConnection(asyncio.Protocol):
                     )
                     self.reject(413, "request body too large", "invalid_request_error")
             elif lname == b"expect" and value.lower() == b"100-continue" and self.transport:
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                if self.busy:
+                    self._continue = True  # not in the middle of an earlier response
+                else:
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             return
         self._fwd.append(name + b": " + value + b"\r\n")
 
@@ -269,6 +276,7 @@ class ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._in_head = True
         self._head_bytes = 0
+        self._continue = False
         if self._rejected:
             return
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
@@ -301,9 +309,15 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.pending:
             self.loop.create_task(self.gw.handle(self, self.pending.popleft()))
+        elif self._deferred is not None:
+            self.write(self._deferred)
+            self.close()
         else:
             self.busy = False
             self.idle_since = self.loop.time()
+            if self._continue:
+                self._continue = False
+                self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             if self.gw.draining and self._in_head and self._head_bytes == 0:
                 self.close()
 
@@ -315,10 +329,13 @@ class ClientConnection(asyncio.Protocol):
     def reject(self, status: int, message: str, type_: str) -> None:
         """Answer at once and close: used before the request is fully read."""
         self._rejected = True
+        resp = http_response(status, error_body(message, type_, status), keep_alive=False)
+        if self.busy:
+            # An earlier request is still being answered: ours comes after it, in order.
+            self._deferred = resp
+            return
         if self.transport is not None and not self.closed:
-            self.transport.write(
-                http_response(status, error_body(message, type_, status), keep_alive=False)
-            )
+            self.transport.write(resp)
         self.close()
 
 
