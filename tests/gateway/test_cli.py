@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
+import time
 import urllib.error
 import urllib.request
 
@@ -93,6 +95,32 @@ async def test_sigterm_lets_in_flight_streams_finish(gateway: GatewayProc) -> No
             gateway.proc.send_signal(signal.SIGTERM)
             raw = b"".join([c async for c in r.aiter_raw()])
         assert raw.count(b"data: ") == 6 and raw.endswith(b"data: [DONE]\n\n")
+        assert await asyncio.to_thread(gateway.proc.wait, 5) == 0
+    finally:
+        await fake.stop()
+
+
+async def test_sigterm_closes_idle_keep_alive_connections(gateway: GatewayProc) -> None:
+    fake = await FakeBackend(chunks=5, delay=0.3).start()
+    try:
+        gateway.start(_table(fake.address))
+        assert gateway.proc is not None
+        idle = socket.create_connection(("127.0.0.1", gateway.port), timeout=5)
+        idle.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert idle.recv(65536).startswith(b"HTTP/1.1 200 ")
+        body = {"model": "m", "messages": [], "stream": True}
+        async with (
+            httpx.AsyncClient(timeout=10) as h,
+            h.stream("POST", gateway.url + "/v1/chat/completions", json=body) as r,
+        ):
+            gateway.proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            # Draining: the idle keep-alive connection is closed at once, not at exit.
+            assert await asyncio.to_thread(idle.recv, 65536) == b""
+            assert time.monotonic() - t0 < 0.7
+            raw = b"".join([c async for c in r.aiter_raw()])
+        idle.close()
+        assert raw.endswith(b"data: [DONE]\n\n")
         assert await asyncio.to_thread(gateway.proc.wait, 5) == 0
     finally:
         await fake.stop()
