@@ -244,7 +244,8 @@ async def test_a_retry_gets_what_is_left_of_the_total_not_a_fresh_first_byte(env
     out = await env.raw(post(), wait=5, until_close=False)
     took = time.monotonic() - t0
     assert out.startswith(b"HTTP/1.1 504 "), out[:300]
-    assert 0.9 < took < 1.15, took
+    assert b"total timeout" in out  # not the second attempt's own first-byte timeout
+    assert 0.9 < took < 1.5, took
     # The first attempt timed out on its own first-byte timer; the second hit the total.
     assert sorted(x.consecutive_failures for x in _backends(gw)) == [0, 1]
 
