@@ -45,10 +45,18 @@ def register(
         import asyncio
 
         for namespace in namespaces or [None]:  # type: ignore[list-item]
-            for child in await asyncio.to_thread(
-                controller.client.list_children, namespace, MANAGED_BY_SELECTOR, child_kinds
-            ):
-                controller.remember_child(child)
+            for kind in CHILD_KINDS:
+                if kind.kind not in child_kinds:
+                    continue
+                token: str | None = None
+                while True:  # a page at a time: only one page is ever parsed at once
+                    page, token = await asyncio.to_thread(
+                        controller.client.list_page, kind, namespace, MANAGED_BY_SELECTOR, token
+                    )
+                    for child in page:
+                        controller.remember_child(child)
+                    if not token:
+                        break
         if controller.routes is not None:
             await asyncio.to_thread(controller.routes.prime)
         log.info("cache primed with %d owners' children", len(controller.children))

@@ -9,19 +9,19 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-from collections.abc import Collection
 from typing import Any
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from llm_operator.kube.resources import CHILD_KINDS, LLMDEPLOYMENT, Kind, kind_of
+from llm_operator.kube.resources import LLMDEPLOYMENT, Kind, kind_of
 from llm_operator.reconcile import FIELD_MANAGER
 
 log = logging.getLogger(__name__)
 
 # Errors worth another try: the API server is busy, restarting, or the object moved on.
 RETRYABLE_STATUSES = {409, 429, 500, 502, 503, 504}
+LIST_PAGE_SIZE = 250
 
 
 # Reconciles run in threads; each needs its own keep-alive connection, or urllib3 drops and
@@ -100,33 +100,34 @@ class KubeClient:
             if error.status not in (404, 409):
                 raise
 
-    def list_kind(
-        self, kind: Kind, namespace: str | None, label_selector: str
-    ) -> list[dict[str, Any]]:
+    def list_page(
+        self, kind: Kind, namespace: str | None, label_selector: str, token: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of a list and the token for the next (None at the end). Pages keep the
+        operator's start-up peak small when it owns thousands of objects."""
+        query = [("labelSelector", label_selector), ("limit", str(LIST_PAGE_SIZE))]
+        if token:
+            query.append(("continue", token))
         try:
-            result = self._call(
-                "GET", kind.collection_path(namespace), query=[("labelSelector", label_selector)]
-            )
+            result = self._call("GET", kind.collection_path(namespace), query=query)
         except ApiException as error:
             if error.status == 404:  # an optional CRD (KEDA) that is not installed
-                return []
+                return [], None
             raise
         items: list[dict[str, Any]] = result.get("items", [])
         for item in items:
             item.setdefault("kind", kind.kind)
             item.setdefault("apiVersion", kind.api_version)
-        return items
+        return items, (result.get("metadata") or {}).get("continue") or None
 
-    def list_children(
-        self, namespace: str | None, label_selector: str, kinds: Collection[str]
+    def list_kind(
+        self, kind: Kind, namespace: str | None, label_selector: str
     ) -> list[dict[str, Any]]:
-        """Children of the given kinds (only those the operator may read: KEDA is optional)."""
-        return [
-            obj
-            for kind in CHILD_KINDS
-            if kind.kind in kinds
-            for obj in self.list_kind(kind, namespace, label_selector)
-        ]
+        items, token = self.list_page(kind, namespace, label_selector)
+        while token:
+            page, token = self.list_page(kind, namespace, label_selector, token)
+            items += page
+        return items
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Replace status with a merge patch (null removes keys the new status lacks)."""
