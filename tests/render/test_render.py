@@ -384,6 +384,34 @@ def test_keda_scaled_object_queries_the_stable_pods() -> None:
     assert not pattern.fullmatch("llama-canary-7d9f8c6b5-x2k4q")
 
 
+def pod_name(replica_set: str) -> str:
+    """What the API server names a ReplicaSet's pod: the prefix cut to 58, then 5 characters."""
+    return f"{replica_set}-"[:58] + "x2k4q"
+
+
+@pytest.mark.parametrize("length", [5, 40, 47, 50, 56, 63, 80])
+def test_keda_matches_stable_pods_but_not_canary_pods_whatever_the_name_length(
+    length: int,
+) -> None:
+    name = ("l" + "a" * 100)[:length]
+    resource = llmd({"autoscaling": {"provider": "keda", "maxReplicas": 2}}, name=name)
+    scaled = by_kind(render_all(resource))["ScaledObject"]
+    query = scaled["spec"]["triggers"][0]["metadata"]["query"]
+    matchers = re.findall(r'pod(=~|!~)"((?:[^"\\]|\\.)*)"', query)
+    assert matchers
+
+    def selected(pod: str) -> bool:
+        # PromQL regex matchers are anchored at both ends.
+        return all(
+            (re.fullmatch(rx, pod) is not None) == (op == "=~") for op, rx in matchers
+        )
+
+    stable, canary = object_name(resource), object_name(resource, "canary")
+    assert selected(pod_name(f"{stable}-7d9f8c6b5"))
+    assert selected(pod_name(f"{stable}-7d9f8c6b5d"))
+    assert not selected(pod_name(f"{canary}-7d9f8c6b5"))
+
+
 def test_autoscaling_the_installation_cannot_provide_is_refused() -> None:
     keda = llmd({"autoscaling": {"provider": "keda", "maxReplicas": 2}})
     with pytest.raises(RenderError, match="kedaEnabled: false"):

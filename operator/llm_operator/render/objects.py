@@ -155,6 +155,28 @@ def render_hpa(llmd: LLMDeployment, config: RenderConfig) -> dict[str, Any]:
     }
 
 
+# Pods are named (<ReplicaSet name>-)[:58] + 5 random characters, and a ReplicaSet is named
+# <Deployment>-<pod-template-hash of up to 10 characters>.
+_POD_PREFIX_MAX = 58
+_RS_HASH_MAX = 10
+
+
+def stable_pod_matchers(llmd: LLMDeployment, label: str) -> list[str]:
+    """PromQL matchers for the stable track's pods, never the canary's. Names are DNS labels
+    (letters, digits, '-'), which mean themselves in a regex: nothing to escape."""
+    stable, canary = object_name(llmd), object_name(llmd, "canary")
+    if len(stable) + 2 + _RS_HASH_MAX <= _POD_PREFIX_MAX:
+        # <name>-<hash>-<id>: exactly two more segments, so neither the canary's pods
+        # (<name>-canary-<hash>-<id>) nor another <name>-x deployment's match.
+        return [f'{label}=~"{stable}-[a-z0-9]+-[a-z0-9]+"']
+    # Long names: the API server cuts the pod-name prefix, so match on what survives of it
+    # and leave out the canary's pods explicitly.
+    return [
+        f'{label}=~"{(stable + "-")[:_POD_PREFIX_MAX]}[-a-z0-9]*"',
+        f'{label}!~"{(canary + "-")[:_POD_PREFIX_MAX]}.*"',
+    ]
+
+
 def keda_query(llmd: LLMDeployment, config: RenderConfig) -> str:
     """PromQL for the KEDA trigger: waiting requests summed over the stable pods (pods of
     the Deployment are `<name>-<hash>-<suffix>`; the canary's `<name>-canary-...` do not
@@ -162,7 +184,7 @@ def keda_query(llmd: LLMDeployment, config: RenderConfig) -> str:
     matchers = []
     if llmd.metadata.namespace:
         matchers.append(f'{config.metric_namespace_label}="{llmd.metadata.namespace}"')
-    matchers.append(f'{config.metric_pod_label}=~"{object_name(llmd)}-[a-z0-9]+-[a-z0-9]+"')
+    matchers += stable_pod_matchers(llmd, config.metric_pod_label)
     engine = f"sum({VLLM_QUEUE_METRIC}{{{','.join(matchers)}}})"
     if config.gateway_queue_metric is None:
         return engine
