@@ -464,6 +464,47 @@ async def test_draining_fails_health_checks_and_closes_connections(env: Env) -> 
     assert out.startswith(b"HTTP/1.1 200 ") and b"connection: close" in out, out
 
 
+# --- 7b. a backend connection idle for too long is not reused
+
+
+async def test_a_connection_idle_too_long_is_not_reused(env: Env) -> None:
+    # NAT and firewalls drop quiet flows without a word: the first connection's second
+    # request goes into a void, so reusing it would cost the whole firstByte timeout.
+    accepted: list[int] = []
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+    async def backend(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        n = len(accepted)
+        accepted.append(n)
+        await read_request(r)
+        w.write(reply)
+        await w.drain()
+        while True:
+            await read_request(r)
+            if n == 0:
+                await asyncio.sleep(10)  # the dropped flow: never answers
+            w.write(reply)
+            await w.drain()
+
+    gw = await env.gateway(
+        table(await env.backend(backend), timeouts={"firstByte": 3}), upstream_idle_seconds=0.3
+    )
+    out = await env.raw(post(b'{"model":"m"}'), wait=5, until_close=False)
+    assert out.startswith(b"HTTP/1.1 200 "), out[:200]
+    pool = next(iter(gw.pools.values()))
+    first = pool.idle[-1]
+    await asyncio.sleep(0.5)
+    t0 = time.monotonic()
+    out = await env.raw(post(b'{"model":"m"}'), wait=5, until_close=False)
+    assert out.startswith(b"HTTP/1.1 200 "), out[:200]
+    assert time.monotonic() - t0 < 1.5
+    assert first.closed and len(accepted) == 2
+    # Within the limit the pooled connection is reused.
+    out = await env.raw(post(b'{"model":"m"}'), wait=5, until_close=False)
+    assert out.startswith(b"HTTP/1.1 200 "), out[:200]
+    assert len(accepted) == 2
+
+
 # --- 8. nothing is written into the middle of an earlier pipelined response
 
 

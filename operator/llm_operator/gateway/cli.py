@@ -78,6 +78,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="close client connections with no request in progress for this long (0: never)",
     )
     p.add_argument(
+        "--upstream-idle-seconds",
+        type=float,
+        default=15.0,
+        help="do not reuse a backend connection idle for longer than this (0: no limit)",
+    )
+    p.add_argument(
         "--drain-seconds",
         type=float,
         default=30.0,
@@ -106,6 +112,7 @@ class App:
             self.access_log,
             serve_metrics=args.metrics_port is None,
             idle_timeout=args.idle_timeout,
+            upstream_idle_seconds=args.upstream_idle_seconds,
         )
 
     def build(self, config: GatewayConfig, previous: RoutingTable | None) -> RoutingTable:

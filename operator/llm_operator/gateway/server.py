@@ -366,6 +366,7 @@ class Gateway:
         serve_metrics: bool = True,
         metrics_only: bool = False,
         idle_timeout: float = 75.0,
+        upstream_idle_seconds: float = Pool.IDLE_SECONDS,
     ) -> None:
         self.loop = loop
         self.table = table
@@ -380,6 +381,8 @@ class Gateway:
         self.in_flight = 0
         self.idle_timeout = idle_timeout
         """Close a client connection with no request in progress for this long."""
+        self.upstream_idle_seconds = upstream_idle_seconds
+        """Do not reuse a backend connection idle for longer than this (0: no limit)."""
         self.draining = False
         """SIGTERM: /healthz and /readyz answer 503, every response closes its connection."""
         self._sweeper: asyncio.TimerHandle | None = None
@@ -405,7 +408,7 @@ class Gateway:
     def pool(self, backend: Backend) -> Pool:
         pool = self.pools.get(backend.key)
         if pool is None:
-            pool = self.pools[backend.key] = Pool(backend, self.loop)
+            pool = self.pools[backend.key] = Pool(backend, self.loop, self.upstream_idle_seconds)
             self.backends[backend.key] = backend
         elif pool.backend is not backend:
             # The registry forgot and re-created this address: follow the new state object.

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import time
 from collections.abc import Callable
 
 import httptools
@@ -112,6 +113,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.used = False
         self.paused = False
         """Reading is paused (the client is slower than the backend)."""
+        self.idle_since = 0.0
+        """time.monotonic() when the pool last took it back idle."""
         self._headers: list[tuple[bytes, bytes]] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -216,20 +219,43 @@ class Pool:
     """Idle keep-alive connections to one backend."""
 
     MAX_IDLE = 256
+    IDLE_SECONDS = 15.0
 
-    def __init__(self, backend: Backend, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        loop: asyncio.AbstractEventLoop,
+        idle_seconds: float = IDLE_SECONDS,
+    ) -> None:
         self.backend = backend
         self.loop = loop
         self.idle: list[UpstreamConnection] = []
+        """Oldest release first: the newest idle connection is taken first."""
+        self.idle_seconds = idle_seconds
+        """A connection idle longer than this is not reused (NAT and firewalls silently drop
+        quiet flows; the next request would wait its whole firstByte timeout). 0: no limit."""
         self.closed = False
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if backend.tls else None
 
     def take_idle(self) -> UpstreamConnection | None:
+        """The newest reusable idle connection; too-old ones are closed (one clock read)."""
         idle = self.idle
+        if not idle:
+            return None
+        limit = self.idle_seconds
+        oldest_ok = time.monotonic() - limit if limit > 0 else float("-inf")
         while idle:
             conn = idle.pop()
-            if not conn.closed:
-                return conn
+            if conn.closed:
+                continue
+            if conn.idle_since < oldest_ok:
+                # Too old, and so is every one below it (the list is in release order).
+                stale = [conn, *idle]
+                idle.clear()
+                for old in stale:
+                    old.abort()
+                return None
+            return conn
         return None
 
     async def connect(self, timeout: float) -> UpstreamConnection:
@@ -259,6 +285,7 @@ class Pool:
             # Paused for a slow client while its answer streamed: an idle connection must
             # read, or the next request on it would wait for a head it never sees.
             conn.resume_reading()
+        conn.idle_since = time.monotonic()
         self.idle.append(conn)
 
     def discard(self, conn: UpstreamConnection) -> None:
