@@ -101,3 +101,129 @@ async def test_watch_follows_endpointslice_changes(tmp_path: Path) -> None:
         await events.put(None)  # end the watch stream so the server can shut down
         await watcher.close()
         await runner.cleanup()
+
+
+async def _get(port: int, path: str, method: str = "GET") -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode())
+        return await asyncio.wait_for(reader.read(), 3)
+    finally:
+        writer.close()
+
+
+def _service_table(*services: str) -> GatewayConfig:
+    models = [
+        {
+            "name": name,
+            "tracks": [
+                {
+                    "name": "stable",
+                    "weight": 1,
+                    "service": {"namespace": "ml", "name": name, "port": "http"},
+                }
+            ],
+        }
+        for name in services
+    ]
+    return GatewayConfig.model_validate({"models": models})
+
+
+@pytest.mark.timeout(30)
+async def test_not_ready_until_every_service_has_its_first_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llm_operator.gateway import cli
+
+    gates = {"llama": asyncio.Event(), "small": asyncio.Event()}
+    stop = asyncio.Event()
+
+    async def endpointslices(request: web.Request) -> web.StreamResponse:
+        name = request.query["labelSelector"].split("=", 1)[1]
+        if request.query.get("watch") != "1":
+            await gates[name].wait()  # the API server is slow to answer the first list
+            return web.json_response({"metadata": {"resourceVersion": "1"}, "items": []})
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await stop.wait()
+        return resp
+
+    api = web.Application()
+    api.router.add_get("/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices", endpointslices)
+    runner = web.AppRunner(api)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    token = tmp_path / "token"
+    token.write_text("sa-token\n")
+    cluster = Cluster(f"http://127.0.0.1:{runner.addresses[0][1]}", token, None)
+    monkeypatch.setattr(Cluster, "in_cluster", classmethod(lambda _cls: cluster))
+
+    args = cli.parse_args(["--config", str(tmp_path / "routes.yaml"), "--access-log", "off"])
+    app = cli.App(args, _service_table("llama"))
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(app.gateway.protocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    async def status(path: str, method: str = "GET") -> bytes:
+        return (await _get(port, path, method)).split(b"\r\n", 1)[0]
+
+    async def wait_ready() -> None:
+        for _ in range(200):
+            if app.ready():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("never ready")
+
+    try:
+        await asyncio.sleep(0.1)  # the list is in flight
+        assert await status("/healthz") == b"HTTP/1.1 503 Service Unavailable"
+        assert await status("/readyz") == b"HTTP/1.1 503 Service Unavailable"
+        assert await status("/healthz", "HEAD") == b"HTTP/1.1 503 Service Unavailable"
+        assert await status("/health") == b"HTTP/1.1 200 OK"  # liveness never waits
+
+        gates["llama"].set()
+        await wait_ready()
+        assert await status("/healthz") == b"HTTP/1.1 200 OK"
+        assert await status("/readyz") == b"HTTP/1.1 200 OK"
+
+        # A reload naming a new Service: not ready until that one has listed too.
+        app.apply(_service_table("llama", "small"))
+        assert await status("/healthz") == b"HTTP/1.1 503 Service Unavailable"
+        gates["small"].set()
+        await wait_ready()
+        assert await status("/healthz") == b"HTTP/1.1 200 OK"
+
+        # A table with only static addresses is ready at once.
+        app.apply(
+            GatewayConfig.model_validate(
+                {
+                    "models": [
+                        {
+                            "name": "m",
+                            "tracks": [
+                                {"name": "stable", "weight": 1, "addresses": ["127.0.0.1:1"]}
+                            ],
+                        }
+                    ]
+                }
+            )
+        )
+        assert await status("/healthz") == b"HTTP/1.1 200 OK"
+    finally:
+        stop.set()
+        for gate in gates.values():
+            gate.set()
+        server.close()
+        if app.discovery is not None:
+            await app.discovery.close()
+        await runner.cleanup()
+
+
+async def test_ready_at_once_without_services() -> None:
+    from llm_operator.gateway import cli
+
+    args = cli.parse_args(["--config", "/nonexistent/routes.yaml", "--access-log", "off"])
+    app = cli.App(args, GatewayConfig())  # no table yet
+    assert app.discovery is None and app.ready()
+    assert app.gateway.ready is not None and app.gateway.ready()

@@ -114,6 +114,12 @@ class App:
             idle_timeout=args.idle_timeout,
             upstream_idle_seconds=args.upstream_idle_seconds,
         )
+        self.gateway.ready = self.ready
+
+    def ready(self) -> bool:
+        """Readiness: every Service the table names has finished its first EndpointSlice
+        list (a static-address table, or none yet, is ready at once)."""
+        return self.discovery is None or self.discovery.ready()
 
     def build(self, config: GatewayConfig, previous: RoutingTable | None) -> RoutingTable:
         services = set(services_in(config))
@@ -182,6 +188,7 @@ async def serve(args: argparse.Namespace) -> int:
         metrics_gw = Gateway(
             loop, gw.table, app.metrics, AccessLog(None), serve_metrics=True, metrics_only=True
         )
+        metrics_gw.ready = app.ready
         ms = await loop.create_server(metrics_gw.protocol, args.host, args.metrics_port)
         servers.append(ms)
         ports["metricsPort"] = ms.sockets[0].getsockname()[1]

@@ -84,10 +84,16 @@ class EndpointSliceWatcher:
         self.on_change = on_change
         self.slices: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         self.tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.synced: set[tuple[str, str]] = set()
+        """Services whose first list has finished (their endpoints are known)."""
         self._session: aiohttp.ClientSession | None = None
 
     def resolve(self, namespace: str, name: str, port: int | str) -> list[tuple[str, int]]:
         return ready_endpoints(self.slices.get((namespace, name), {}), port)
+
+    def ready(self) -> bool:
+        """Every watched Service has finished its first list (readiness)."""
+        return all(key in self.synced for key in self.tasks)
 
     def want(self, services: set[tuple[str, str]]) -> None:
         """Watch exactly these services."""
@@ -95,6 +101,7 @@ class EndpointSliceWatcher:
             if key not in services:
                 self.tasks.pop(key).cancel()
                 self.slices.pop(key, None)
+                self.synced.discard(key)
         for key in services:
             if key not in self.tasks:
                 self.tasks[key] = asyncio.get_running_loop().create_task(self._run(*key))
@@ -103,6 +110,7 @@ class EndpointSliceWatcher:
         for t in self.tasks.values():
             t.cancel()
         self.tasks.clear()
+        self.synced.clear()
         if self._session is not None:
             await self._session.close()
 
@@ -131,6 +139,7 @@ class EndpointSliceWatcher:
                     listing = await resp.json()
                 slices = {i["metadata"]["name"]: i for i in listing.get("items") or []}
                 self.slices[(namespace, name)] = slices
+                self.synced.add((namespace, name))
                 self.on_change()
                 version = listing.get("metadata", {}).get("resourceVersion", "")
                 params = {

@@ -24,6 +24,7 @@ import logging
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 
 import httptools
 
@@ -385,6 +386,9 @@ class Gateway:
         """Do not reuse a backend connection idle for longer than this (0: no limit)."""
         self.draining = False
         """SIGTERM: /healthz and /readyz answer 503, every response closes its connection."""
+        self.ready: Callable[[], bool] | None = None
+        """Readiness beyond draining (the first EndpointSlice lists): /healthz and /readyz
+        answer 503 while it returns False; /health (liveness) does not ask it."""
         self._sweeper: asyncio.TimerHandle | None = None
         metrics.circuit_source = self._circuit_states
         metrics.generation = table.generation
@@ -445,6 +449,9 @@ class Gateway:
         if self.draining and path != b"/health":
             resp = http_response(503, b"draining", b"text/plain", keep_alive=ka)
             return resp[: -len(b"draining")] if head else resp
+        if path != b"/health" and self.ready is not None and not self.ready():
+            resp = http_response(503, b"not ready", b"text/plain", keep_alive=ka)
+            return resp[: -len(b"not ready")] if head else resp
         resp = http_response(200, b"ok", b"text/plain", keep_alive=ka)
         return resp[:-2] if head else resp
 
