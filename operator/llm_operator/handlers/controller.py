@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 import logging
 import time
 from collections import defaultdict
@@ -64,11 +63,11 @@ class Controller:
     config: RenderConfig
     clock: Callable[[], str] = now_rfc3339
     bodies: dict[OwnerKey, dict[str, Any]] = field(default_factory=dict)
-    children: dict[OwnerKey, dict[tuple[str, str], CachedChild]] = field(
+    children: dict[OwnerKey, dict[tuple[str, str], dict[str, Any]]] = field(
         default_factory=lambda: defaultdict(dict)
     )
-    """Children by owner, as compact JSON: a parsed Deployment costs ~5x its text in memory,
-    and only one owner's children are parsed at a time (when it reconciles)."""
+    """Children by owner, without managedFields. Compact JSON was tried: the Python heap
+    shrank but RSS at 1000 LLMDeployments did not (bench/results/operator.md)."""
     locks: dict[OwnerKey, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     failures: dict[OwnerKey, int] = field(default_factory=lambda: defaultdict(int))
     retries: dict[OwnerKey, asyncio.TimerHandle] = field(default_factory=dict)
@@ -84,7 +83,8 @@ class Controller:
     replicas_owned: dict[tuple[str, str], bool] = field(default_factory=dict)
 
     def live_children(self, owner_key: OwnerKey) -> list[dict[str, Any]]:
-        return [json.loads(c.raw) for c in self.children.get(owner_key, {}).values()]
+        """A snapshot for a worker thread; the objects themselves are never mutated."""
+        return list(self.children.get(owner_key, {}).values())
 
     def remember_child(self, obj: dict[str, Any], deleted: bool = False) -> OwnerKey | None:
         metadata = obj.get("metadata", {})
@@ -100,13 +100,13 @@ class Controller:
             return owner_key
         known = children.get(child_key)
         version = _resource_version(obj)
-        if known is None or version >= known.resource_version:
+        if known is None or version >= _resource_version(known):
             if obj.get("kind") == "Deployment" and "managedFields" in metadata:
                 self.replicas_owned[(metadata["namespace"], metadata["name"])] = owns_replicas(
                     metadata["managedFields"]
                 )
             slim = {**obj, "metadata": {k: v for k, v in metadata.items() if k != "managedFields"}}
-            children[child_key] = CachedChild(version, json.dumps(slim, separators=(",", ":")))
+            children[child_key] = slim
         return owner_key
 
     def remember_owner(self, body: dict[str, Any], deleted: bool = False) -> OwnerKey:
@@ -368,9 +368,3 @@ def _resource_version(obj: dict[str, Any]) -> int:
         return int(obj["metadata"]["resourceVersion"])
     except (KeyError, ValueError):
         return -1
-
-
-@dataclass(frozen=True)
-class CachedChild:
-    resource_version: int
-    raw: str
