@@ -43,7 +43,6 @@ def load_config() -> kubernetes.client.ApiClient:
 class KubeClient:
     def __init__(self, api: kubernetes.client.ApiClient | None = None) -> None:
         self.api = api or load_config()
-        self.writes = 0  # counted for the benchmarks and the no-op tests
 
     def _call(
         self,
@@ -75,7 +74,6 @@ class KubeClient:
         the controller of these fields."""
         kind = kind_of(obj)
         metadata = obj["metadata"]
-        self.writes += 1
         result: dict[str, Any] = self._call(
             "PATCH",
             kind.object_path(metadata["namespace"], metadata["name"]),
@@ -89,7 +87,6 @@ class KubeClient:
         """Delete with a UID precondition, so a re-created object of the same name survives."""
         kind = kind_of(obj)
         metadata = obj["metadata"]
-        self.writes += 1
         try:
             self._call(
                 "DELETE",
@@ -120,18 +117,8 @@ class KubeClient:
             item.setdefault("apiVersion", kind.api_version)
         return items, (result.get("metadata") or {}).get("continue") or None
 
-    def list_kind(
-        self, kind: Kind, namespace: str | None, label_selector: str
-    ) -> list[dict[str, Any]]:
-        items, token = self.list_page(kind, namespace, label_selector)
-        while token:
-            page, token = self.list_page(kind, namespace, label_selector, token)
-            items += page
-        return items
-
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Replace status with a merge patch (null removes keys the new status lacks)."""
-        self.writes += 1
         self._call(
             "PATCH",
             LLMDEPLOYMENT.object_path(namespace, name) + "/status",
@@ -139,20 +126,10 @@ class KubeClient:
             content_type="application/merge-patch+json",
         )
 
-    def get_llmdeployment(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            result: dict[str, Any] = self._call("GET", LLMDEPLOYMENT.object_path(namespace, name))
-            return result
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-
     def post_event(self, owner: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on the LLMDeployment, as `kubectl describe` shows them."""
         metadata = owner["metadata"]
         timestamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        self.writes += 1
         try:
             self._call(
                 "POST",
