@@ -12,6 +12,7 @@ Everything lives under one cache folder outside the clone
       state.json            versions, ports and pids of the last `up`
       pki/                  CA, serving and client certificates, service-account keys
       etcd/                 etcd's data (wiped by `down`)
+      prometheus/           prometheus.yml (generated), rules/*.yml, data/ (the TSDB)
       logs/<component>.log  one log per process
       run/<component>.pid   one pid file per process
 
@@ -29,6 +30,9 @@ from pathlib import Path
 #: Loopback ports, fixed so that a kubeconfig or a log line stays meaningful across runs.
 #: They sit in the 12xxx/16xxx range, away from the well-known Kubernetes ports (6443,
 #: 2379, 10250-10259) so that a real cluster's components on this host do not clash.
+#: Prometheus (Debian's /usr/bin/prometheus, see prometheus.py) listens on 19090, not 9090,
+#: which the Debian package's own service and the chart's operator metrics port use; 19091
+#: is the pod discovery it polls (prometheus_sd.py).
 PORTS: dict[str, int] = {
     "etcd-client": 12379,
     "etcd-peer": 12380,
@@ -36,6 +40,8 @@ PORTS: dict[str, int] = {
     "kube-controller-manager": 16257,
     "kube-scheduler": 16259,
     "kwok": 16247,
+    "prometheus": 19090,
+    "prometheus-sd": 19091,
 }
 
 #: Service and pod address ranges. Nothing routes them; they only have to be valid.

@@ -10,7 +10,10 @@ Identities follow kubeadm's, so that the built-in RBAC bindings apply unchanged:
 - ``kube-controller-manager`` / ``kube-scheduler``: ``CN=system:kube-...``, bound by the
   bootstrap ClusterRoles of the same names;
 - ``kwok``: ``O=system:masters``. kwok plays the kubelet of every fake node at once, and the
-  Node authorizer only lets a kubelet touch its own Node and pods, so kwok needs more.
+  Node authorizer only lets a kubelet touch its own Node and pods, so kwok needs more;
+- ``prometheus``: ``CN=llm-operator-dev:prometheus``, no groups: it may only read pods, through
+  the ClusterRole that ``prometheus.ensure_rbac`` binds once the API server is up. A pki
+  folder from before it existed gains it on the next ``up`` (only missing files are made).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ CLIENTS: tuple[ClientCert, ...] = (
     ClientCert("kube-controller-manager", "system:kube-controller-manager"),
     ClientCert("kube-scheduler", "system:kube-scheduler"),
     ClientCert("kwok", "system:kwok-controller", ("system:masters",), ("IP:127.0.0.1",)),
+    ClientCert("prometheus", "llm-operator-dev:prometheus"),
 )
 
 APISERVER_SANS: tuple[str, ...] = (
