@@ -11,6 +11,13 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from llm_operator.engine_health import (
+    DEADLINE_EXCEEDED,
+    EngineProblem,
+    deadline_exceeded,
+    summarize,
+)
+
 FIELD_MANAGER = "llm-operator"
 DEPLOYMENT_LABEL = "llmoperator.io/deployment"
 MANAGED_BY_SELECTOR = "app.kubernetes.io/managed-by=llm-operator"
@@ -204,9 +211,15 @@ def compute_status(
     problem: Problem | None,
     extra: Mapping[str, Any],
     now: str,
+    engine: Sequence[EngineProblem] = (),
 ) -> dict[str, Any]:
     """The status to write. `extra` carries plan, endpoint and the like; with a problem the
-    previous values stay (they still describe what is running)."""
+    previous values stay (they still describe what is running).
+
+    `engine` is what the pods show (engine_health): a Degraded one makes the phase Degraded
+    and Ready False with its reason, one that may pass by itself (a pod waiting for a node)
+    only explains Progressing. A spec problem wins over both: it is what a person must fix
+    first, and the spec is not applied until then."""
     previous = previous or {}
     conditions = [dict(c) for c in previous.get("conditions") or []]
     replicas, ready, settled = deployment_counts(deployments)
@@ -225,18 +238,25 @@ def compute_status(
     status["replicas"] = replicas
     status["readyReplicas"] = ready
 
+    health = summarize(engine) if problem is None else None
+    broken = health if health is not None and health.degraded else None
+    timeouts = (
+        [] if problem is not None else [m for d in deployments if (m := deadline_exceeded(d))]
+    )
     serving = ready > 0
-    is_ready = problem is None and bool(deployments) and settled and ready > 0
+    is_ready = problem is None and broken is None and bool(deployments) and settled and ready > 0
     rolling = problem is None and bool(deployments) and not settled
     if problem is not None:
         phase = "Degraded" if deployments else "Failed"
+    elif broken is not None:
+        phase = "Degraded"
     elif is_ready:
         phase = "Ready"
     elif rolling and replicas > 0:
         phase = "Progressing"
     else:
         phase = "Pending"
-    if problem is None and bool(deployments) and settled and ready == 0:
+    if problem is None and broken is None and bool(deployments) and settled and ready == 0:
         # Scaled to zero on purpose: nothing to wait for.
         phase = "Ready"
         is_ready = True
@@ -244,35 +264,42 @@ def compute_status(
     ready_message = (
         f"{ready}/{replicas} replicas ready" if deployments else "no replicas created yet"
     )
+    if problem is not None:
+        ready_message = f"{ready_message}; spec not applied: {problem.reason}"
+    elif broken is not None:
+        ready_message = f"{ready_message}: {broken.reason}"
+    if is_ready:
+        ready_reason = "ReplicasReady"
+    elif broken is not None:
+        ready_reason = broken.reason
+    else:
+        ready_reason = "StillServing" if serving else "ReplicasNotReady"
     conditions = set_condition(
         conditions,
         "Ready",
         is_ready or (problem is not None and serving),
-        "ReplicasReady" if is_ready else ("StillServing" if serving else "ReplicasNotReady"),
-        ready_message
-        if problem is None
-        else f"{ready_message}; spec not applied: {problem.reason}",
+        ready_reason,
+        ready_message,
         generation,
         now,
     )
-    conditions = set_condition(
-        conditions,
-        "Progressing",
-        rolling,
-        "RollingOut" if rolling else "Settled",
-        "replicas are being created or replaced" if rolling else "",
-        generation,
-        now,
-    )
-    conditions = set_condition(
-        conditions,
-        "Degraded",
-        problem is not None,
-        problem.reason if problem else "AsExpected",
-        problem.message if problem else "",
-        generation,
-        now,
-    )
+    if timeouts:
+        # The Deployment controller gave up waiting; it no longer calls this progress.
+        progressing = (False, DEADLINE_EXCEEDED, "; ".join(timeouts))
+    elif rolling and health is not None and not health.degraded:
+        progressing = (True, health.reason, health.message)
+    elif rolling:
+        progressing = (True, "RollingOut", "replicas are being created or replaced")
+    else:
+        progressing = (False, "Settled", "")
+    conditions = set_condition(conditions, "Progressing", *progressing, generation, now)
+    if problem is not None:
+        degraded = (True, problem.reason, problem.message)
+    elif broken is not None:
+        degraded = (True, broken.reason, broken.message)
+    else:
+        degraded = (False, "AsExpected", "")
+    conditions = set_condition(conditions, "Degraded", *degraded, generation, now)
     status["conditions"] = sorted(conditions, key=lambda c: str(c["type"]))
     status["phase"] = phase
     return status

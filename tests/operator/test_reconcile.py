@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llm_operator.engine_health import EngineProblem
 from llm_operator.reconcile import (
     Problem,
     compute_status,
@@ -192,3 +193,118 @@ def test_values_the_api_server_omits_when_empty_or_false_are_not_drift() -> None
     live = {"env": [{"name": "A"}], "mount": {}}
     assert drifted(desired, live) == []
     assert drifted({"replicas": 0}, {}) == [".replicas"]  # zero is a value, not an omission
+
+
+CRASH_LOOP = EngineProblem(
+    "EngineCrashLoop",
+    "pod m-7d9c-x2x4z container vllm: CrashLoopBackOff, restarted 3 times, "
+    "last exit Error (exit code 1)",
+    degraded=True,
+    pod="m-7d9c-x2x4z",
+)
+UNSCHEDULABLE = EngineProblem(
+    "Unschedulable",
+    "pod m-7d9c-x2x4z: Unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+    degraded=False,
+    pod="m-7d9c-x2x4z",
+)
+
+
+def rolling() -> dict[str, Any]:
+    return deployment(
+        observedGeneration=2, replicas=2, updatedReplicas=2, readyReplicas=1,
+        unavailableReplicas=1,
+    )  # fmt: skip
+
+
+def conditions_of(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in status["conditions"]}
+
+
+def test_a_crash_looping_engine_is_degraded_with_the_pods_reason() -> None:
+    status = compute_status(
+        previous=None, generation=3, deployments=[rolling()], problem=None,
+        extra={"endpoint": "http://m.ns.svc:8000/v1"}, now="t", engine=[CRASH_LOOP],
+    )  # fmt: skip
+    assert status["phase"] == "Degraded"
+    assert status["endpoint"] == "http://m.ns.svc:8000/v1"  # the spec was applied
+    conditions = conditions_of(status)
+    assert conditions["Degraded"]["status"] == "True"
+    assert conditions["Degraded"]["reason"] == "EngineCrashLoop"
+    assert conditions["Degraded"]["message"] == CRASH_LOOP.message
+    assert conditions["Ready"]["status"] == "False"
+    assert conditions["Ready"]["reason"] == "EngineCrashLoop"
+    assert conditions["Ready"]["message"] == "1/2 replicas ready: EngineCrashLoop"
+    # The Deployment controller is still trying (within its deadline).
+    assert conditions["Progressing"]["status"] == "True"
+
+
+def test_a_pod_waiting_for_a_node_explains_progressing_without_degrading() -> None:
+    status = compute_status(
+        previous=None, generation=3, deployments=[rolling()], problem=None, extra={},
+        now="t", engine=[UNSCHEDULABLE],
+    )  # fmt: skip
+    assert status["phase"] == "Progressing"
+    conditions = conditions_of(status)
+    assert conditions["Degraded"]["status"] == "False"
+    assert conditions["Progressing"]["status"] == "True"
+    assert conditions["Progressing"]["reason"] == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in conditions["Progressing"]["message"]
+
+
+def test_a_healthy_rollout_stays_progressing() -> None:
+    status = compute_status(
+        previous=None, generation=3, deployments=[rolling()], problem=None, extra={},
+        now="t", engine=[],
+    )  # fmt: skip
+    assert status["phase"] == "Progressing"
+    assert conditions_of(status)["Progressing"]["reason"] == "RollingOut"
+    assert conditions_of(status)["Degraded"]["status"] == "False"
+
+
+def test_a_timed_out_rollout_is_no_longer_progressing() -> None:
+    timed_out = rolling()
+    timed_out["status"]["conditions"] = [
+        {
+            "type": "Progressing",
+            "status": "False",
+            "reason": "ProgressDeadlineExceeded",
+            "message": 'ReplicaSet "m-7d9c" has timed out progressing.',
+        }
+    ]
+    engine = [EngineProblem("ProgressDeadlineExceeded", "Deployment m: timed out", True)]
+    status = compute_status(
+        previous=None, generation=3, deployments=[timed_out], problem=None, extra={},
+        now="t", engine=engine,
+    )  # fmt: skip
+    conditions = conditions_of(status)
+    assert status["phase"] == "Degraded"
+    assert conditions["Progressing"]["status"] == "False"
+    assert conditions["Progressing"]["reason"] == "ProgressDeadlineExceeded"
+    assert conditions["Progressing"]["message"] == 'ReplicaSet "m-7d9c" has timed out progressing.'
+    assert conditions["Degraded"]["reason"] == "ProgressDeadlineExceeded"
+
+
+def test_a_recovered_engine_is_ready_again_and_not_degraded() -> None:
+    broken = compute_status(
+        previous=None, generation=3, deployments=[rolling()], problem=None, extra={},
+        now="t1", engine=[CRASH_LOOP],
+    )  # fmt: skip
+    fixed = compute_status(
+        previous=broken, generation=3, deployments=[settled()], problem=None, extra={},
+        now="t2", engine=[],
+    )  # fmt: skip
+    assert fixed["phase"] == "Ready"
+    conditions = conditions_of(fixed)
+    assert conditions["Degraded"]["status"] == "False"
+    assert conditions["Degraded"]["lastTransitionTime"] == "t2"
+    assert conditions["Ready"]["status"] == "True"
+
+
+def test_a_spec_problem_wins_over_what_the_pods_show() -> None:
+    status = compute_status(
+        previous=None, generation=3, deployments=[rolling()],
+        problem=Problem("CannotPlan", "tensor 3 does not divide 64 heads"), extra={},
+        now="t", engine=[CRASH_LOOP],
+    )  # fmt: skip
+    assert conditions_of(status)["Degraded"]["reason"] == "CannotPlan"
