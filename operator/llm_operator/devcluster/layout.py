@@ -40,14 +40,17 @@ PORTS: dict[str, int] = {
     "kube-controller-manager": 16257,
     "kube-scheduler": 16259,
     "kwok": 16247,
+    "pod-runner": 16250,
     "prometheus": 19090,
     "prometheus-sd": 19091,
 }
 
-#: Service and pod address ranges. Nothing routes them; they only have to be valid.
+#: Service addresses: nothing routes them, except the `kubernetes` Service's, which the pods'
+#: podnet shim maps to the API server. Pod addresses are loopback, one /24 per node
+#: (``spec.podCIDR``), so that every pod's processes listen at an address of their own.
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_IP = "10.96.0.1"
-POD_CIDR = "10.244.0.0/16"
+POD_CIDR = "127.1.0.0/16"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 CLUSTER_NAME = "llm-operator-dev"
 
@@ -155,6 +158,11 @@ class Layout:
     @property
     def kwok_stages(self) -> Path:
         return self.cache_dir / f"kwok-{self.versions.kwok}" / "stages.yaml"
+
+    @property
+    def kwok_node_stages(self) -> Path:
+        """kwok's node stages only: the pod runner, not kwok, plays the pods' kubelet."""
+        return self.cluster_dir / "kwok-node-stages.yaml"
 
     def binary(self, name: str) -> Path:
         folder = {

@@ -32,6 +32,7 @@ def _node(
     labels: dict[str, str],
     capacity: dict[str, str],
     taints: list[dict[str, str]],
+    pod_cidr: str,
 ) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
@@ -50,7 +51,13 @@ def _node(
                 **labels,
             },
         },
-        "spec": {"taints": taints} if taints else {},
+        # The pod runner gives pods addresses from here; loopback, so that they are this
+        # machine's without any network set-up.
+        "spec": {
+            "podCIDR": pod_cidr,
+            "podCIDRs": [pod_cidr],
+            **({"taints": taints} if taints else {}),
+        },
         # Status is accepted on create (a kubelet registers its node this way); kwok keeps
         # capacity and fills in conditions, addresses and heartbeats.
         "status": {
@@ -91,13 +98,18 @@ def desired_nodes(k8s_version: str) -> list[dict[str, Any]]:
         GPU_RESOURCE: str(GPUS_PER_NODE),
     }
     nodes = [
-        _node(f"gpu-{i}", k8s_version, gpu_labels, gpu_capacity, [GPU_TAINT])
+        _node(f"gpu-{i}", k8s_version, gpu_labels, gpu_capacity, [GPU_TAINT], pod_cidr(i + 1))
         for i in range(GPU_NODE_COUNT)
     ]
     cpu_capacity = {"cpu": "32", "memory": "128Gi", "ephemeral-storage": "1Ti", "pods": "110"}
     cpu_labels = {"node.kubernetes.io/instance-type": "kwok-cpu"}
-    nodes.append(_node("cpu-0", k8s_version, cpu_labels, cpu_capacity, []))
+    nodes.append(_node("cpu-0", k8s_version, cpu_labels, cpu_capacity, [], pod_cidr(0)))
     return nodes
+
+
+def pod_cidr(index: int) -> str:
+    """Node ``index``'s pod addresses: 127.1.<index>.0/24 (cpu-0 is 0, gpu-N is N + 1)."""
+    return f"127.1.{index}.0/24"
 
 
 def is_ready(node: dict[str, Any]) -> bool:
