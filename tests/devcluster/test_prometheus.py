@@ -4,6 +4,7 @@ pod templates), the pod discovery that stands in for Kubernetes SD, and the proc
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
@@ -28,7 +30,8 @@ from llm_operator.devcluster import prometheus as prom
 from llm_operator.devcluster import prometheus_sd as sd
 from llm_operator.devcluster.layout import PORTS, Layout, read_versions
 from llm_operator.planner import plan
-from llm_operator.render import RenderConfig, Track, render_deployment
+from llm_operator.render import RenderConfig, Track, keda_query, render_deployment
+from tests.support.sim import run_sims
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "ml"
@@ -116,18 +119,23 @@ class FakeApi:
         return 200, {"kind": "PodList", "items": self.pods}
 
 
-@pytest.fixture
-def discovery() -> Iterator[tuple[str, FakeApi]]:
-    """prometheus_sd's HTTP server on a free port, listing pods from a fake API."""
-    api = FakeApi(_cluster_pods())
+@contextlib.contextmanager
+def _serve_discovery(pods: list[dict[str, Any]]) -> Iterator[tuple[str, FakeApi]]:
+    """prometheus_sd's HTTP server on a free port, listing ``pods`` from a fake API."""
+    api = FakeApi(pods)
     server = ThreadingHTTPServer(("127.0.0.1", 0), sd._handler(sd.PodLister(api)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", api
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def discovery() -> Iterator[tuple[str, FakeApi]]:
+    with _serve_discovery(_cluster_pods()) as served:
+        yield served
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -332,15 +340,14 @@ def test_strays_finds_a_discovery_process_without_its_pid_file(layout: Layout) -
 # -- the relabelling, run by a real Prometheus ------------------------------------------------
 
 
-@pytest.mark.prometheus
-def test_prometheus_keeps_annotated_pods_and_the_chart_metrics_ports(
-    layout: Layout, discovery: tuple[str, FakeApi]
-) -> None:
+@contextlib.contextmanager
+def _prometheus(layout: Layout, discovery_url: str) -> Iterator[str]:
+    """The real Prometheus with the generated config and argv, on a free port, discovering
+    from ``discovery_url`` instead of the fixed prometheus-sd port."""
     _need(prom.BINARY)
-    url, _ = discovery
     config = prom.config(layout)
     for job in config["scrape_configs"]:
-        job["http_sd_configs"][0]["url"] = f"{url}/targets"
+        job["http_sd_configs"][0]["url"] = f"{discovery_url}/targets"
     path = prom.config_path(layout)
     path.parent.mkdir(parents=True)
     path.write_text(yaml.safe_dump(config))
@@ -353,11 +360,25 @@ def test_prometheus_keeps_annotated_pods_and_the_chart_metrics_ports(
     log = layout.cluster_dir / "prometheus.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=layout.cluster_dir)
+    base = f"http://127.0.0.1:{port}"
     try:
-        targets = _wait_for_targets(f"http://127.0.0.1:{port}", want=4, proc=proc, log=log)
+        deadline = time.monotonic() + 20
+        while not _ready(base):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"prometheus did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield base
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.prometheus
+def test_prometheus_keeps_annotated_pods_and_the_chart_metrics_ports(
+    layout: Layout, discovery: tuple[str, FakeApi]
+) -> None:
+    with _prometheus(layout, discovery[0]) as base:
+        targets = _wait_for_targets(base, want=4)
 
     active = {t["labels"]["pod"]: t for t in targets["activeTargets"]}
     assert set(active) == {
@@ -396,21 +417,66 @@ def test_prometheus_keeps_annotated_pods_and_the_chart_metrics_ports(
     assert len(targets["droppedTargets"]) == 2 * len(groups) - 4
 
 
-def _wait_for_targets(
-    base: str, want: int, proc: subprocess.Popen[bytes], log: Path
-) -> dict[str, Any]:
+def _wait_for_targets(base: str, want: int) -> dict[str, Any]:
+    # Prometheus hands discovered targets to its scrape loops every 5 s.
     deadline = time.monotonic() + 20
     data: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"prometheus exited: {log.read_text()[-2000:]}")
-        status, body = _get(f"{base}/api/v1/targets?state=any") if _ready(base) else (0, "")
+        status, body = _get(f"{base}/api/v1/targets?state=any")
         if status == 200:
             data = json.loads(body)["data"]
             if len(data["activeTargets"]) >= want:
                 return data
         time.sleep(0.2)
-    pytest.fail(f"no {want} active targets in 20 s: {data}\n{log.read_text()[-2000:]}")
+    pytest.fail(f"no {want} active targets in 20 s: {data}")
+
+
+@pytest.mark.prometheus
+def test_a_scraped_engine_answers_the_renderers_keda_query(layout: Layout) -> None:
+    """The series of a real simulator at a pod's IP carry what the renderer's queries match
+    on: the KEDA query of the sample finds its stable pod, and only that one."""
+    raw = yaml.safe_load((REPO / "manifests" / "samples" / "llama-3-8b.yaml").read_text())
+    raw["metadata"]["namespace"] = NAMESPACE
+    llmd = LLMDeployment.model_validate(raw)
+    with run_sims(1, llmd.spec.model.name, served_name="llama-3-8b") as (sim,):
+        pods = []
+        names: dict[Track, str] = {
+            "stable": "llama-3-8b-5d8f7c9b4-x2x7k",
+            "canary": "llama-3-8b-canary-6c9d8b7f5-q8w4z",
+        }
+        for track, name in names.items():
+            template = _engine_template(track)
+            # Both at the simulator's address: the loopback "pod IP" of the serving cluster.
+            template["metadata"]["annotations"]["prometheus.io/port"] = str(sim.port)
+            template["spec"]["containers"][0]["ports"][0]["containerPort"] = sim.port
+            pods.append(_pod(template, name, "127.0.0.1"))
+        query = keda_query(llmd, RenderConfig())
+        assert query.startswith("sum(")
+        with _serve_discovery(pods) as (url, _), _prometheus(layout, url) as base:
+            waiting = _wait_for_query(base, "vllm:num_requests_waiting", want=2)
+            (total,) = _wait_for_query(base, query, want=1)
+            (only,) = _wait_for_query(base, query.replace("sum(", "count(", 1), want=1)
+    labels = {w["metric"]["llmoperator_io_track"]: w["metric"] for w in waiting}
+    assert labels["stable"]["namespace"] == NAMESPACE
+    assert labels["stable"]["pod"] == "llama-3-8b-5d8f7c9b4-x2x7k"
+    assert labels["stable"]["model_name"] == "llama-3-8b"
+    assert labels["canary"]["pod"] == "llama-3-8b-canary-6c9d8b7f5-q8w4z"
+    assert total["value"][1] == "0"  # nobody waits on an idle simulator
+    assert only["value"][1] == "1"  # the stable pod's series, not the canary's
+
+
+def _wait_for_query(base: str, promql: str, want: int) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 20
+    result: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        query = urllib.parse.urlencode({"query": promql})
+        status, body = _get(f"{base}/api/v1/query?{query}")
+        if status == 200:
+            result = json.loads(body)["data"]["result"]
+            if len(result) >= want:
+                return result
+        time.sleep(0.2)
+    pytest.fail(f"{promql!r}: fewer than {want} series in 20 s: {result}")
 
 
 def _ready(base: str) -> bool:
