@@ -13,7 +13,6 @@ import yaml
 from pydantic import ValidationError
 
 from llm_operator.api.gateway_config import GatewayConfig
-from llm_operator.gateway.discovery import ready_endpoints
 from llm_operator.gateway.loader import ConfigError, fingerprint, load, parse, watch
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "gateway.md"
@@ -32,7 +31,11 @@ def test_documented_example_is_a_valid_table() -> None:
     m = cfg.model("llama-70b")
     assert m is not None
     assert [t.weight for t in m.tracks] == [90, 10]
-    assert m.tracks[1].service is not None and m.tracks[1].service.port == "http"
+    canary = m.tracks[1].pods
+    assert canary is not None and canary.port == "http"
+    assert (
+        canary.label_selector() == "llmoperator.io/deployment=llama-70b,llmoperator.io/track=canary"
+    )
     assert m.fallbacks[1].target_model == "small-model"
     # What the operator writes is what the gateway reads back.
     assert GatewayConfig.model_validate(cfg.to_wire()) == cfg
@@ -57,10 +60,15 @@ def _one(**model: Any) -> dict[str, Any]:
     return {"models": [{**base, **model}]}
 
 
+def _pods(**pods: Any) -> dict[str, Any]:
+    ref = {"namespace": "ml", "matchLabels": {"app": "llama"}, "port": "http", **pods}
+    return _one(tracks=[{"name": "stable", "weight": 1, "pods": ref}])
+
+
 @pytest.mark.parametrize(
     ("table", "message"),
     [
-        (_one(tracks=[{"name": "stable", "weight": 1}]), "needs addresses or a service"),
+        (_one(tracks=[{"name": "stable", "weight": 1}]), "needs addresses or pods"),
         (_one(tracks=[{"name": "stable", "weight": 0, "addresses": ["h:1"]}]), "weight above 0"),
         (
             _one(
@@ -81,6 +89,15 @@ def _one(**model: Any) -> dict[str, Any]:
         (_one(tracks=[{"name": "blue", "weight": 1, "addresses": ["h:1"]}]), "name"),
         (_one(tracks=[{"name": "stable", "weight": 1, "addresses": ["no-port"]}]), "addresses"),
         (_one(timeouts={"firstbyte": 1}), "firstbyte"),
+        (_pods(matchLabels={}), "at least 1 item"),
+        (_pods(matchLabels={"a/b/c": "x"}), r"matchLabels\.a/b/c"),
+        (_pods(matchLabels={"app": "x,y"}), r"matchLabels\.app"),
+        (_pods(matchLabels={"app": "v" * 64}), "at most 63"),
+        (_pods(matchLabels={".".join(["p" * 60] * 5) + "/app": "x"}), "longer than 253"),
+        (_pods(port="a--b"), "needs a letter and no '--'"),
+        (_pods(port="70000"), "needs a letter"),
+        (_pods(port="HTTP"), "port"),
+        (_pods(namespace="ML"), "namespace"),
         ({"models": [], "edge": {"apiKeys": [{"name": "a", "sha256": "abc"}]}}, "sha256"),
     ],
 )
@@ -130,24 +147,3 @@ async def test_watcher_applies_good_tables_and_skips_bad_ones(tmp_path: Path) ->
         assert applied and applied[0].models[0].retry_after == 9
     finally:
         task.cancel()
-
-
-def test_ready_endpoints_from_endpointslices() -> None:
-    slices = {
-        "a": {
-            "ports": [{"name": "http", "port": 8000}, {"name": "metrics", "port": 9090}],
-            "endpoints": [
-                {"addresses": ["10.0.0.1"], "conditions": {"ready": True}},
-                {"addresses": ["10.0.0.2"], "conditions": {"ready": False}},
-                {"addresses": ["10.0.0.3"], "conditions": {"ready": True, "terminating": True}},
-                {"addresses": ["10.0.0.4"]},  # ready unset counts as ready
-            ],
-        },
-        "b": {
-            "ports": [{"name": "other", "port": 7000}],
-            "endpoints": [{"addresses": ["10.0.0.9"]}],
-        },
-    }
-    assert ready_endpoints(slices, "http") == [("10.0.0.1", 8000), ("10.0.0.4", 8000)]
-    assert ready_endpoints(slices, 9090) == [("10.0.0.1", 9090), ("10.0.0.4", 9090)]
-    assert ready_endpoints(slices, "nope") == []

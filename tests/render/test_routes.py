@@ -8,6 +8,7 @@ import yaml
 
 from llm_operator.api import LLMDeployment
 from llm_operator.api.gateway_config import GatewayConfig
+from llm_operator.render import render_all
 from llm_operator.render.routes import ROUTES_KEY, render_routes, render_routes_configmap
 
 
@@ -19,7 +20,7 @@ def llmd(name: str, namespace: str = "ml", **spec: Any) -> LLMDeployment:
     return LLMDeployment.model_validate(body)
 
 
-def test_each_llmdeployment_routes_its_served_name_to_its_service() -> None:
+def test_each_llmdeployment_routes_its_served_name_to_its_stable_pods() -> None:
     table, problems = render_routes(
         [llmd("big", model={"name": "org/big", "servedName": "big-chat"}), llmd("small")]
     )
@@ -28,13 +29,31 @@ def test_each_llmdeployment_routes_its_served_name_to_its_service() -> None:
     assert big is not None
     [track] = big.tracks
     assert (track.name, track.weight) == ("stable", 100)
-    assert track.service is not None
-    assert (track.service.namespace, track.service.name, track.service.port) == (
-        "ml",
-        "big",
-        "http",
-    )
+    assert track.pods is not None
+    assert (track.pods.namespace, track.pods.port) == ("ml", "http")
+    assert track.pods.match_labels == {
+        "llmoperator.io/deployment": "big",
+        "llmoperator.io/track": "stable",
+    }
     assert table.model("org/small") is not None
+
+
+def test_the_stable_track_picks_the_pods_the_deployment_runs() -> None:
+    # The same labels as the stable Deployment's selector and the port its engine container
+    # names: whatever the name (dots, length), the gateway finds exactly those pods.
+    long = llmd(
+        "meta-llama-3.1-8b-instruct-" + "x" * 60,
+        model={"name": "meta-llama/Llama-3.1-8B-Instruct"},
+    )
+    table, _ = render_routes([long])
+    [track] = table.models[0].tracks
+    [deployment] = [o for o in render_all(long) if o["kind"] == "Deployment"]
+    template = deployment["spec"]["template"]
+    assert track.pods is not None
+    assert track.pods.match_labels == deployment["spec"]["selector"]["matchLabels"]
+    assert track.pods.match_labels.items() <= template["metadata"]["labels"].items()
+    [engine] = template["spec"]["containers"]
+    assert track.pods.port in {p["name"] for p in engine["ports"]}
 
 
 def test_fallbacks_become_a_chain_of_models_and_external_urls() -> None:
@@ -81,7 +100,7 @@ def test_a_served_name_taken_twice_keeps_the_first_and_says_so() -> None:
     table, problems = render_routes([llmd("b", model=same), llmd("a", model=same)])
     assert [m.name for m in table.models] == ["chat"]
     [track] = table.models[0].tracks
-    assert track.service is not None and track.service.name == "a"
+    assert track.pods is not None and track.pods.match_labels["llmoperator.io/deployment"] == "a"
     assert problems == [
         "ml/b: served name 'chat' is already routed to ml/a; pick another model.servedName"
     ]
@@ -122,7 +141,8 @@ def test_the_oldest_llmdeployment_keeps_a_contested_served_name() -> None:
     newer.metadata.model_extra["creationTimestamp"] = "2026-06-01T00:00:00Z"  # type: ignore[index]
     table, problems = render_routes([newer, older])
     [track] = table.models[0].tracks
-    assert track.service is not None and track.service.name == "zzz"
+    assert track.pods is not None
+    assert track.pods.match_labels["llmoperator.io/deployment"] == "zzz"
     assert "ml/aaa" in problems[0]
 
 

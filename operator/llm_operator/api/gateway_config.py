@@ -6,7 +6,7 @@ with these models. Field names are camelCase on the wire; unknown fields are rej
 typo in a hand-written table fails loudly instead of being ignored.
 
 Shape: models -> tracks (stable/canary, integer weights) -> backends (static `host:port`
-addresses or a Kubernetes Service resolved through its EndpointSlices), plus per model a
+addresses or the ready Kubernetes Pods a label selector picks), plus per model a
 fallback chain, the triggers that take it, timeouts, a retry budget and a circuit breaker;
 and edge settings (request size, hashed client keys, per-key rate limits).
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from llm_operator.api.base import ApiModel, Rule
 
@@ -29,20 +29,68 @@ SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 SHA256_HEX_PATTERN = r"^[0-9a-f]{64}$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# Label keys and values as Kubernetes validates them: an optional DNS-subdomain prefix and a
+# name of at most 63 characters; a value of at most 63 (possibly empty).
+LABEL_NAME_PART = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_KEY_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*/)?"
+    + LABEL_NAME_PART
+    + "$"
+)
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+LABEL_PREFIX_MAX = 253
+PORT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 ServedName = Annotated[str, Field(pattern=SERVED_NAME_PATTERN, min_length=1, max_length=256)]
 Seconds = Annotated[float, Field(gt=0, le=86400)]
 
 
-class ServiceRef(ApiModel):
-    """A Kubernetes Service whose ready EndpointSlice addresses are this track's backends."""
+def _label_key(key: str) -> str:
+    prefix, _, _ = key.rpartition("/")
+    if len(prefix) > LABEL_PREFIX_MAX:
+        raise ValueError(f"the prefix of label key {key!r} is longer than {LABEL_PREFIX_MAX}")
+    return key
+
+
+def _port_name(name: str) -> str:
+    # What the pattern cannot say of Kubernetes' IANA_SVC_NAME: a letter somewhere, no "--".
+    # A name no container port can have would leave the track empty without a word.
+    if not re.search("[a-z]", name) or "--" in name:
+        raise ValueError(
+            f"port name {name!r} needs a letter and no '--' (or give the port as a number)"
+        )
+    return name
+
+
+LabelKey = Annotated[
+    str,
+    Field(pattern=LABEL_KEY_PATTERN, max_length=LABEL_PREFIX_MAX + 1 + 63),
+    AfterValidator(_label_key),
+]
+LabelValue = Annotated[str, Field(pattern=LABEL_VALUE_PATTERN, max_length=63)]
+PortName = Annotated[
+    str, Field(pattern=PORT_NAME_PATTERN, min_length=1, max_length=15), AfterValidator(_port_name)
+]
+
+
+class PodSelectorRef(ApiModel):
+    """The Pods of one namespace, picked by labels, whose ready pod IPs are this track's
+    backends. A pod counts while it is Running and Ready, has a pod IP, and is not being
+    deleted."""
 
     namespace: Annotated[str, Field(pattern=DNS_LABEL_PATTERN, max_length=63)]
-    """Namespace of the Service."""
-    name: Annotated[str, Field(pattern=DNS_LABEL_PATTERN, max_length=63)]
-    """Name of the Service (EndpointSlices are found by the label kubernetes.io/service-name)."""
-    port: Annotated[int, Field(ge=1, le=65535)] | Annotated[str, Field(min_length=1, max_length=15)]
-    """Port number on the endpoints, or the name of the Service port (for example http)."""
+    """Namespace of the Pods."""
+    match_labels: Annotated[dict[LabelKey, LabelValue], Field(min_length=1, max_length=32)]
+    """Labels a pod must carry, every one with this value (a Kubernetes equality selector).
+    At least one: an empty selector would pick every pod of the namespace."""
+    port: Annotated[int, Field(ge=1, le=65535)] | PortName
+    """Port number on the pod IP, or the name of a TCP container port (for example http),
+    looked up in each pod's spec.containers[].ports[]; a pod without that port is skipped."""
+
+    def label_selector(self) -> str:
+        """The selector as the API server's labelSelector parameter takes it (keys sorted,
+        so equal selectors give equal strings)."""
+        return ",".join(f"{key}={value}" for key, value in sorted(self.match_labels.items()))
 
 
 class Track(ApiModel):
@@ -57,14 +105,15 @@ class Track(ApiModel):
         list[Annotated[str, Field(pattern=ADDRESS_PATTERN)]], Field(max_length=1024)
     ] = []
     """Static backends as host:port (vLLM's OpenAI server, plain HTTP)."""
-    service: ServiceRef | None = None
-    """A Service whose ready endpoints are added to the addresses (in-cluster only)."""
+    pods: PodSelectorRef | None = None
+    """Pods whose ready IPs are added to the addresses (the gateway lists and watches them
+    when it runs in a cluster)."""
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
-            cel="size(self.addresses) > 0 || has(self.service)",
-            message="a track needs addresses or a service",
-            holds=lambda t: bool(t.addresses) or t.service is not None,
+            cel="size(self.addresses) > 0 || has(self.pods)",
+            message="a track needs addresses or pods",
+            holds=lambda t: bool(t.addresses) or t.pods is not None,
         ),
     )
 

@@ -19,10 +19,15 @@ from pathlib import Path
 
 from llm_operator.api.gateway_config import GatewayConfig
 from llm_operator.gateway.accesslog import AccessLog
-from llm_operator.gateway.discovery import Cluster, EndpointSliceWatcher
+from llm_operator.gateway.discovery import Cluster, PodWatcher
 from llm_operator.gateway.loader import ConfigError, fingerprint, load, read_api_key, watch
 from llm_operator.gateway.metrics import Metrics
-from llm_operator.gateway.routing import BackendRegistry, RoutingTable, build_table, services_in
+from llm_operator.gateway.routing import (
+    BackendRegistry,
+    RoutingTable,
+    build_table,
+    pod_selectors_in,
+)
 from llm_operator.gateway.server import Gateway
 
 log = logging.getLogger("llm_operator.gateway")
@@ -100,7 +105,7 @@ class App:
         self.config = config
         self.registry = BackendRegistry()
         self.metrics = Metrics()
-        self.discovery: EndpointSliceWatcher | None = None
+        self.discovery: PodWatcher | None = None
         self.loop = asyncio.get_running_loop()
         table = self.build(config, None)
         stream = sys.stdout if args.access_log == "on" else None
@@ -117,23 +122,23 @@ class App:
         self.gateway.ready = self.ready
 
     def ready(self) -> bool:
-        """Readiness: every Service the table names has finished its first EndpointSlice
-        list (a static-address table, or none yet, is ready at once)."""
+        """Readiness: every pod selector the table names has finished its first list (a
+        static-address table, or none yet, is ready at once)."""
         return self.discovery is None or self.discovery.ready()
 
     def build(self, config: GatewayConfig, previous: RoutingTable | None) -> RoutingTable:
-        services = set(services_in(config))
-        if services and self.discovery is None:
+        selectors = set(pod_selectors_in(config))
+        if selectors and self.discovery is None:
             cluster = Cluster.in_cluster()
             if cluster is None:
                 log.warning(
-                    "the routing table names Services but the gateway is not running in a "
+                    "the routing table names pods but the gateway is not running in a "
                     "cluster; those tracks use only their static addresses"
                 )
             else:
-                self.discovery = EndpointSliceWatcher(cluster, self.on_endpoints)
+                self.discovery = PodWatcher(cluster, self.on_pods)
         if self.discovery is not None:
-            self.discovery.want(services)
+            self.discovery.want(selectors)
         resolve = self.discovery.resolve if self.discovery is not None else None
         return build_table(config, self.registry, read_api_key, resolve, previous)
 
@@ -155,7 +160,7 @@ class App:
     def on_error(self, _: str) -> None:
         self.metrics.reloads["error"] += 1
 
-    def on_endpoints(self) -> None:
+    def on_pods(self) -> None:
         table = self.build(self.config, self.gateway.table)
         self.gateway.set_table(table)
         self.registry.prune(table.backend_keys())

@@ -1,9 +1,13 @@
-"""EndpointSlice discovery for tracks that name a Service (in-cluster only).
+"""Pod discovery for tracks that name a pod selector (in-cluster only).
 
-One list-then-watch loop per Service, with plain aiohttp against the API server using the
-pod's service-account token: the `kubernetes` client's sync watch would need a thread, and
-kopf is the operator's, not the gateway's. Off the hot path: a change rebuilds the routing
-table (the same swap a file reload does) and requests keep flowing on the old one meanwhile.
+Backends come from Pods and their Ready condition, not from EndpointSlices, as KubeAI's proxy
+and the Gateway API inference extension's endpoint picker do: EndpointSlices refuse some
+addresses a pod can have (loopback, for one), and the Pods are what the kubelet's readiness
+is written on anyway. One list-then-watch loop per (namespace, selector), with plain aiohttp
+against the API server using the pod's service-account token: the `kubernetes` client's sync
+watch would need a thread, and kopf is the operator's, not the gateway's. Off the hot path: a
+change rebuilds the routing table (the same swap a file reload does) and requests keep
+flowing on the old one meanwhile.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import json
 import logging
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ import aiohttp
 log = logging.getLogger("llm_operator.gateway")
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+WATCH_SECONDS = 300
 
 
 class Cluster:
@@ -52,57 +57,100 @@ class Cluster:
         return ssl.create_default_context(cafile=str(self.ca_path))
 
 
-def ready_endpoints(slices: dict[str, dict[str, Any]], port: int | str) -> list[tuple[str, int]]:
-    """Ready addresses with the wanted port, from EndpointSlice objects (pure)."""
-    out: list[tuple[str, int]] = []
-    for s in slices.values():
-        number: int | None = None
-        for p in s.get("ports") or []:
-            if isinstance(port, int) and p.get("port") == port:
-                number = port
-            elif isinstance(port, str) and p.get("name") == port:
-                number = p.get("port")
-        if number is None and isinstance(port, int) and not s.get("ports"):
-            number = port
-        if number is None:
+def pod_backends(pods: Iterable[dict[str, Any]], port: int | str) -> list[tuple[str, int]]:
+    """(pod IP, port) of every pod that may take requests, from Pod objects (pure).
+
+    A pod counts while it has a pod IP, is Running with the condition Ready=True, and has no
+    deletionTimestamp (a terminating pod is draining: it may still be Ready for a moment).
+    A numeric `port` is used as is; a named one is the TCP container port of that name in
+    spec.containers[].ports[], and a pod that has none is left out.
+    """
+    out: set[tuple[str, int]] = set()
+    for pod in pods:
+        status = pod.get("status") or {}
+        ip = status.get("podIP")
+        if not ip or status.get("phase") != "Running":
             continue
-        for ep in s.get("endpoints") or []:
-            cond = ep.get("conditions") or {}
-            # ready unset means ready (the API's documented default); terminating ones go.
-            if cond.get("ready") is False or cond.get("terminating") is True:
-                continue
-            for addr in ep.get("addresses") or []:
-                out.append((addr, number))
-    return sorted(set(out))
+        if (pod.get("metadata") or {}).get("deletionTimestamp"):
+            continue
+        conditions = status.get("conditions") or []
+        if not any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
+            continue
+        number = port if isinstance(port, int) else _named_port(pod, port)
+        if number is not None:
+            out.add((ip, number))
+    return sorted(out)
 
 
-class EndpointSliceWatcher:
-    """Keeps the ready EndpointSlices of the Services the table names."""
+def _named_port(pod: dict[str, Any], name: str) -> int | None:
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for p in container.get("ports") or []:
+            if p.get("name") == name and p.get("protocol", "TCP") == "TCP":
+                number = p.get("containerPort")
+                return number if isinstance(number, int) else None
+    return None
+
+
+def _slim(pod: dict[str, Any]) -> dict[str, Any]:
+    """Only what `pod_backends` reads. A whole Pod is kilobytes of spec the gateway never
+    looks at, kept per pod for as long as it lives; and comparing slim pods lets an update
+    that changes nothing routing reads (an annotation, a restart count) skip the rebuild."""
+    metadata = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    return {
+        "metadata": {
+            k: metadata[k] for k in ("name", "deletionTimestamp") if metadata.get(k) is not None
+        },
+        "status": {
+            "podIP": status.get("podIP"),
+            "phase": status.get("phase"),
+            "conditions": [
+                {"type": c.get("type"), "status": c.get("status")}
+                for c in status.get("conditions") or []
+                if c.get("type") == "Ready"
+            ],
+        },
+        "spec": {
+            "containers": [
+                {"ports": c.get("ports") or []}
+                for c in (pod.get("spec") or {}).get("containers") or []
+            ]
+        },
+    }
+
+
+class Relist(Exception):
+    """The watch cannot go on from its resourceVersion (410 Gone, or an ERROR event)."""
+
+
+class PodWatcher:
+    """Keeps the Pods of every (namespace, label selector) the table names."""
 
     def __init__(self, cluster: Cluster, on_change: Callable[[], None]) -> None:
         self.cluster = cluster
         self.on_change = on_change
-        self.slices: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        self.pods: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        """Per (namespace, selector): slim pods by name."""
         self.tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.synced: set[tuple[str, str]] = set()
-        """Services whose first list has finished (their endpoints are known)."""
+        """Selectors whose first list has finished (their pods are known)."""
         self._session: aiohttp.ClientSession | None = None
 
-    def resolve(self, namespace: str, name: str, port: int | str) -> list[tuple[str, int]]:
-        return ready_endpoints(self.slices.get((namespace, name), {}), port)
+    def resolve(self, namespace: str, selector: str, port: int | str) -> list[tuple[str, int]]:
+        return pod_backends(self.pods.get((namespace, selector), {}).values(), port)
 
     def ready(self) -> bool:
-        """Every watched Service has finished its first list (readiness)."""
+        """Every watched selector has finished its first list (readiness)."""
         return all(key in self.synced for key in self.tasks)
 
-    def want(self, services: set[tuple[str, str]]) -> None:
-        """Watch exactly these services."""
+    def want(self, selectors: set[tuple[str, str]]) -> None:
+        """Watch exactly these (namespace, label selector) pairs."""
         for key in list(self.tasks):
-            if key not in services:
+            if key not in selectors:
                 self.tasks.pop(key).cancel()
-                self.slices.pop(key, None)
+                self.pods.pop(key, None)
                 self.synced.discard(key)
-        for key in services:
+        for key in selectors:
             if key not in self.tasks:
                 self.tasks[key] = asyncio.get_running_loop().create_task(self._run(*key))
 
@@ -122,54 +170,77 @@ class EndpointSliceWatcher:
             )
         return self._session
 
-    async def _run(self, namespace: str, name: str) -> None:
-        url = (
-            f"{self.cluster.base_url}/apis/discovery.k8s.io/v1/namespaces/{namespace}"
-            f"/endpointslices"
-        )
-        selector = f"kubernetes.io/service-name={name}"
+    async def _list(self, url: str, namespace: str, selector: str) -> str:
+        session = await self._session_()
+        async with session.get(
+            url, params={"labelSelector": selector}, headers=self.cluster.headers()
+        ) as resp:
+            resp.raise_for_status()
+            listing = await resp.json()
+        self.pods[(namespace, selector)] = {
+            p["metadata"]["name"]: _slim(p) for p in listing.get("items") or []
+        }
+        self.synced.add((namespace, selector))
+        self.on_change()
+        return str(listing.get("metadata", {}).get("resourceVersion", ""))
+
+    async def _watch(self, url: str, namespace: str, selector: str, version: str) -> str:
+        """Follow changes from `version` until the server ends the watch; returns the last
+        resourceVersion seen (events and bookmarks), to go on from."""
+        session = await self._session_()
+        params = {
+            "labelSelector": selector,
+            "watch": "1",
+            "resourceVersion": version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(WATCH_SECONDS),
+        }
+        # A connection that died without a FIN would otherwise hang here forever.
+        timeout = aiohttp.ClientTimeout(total=WATCH_SECONDS + 30, sock_connect=10)
+        pods = self.pods[(namespace, selector)]
+        async with session.get(
+            url, params=params, headers=self.cluster.headers(), timeout=timeout
+        ) as resp:
+            if resp.status == 410:
+                raise Relist("410 Gone")
+            resp.raise_for_status()
+            async for line in resp.content:
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                kind, obj = event.get("type"), event.get("object") or {}
+                if kind == "ERROR":  # usually 410 Gone: the version is too old
+                    raise Relist(str(obj.get("message") or obj))
+                version = obj.get("metadata", {}).get("resourceVersion") or version
+                if kind == "BOOKMARK":
+                    continue
+                name = obj.get("metadata", {}).get("name", "")
+                if kind == "DELETED":
+                    changed = pods.pop(name, None) is not None
+                else:
+                    slim = _slim(obj)
+                    changed = pods.get(name) != slim
+                    pods[name] = slim
+                if changed:
+                    self.on_change()
+        return version
+
+    async def _run(self, namespace: str, selector: str) -> None:
+        url = f"{self.cluster.base_url}/api/v1/namespaces/{namespace}/pods"
         backoff = 1.0
+        version = ""
         while True:
             try:
-                session = await self._session_()
-                async with session.get(
-                    url, params={"labelSelector": selector}, headers=self.cluster.headers()
-                ) as resp:
-                    resp.raise_for_status()
-                    listing = await resp.json()
-                slices = {i["metadata"]["name"]: i for i in listing.get("items") or []}
-                self.slices[(namespace, name)] = slices
-                self.synced.add((namespace, name))
-                self.on_change()
-                version = listing.get("metadata", {}).get("resourceVersion", "")
-                params = {
-                    "labelSelector": selector,
-                    "watch": "1",
-                    "resourceVersion": version,
-                    "allowWatchBookmarks": "true",
-                    "timeoutSeconds": "300",
-                }
-                async with session.get(url, params=params, headers=self.cluster.headers()) as resp:
-                    resp.raise_for_status()
-                    backoff = 1.0
-                    async for line in resp.content:
-                        if not line.strip():
-                            continue
-                        event = json.loads(line)
-                        kind, obj = event.get("type"), event.get("object") or {}
-                        if kind == "ERROR":
-                            break  # usually 410 Gone: list again
-                        if kind == "BOOKMARK":
-                            continue
-                        slice_name = obj.get("metadata", {}).get("name", "")
-                        if kind == "DELETED":
-                            slices.pop(slice_name, None)
-                        else:
-                            slices[slice_name] = obj
-                        self.on_change()
+                if not version:
+                    version = await self._list(url, namespace, selector)
+                version = await self._watch(url, namespace, selector, version)
+                backoff = 1.0
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # keep the last endpoints; retry with backoff
-                log.warning("EndpointSlice watch %s/%s failed: %s", namespace, name, e)
+            except Relist as e:
+                log.info("pod watch %s %s: %s; listing again", namespace, selector, e)
+                version = ""
+            except Exception as e:  # keep the last pods; retry with backoff
+                log.warning("pod watch %s %s failed: %s", namespace, selector, e)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)

@@ -387,8 +387,9 @@ def build_table(
 ) -> RoutingTable:
     """Precompute the routing state for a table.
 
-    `resolve(namespace, service, port)` returns the current ready endpoints of a Service
-    (EndpointSlice discovery); without it, Service-backed tracks have only their addresses.
+    `resolve(namespace, label_selector, port)` returns the current (pod IP, port) of the
+    ready pods a selector picks (pod discovery); without it, tracks with `pods` have only
+    their addresses.
     `previous` carries over weighted-round-robin scores and retry budgets of unchanged models,
     so a reload does not reset the canary split's phase.
     """
@@ -403,8 +404,8 @@ def build_table(
         track_of: dict[str, str] = {}
         for t in route.tracks:
             addrs: list[tuple[str, int]] = [split_address(a) for a in t.addresses]
-            if t.service is not None and resolve is not None:
-                addrs += resolve(t.service.namespace, t.service.name, t.service.port)
+            if t.pods is not None and resolve is not None:
+                addrs += resolve(t.pods.namespace, t.pods.label_selector(), t.pods.port)
             backends: list[Backend] = []
             seen: set[str] = set()
             for host, port in addrs:
@@ -494,9 +495,9 @@ def _key_state(k: ClientKey, now: float, previous: RoutingTable | None) -> KeySt
     return KeyState(name=k.name, rate=rate, burst=burst, tokens=burst, last=now)
 
 
-def services_in(config: GatewayConfig) -> Iterable[tuple[str, str]]:
-    """(namespace, name) of every Service the table routes to."""
+def pod_selectors_in(config: GatewayConfig) -> Iterable[tuple[str, str]]:
+    """(namespace, label selector) of every set of pods the table routes to."""
     for m in config.models:
         for t in m.tracks:
-            if t.service is not None:
-                yield t.service.namespace, t.service.name
+            if t.pods is not None:
+                yield t.pods.namespace, t.pods.label_selector()

@@ -1,9 +1,10 @@
 """The gateway's routing table from every LLMDeployment (pure).
 
 One table for the whole installation: each LLMDeployment becomes a model route named by its
-served name, whose stable track is its Service (the gateway resolves it through
-EndpointSlices), with its fallback chain, triggers and timeouts. The operator writes the
-table into the ConfigMap the gateway mounts.
+served name, whose stable track is its stable engine pods (picked by the same labels as the
+Deployment's selector; the gateway watches them and sends to the ready ones), with its
+fallback chain, triggers and timeouts. The operator writes the table into the ConfigMap the
+gateway mounts.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from llm_operator.api.gateway_config import (
     Fallback,
     GatewayConfig,
     ModelRoute,
-    ServiceRef,
+    PodSelectorRef,
     Timeouts,
     Track,
 )
 from llm_operator.api.v1alpha1 import LLMDeployment, parse_duration_seconds
 from llm_operator.render.engine import PORT_NAME
-from llm_operator.render.names import object_name
+from llm_operator.render.names import selector_labels
 
 ROUTES_KEY = "routes.yaml"
 # Where the gateway finds an external fallback's API key: the platform team mounts the Secret
@@ -83,7 +84,11 @@ def model_route(
             Track(
                 name="stable",
                 weight=100,
-                service=ServiceRef(namespace=namespace, name=object_name(llmd), port=PORT_NAME),
+                pods=PodSelectorRef(
+                    namespace=namespace,
+                    match_labels=selector_labels(llmd, "stable"),
+                    port=PORT_NAME,
+                ),
             )
         ],
         fallbacks=fallbacks,
