@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from llm_operator.devcluster import cluster
+from llm_operator.devcluster import cluster, prometheus
 from llm_operator.devcluster.layout import Layout, LayoutError
 from llm_operator.devcluster.pki import PKIError
 
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
         if args.action == "env":
             print("\n".join(cluster.env_lines(layout)))
             return 0
-    except (cluster.ClusterError, LayoutError, PKIError) as err:
+    except (cluster.ClusterError, LayoutError, PKIError, prometheus.PrometheusError) as err:
         print(f"llm-operator dev cluster {args.action}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ ServiceAccount exists, i.e. until a test can create a pod and see it run.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -35,7 +36,7 @@ from typing import Any
 import yaml
 
 from llm_operator.devcluster import nodes as nodespec
-from llm_operator.devcluster import pki, procs
+from llm_operator.devcluster import pki, procs, prometheus
 from llm_operator.devcluster.kubeapi import Api, ApiError, probe
 from llm_operator.devcluster.layout import (
     CLUSTER_NAME,
@@ -46,6 +47,8 @@ from llm_operator.devcluster.layout import (
     Layout,
 )
 
+# Prometheus comes last: its discovery needs the API server and its RBAC; its targets are the
+# pods the runner starts.
 ORDER = (
     "etcd",
     "kube-apiserver",
@@ -53,6 +56,8 @@ ORDER = (
     "kube-scheduler",
     "kwok",
     "pod-runner",
+    "prometheus-sd",
+    "prometheus",
 )
 
 
@@ -208,11 +213,24 @@ def components(layout: Layout) -> dict[str, Component]:
                 f"--service-ip={SERVICE_IP}",
                 f"--shim-source={layout.repo_root / 'e2e' / 'cluster' / 'podnet.c'}",
                 f"--port={PORTS['pod-runner']}",
+                # A new version of the runner's code changes the command line: `up` restarts it.
+                f"--code-version={runner_code_version(layout)}",
             ],
             f"http://127.0.0.1:{PORTS['pod-runner']}/healthz",
         ),
+        Component("prometheus-sd", *prometheus.discovery_component(layout)),
+        Component("prometheus", *prometheus.component(layout)),
     ]
     return {c.name: c for c in defs}
+
+
+def runner_code_version(layout: Layout) -> str:
+    here = Path(__file__).parent
+    sources = [here / "kubelet.py", here / "podspec.py", layout.repo_root / "e2e/cluster/podnet.c"]
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -334,6 +352,7 @@ def up(layout: Layout, allow_build: bool = True, timeout: float = 180.0) -> bool
         changed.append("wrote kubeconfigs")
     if write_node_stages(layout):
         changed.append("wrote kwok's node stages")
+    prometheus_config_changed = prometheus.prepare(layout)
 
     defs = components(layout)
     for name in ORDER:
@@ -342,6 +361,9 @@ def up(layout: Layout, allow_build: bool = True, timeout: float = 180.0) -> bool
         if current is not None:
             if procs.cmdline(current.pid) == comp.argv:
                 wait_for(f"{name} to become healthy", _health_check(comp, layout), timeout)
+                if name == "prometheus" and prometheus_config_changed:
+                    prometheus.reload()  # a new config does not change its command line
+                    changed.append("reloaded Prometheus' config")
                 continue
             # Same component, different flags or binary (a version bump): restart it.
             say(f"{name}: restarting, its command line changed")
@@ -349,6 +371,8 @@ def up(layout: Layout, allow_build: bool = True, timeout: float = 180.0) -> bool
         for port in _ports_of(name):
             if not _port_free(port):
                 raise ClusterError(_port_owner_hint(port))
+        if name == "prometheus-sd" and prometheus.ensure_rbac(admin_api(layout)):
+            changed.append("granted Prometheus' discovery its RBAC")
         log = layout.logs_dir / f"{name}.log"
         started = procs.start(name, comp.argv, layout.run_dir, log, cwd=layout.cluster_dir)
         t0 = time.monotonic()
@@ -474,6 +498,10 @@ def down(layout: Layout, keep_data: bool = False) -> int:
     pods = sweep(layout.cluster_dir)
     if pods:
         say(f"stopped {pods} pod process(es) left behind")
+    for stray in prometheus.strays(layout):
+        if procs.stop(stray, marker):
+            say(f"{stray.name}: stopped stray process (pid {stray.pid})")
+            stopped += 1
     left = procs.sweep(layout.cache_dir, marker)
     if left:
         raise ClusterError("still running: " + ", ".join(f"{r.name} (pid {r.pid})" for r in left))
@@ -483,6 +511,8 @@ def down(layout: Layout, keep_data: bool = False) -> int:
     if not keep_data and layout.etcd_data_dir.exists():
         # The next `up` starts from an empty cluster rather than yesterday's leftovers.
         shutil.rmtree(layout.etcd_data_dir)
+    if not keep_data:
+        prometheus.remove_data(layout)
     say(f"cluster down: stopped {stopped} process(es); none left")
     return stopped
 
@@ -557,4 +587,5 @@ def env_lines(layout: Layout) -> list[str]:
     return [
         f"export KUBECONFIG={layout.kubeconfig}",
         f'export PATH="{path}:$PATH"',
+        *prometheus.env_lines(),
     ]

@@ -628,7 +628,7 @@ class PodWorker:
         self.name: str = meta["name"]
         self.uid: str = meta["uid"]
         self.node: str = pod["spec"]["nodeName"]
-        self.dir = self.settings.pods_dir / self.uid
+        self.dir: Path = self.settings.pods_dir / self.uid
         self.ip = ""
         self.started_at = now()
         self.init_containers = [
@@ -932,9 +932,28 @@ class PodWorker:
                 ):
                     existing.unlink()
 
+    def hosts_file(self) -> Path:
+        """The pod's /etc/hosts: itself, and the `kubernetes` Service by its DNS names (this
+        cluster has no DNS server; the Service's ClusterIP is DNATed by the podnet shim)."""
+        vip = self.kubelet.service_ip
+        names = ("kubernetes", "kubernetes.default", "kubernetes.default.svc")
+        domain = "kubernetes.default.svc.cluster.local"
+        hostname = self.pod["spec"].get("hostname") or self.name
+        text = (
+            "# Kubernetes-managed hosts file (the local cluster's pod runner).\n"
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+            f"{self.ip}\t{hostname}\n{vip}\t{' '.join(names)} {domain}\n"
+        )
+        path = self.dir / "etc-hosts"
+        if not path.exists() or path.read_text() != text:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        return path
+
     def mounts_for(self, container: Mapping[str, Any]) -> list[tuple[Path, str, bool]]:
         volumes = {v["name"]: v for v in self.pod["spec"].get("volumes") or []}
-        mounts: list[tuple[Path, str, bool]] = []
+        # A kubelet manages every pod's /etc/hosts; cluster DNS names the Services.
+        mounts: list[tuple[Path, str, bool]] = [(self.hosts_file(), "/etc/hosts", True)]
         for m in container.get("volumeMounts") or []:
             volume = volumes.get(m["name"])
             if volume is None:
@@ -1358,6 +1377,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--service-ip", required=True, help="the kubernetes Service's ClusterIP")
     p.add_argument("--shim-source", required=True, help="path of podnet.c")
     p.add_argument("--port", type=int, required=True, help="healthz port on 127.0.0.1")
+    p.add_argument("--code-version", default="", help="ignored: lets `up` notice new code")
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

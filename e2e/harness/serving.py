@@ -1,0 +1,171 @@
+"""Helpers for tests that send real traffic: Helm, reaching a pod, logs, continuous load.
+
+On the local cluster every pod's process listens at its pod IP on this machine, so a test
+reaches a pod directly. On kind or another cluster a pod IP is not reachable from the test, so
+`kubectl port-forward` opens the way (the API server's pod proxy, as a person would).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client
+
+from harness import kube
+from harness.providers import Cluster
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "llm-operator"
+
+
+class Helm:
+    """helm (the pinned build) against the test cluster, with its own config folders."""
+
+    def __init__(self, cluster: Cluster, home: Path) -> None:
+        found = cluster.which("helm")
+        if found is None:
+            from llm_operator import chartgen
+
+            found = str(chartgen.helm_binary())
+        self.binary = found
+        self.env = {
+            **cluster.env(),
+            "HELM_CACHE_HOME": str(home / "cache"),
+            "HELM_CONFIG_HOME": str(home / "config"),
+            "HELM_DATA_HOME": str(home / "data"),
+        }
+
+    def __call__(self, *args: str, timeout: float = 240) -> str:
+        result = kube.run([self.binary, *args], self.env, timeout=timeout)
+        assert result.returncode == 0, f"helm {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+
+def ready_pods(api: client.ApiClient, namespace: str, selector: str) -> list[Any]:
+    pods = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector).items
+    return [
+        p
+        for p in pods
+        if p.metadata.deletion_timestamp is None
+        and p.status.pod_ip
+        and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+    ]
+
+
+@contextlib.contextmanager
+def reach(cluster: Cluster, pod: Any, port: int) -> Iterator[str]:
+    """A base URL (http://host:port) that reaches ``port`` of ``pod`` from this process."""
+    if cluster.provider == "local":
+        yield f"http://{pod.status.pod_ip}:{port}"
+        return
+    kubectl = cluster.which("kubectl") or "kubectl"
+    proc = subprocess.Popen(
+        [kubectl, "port-forward", "-n", pod.metadata.namespace, f"pod/{pod.metadata.name}",
+         f"127.0.0.1::{port}"],
+        env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.search(r"127\.0\.0\.1:(\d+)", line)
+        assert match, f"kubectl port-forward said: {line}"
+        yield f"http://127.0.0.1:{match.group(1)}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def container_log(cluster: Cluster, api: client.ApiClient, pod: Any, container: str) -> str:
+    """Everything the container wrote, over all its restarts."""
+    if cluster.provider == "local":
+        # The pod runner keeps one file per start under the pod's folder.
+        folder = Path(cluster.kubeconfig).parent / "pods" / pod.metadata.uid / "logs" / container
+        return "".join(p.read_text(errors="replace") for p in sorted(folder.glob("*.log")))
+    return str(
+        client.CoreV1Api(api).read_namespaced_pod_log(
+            pod.metadata.name, pod.metadata.namespace, container=container
+        )
+    )
+
+
+def container_pid(pod: Any, container: str) -> int:
+    """The host pid of a container's process on the local cluster (in its containerID)."""
+    status = next(s for s in pod.status.container_statuses or [] if s.name == container)
+    return int(str(status.container_id).rsplit("-", 1)[1])
+
+
+@dataclass
+class Load:
+    """Clients sending chat completions in a loop (half streamed) until stopped."""
+
+    base_url: str
+    model: str
+    clients: int = 4
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    by_outcome: Counter[str] = field(default_factory=Counter)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _loop(self, index: int) -> None:
+        from openai import OpenAI
+
+        sdk = OpenAI(base_url=f"{self.base_url}/v1", api_key="e2e", max_retries=0, timeout=60)
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            stream = (index + n) % 2 == 0
+            try:
+                messages = [{"role": "user", "content": f"request {index}-{n}"}]
+                if stream:
+                    text = ""
+                    finish = None
+                    for chunk in sdk.chat.completions.create(
+                        model=self.model, messages=messages, max_tokens=8, stream=True
+                    ):  # type: ignore[call-overload]
+                        if chunk.choices:
+                            text += chunk.choices[0].delta.content or ""
+                            finish = chunk.choices[0].finish_reason or finish
+                    assert text and finish, f"stream ended without text or finish ({finish})"
+                else:
+                    reply = sdk.chat.completions.create(
+                        model=self.model, messages=messages, max_tokens=8
+                    )  # type: ignore[call-overload]
+                    assert reply.choices[0].message.content
+                with self._lock:
+                    self.ok += 1
+                    self.by_outcome["stream" if stream else "plain"] += 1
+            except Exception as err:  # every failure is a finding: keep it
+                with self._lock:
+                    self.failures.append(f"{time.strftime('%H:%M:%S')} {type(err).__name__}: {err}")
+
+    def __enter__(self) -> Load:
+        for i in range(self.clients):
+            t = threading.Thread(target=self._loop, args=(i,), daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(90)
+
+    def wait_for_requests(self, count: int, timeout: float = 60) -> None:
+        start = self.ok
+        kube.wait_until(
+            f"{count} more answered requests (failures so far: {self.failures[:3]})",
+            lambda: self.ok - start >= count,
+            timeout=timeout,
+            interval=0.2,
+        )

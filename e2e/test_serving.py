@@ -1,0 +1,338 @@
+"""The cluster serves: the chart's operator and gateway run as pods, engines answer like vLLM.
+
+One Helm release per module (operator and gateway as pods, with the chart's ServiceAccounts
+and RBAC), watching one namespace. Every request goes through the gateway with the OpenAI SDK
+as the client. On the local cluster each pod is a process at its pod IP (the pod runner); on
+kind or another cluster the same tests need nodes that advertise GPUs and the project's image,
+and skip with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from openai import OpenAI
+from tests.chart.test_argocd_health import health
+
+from harness import kube
+from harness.providers import Cluster
+from harness.serving import CHART, Helm, Load, container_log, container_pid, reach, ready_pods
+
+GROUP, VERSION, PLURAL = "llmoperator.io", "v1alpha1", "llmdeployments"
+GATEWAY_PORT = 8080
+DEPLOYMENT_LABEL = "llmoperator.io/deployment"
+
+
+def llmd(name: str, replicas: int = 1, **engine: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LLMDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "servedName": name},
+            "engine": {"maxModelLen": 4096, **engine},
+            "resources": {"gpu": {"product": "NVIDIA-H100-80GB-HBM3", "memoryGiB": 80}},
+            "replicas": replicas,
+        },
+    }
+
+
+class Serving:
+    """One installed release and the namespace it serves."""
+
+    def __init__(self, cluster: Cluster, api: client.ApiClient, namespace: str, release: str):
+        self.cluster = cluster
+        self.api = api
+        self.namespace = namespace
+        self.release = release
+        self.fullname = f"{release}-llm-operator"
+
+    def objects(self) -> Any:
+        return client.CustomObjectsApi(self.api)
+
+    def apply(self, body: dict[str, Any]) -> None:
+        kube.apply(self.api, body, self.namespace)
+
+    def get(self, name: str) -> dict[str, Any]:
+        obj: dict[str, Any] = self.objects().get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name
+        )
+        return obj
+
+    def wait_ready(self, name: str, timeout: float = 120) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            obj = self.get(name)
+            status = obj.get("status") or {}
+            fresh = status.get("observedGeneration") == obj["metadata"]["generation"]
+            return obj if fresh and status.get("phase") == "Ready" else None
+
+        return kube.wait_until(f"{name} Ready", ready, timeout=timeout)
+
+    def engines(self, name: str) -> list[Any]:
+        return ready_pods(self.api, self.namespace, f"{DEPLOYMENT_LABEL}={name}")
+
+    def gateway_pod(self) -> Any:
+        selector = f"app.kubernetes.io/instance={self.release},app.kubernetes.io/component=gateway"
+        pods = kube.wait_until(
+            "a ready gateway pod", lambda: ready_pods(self.api, self.namespace, selector), 60
+        )
+        return pods[0]
+
+    def wait_routed(self, base_url: str, model: str, timeout: float = 60) -> None:
+        """Until the gateway lists the model (it reads the operator's table by polling)."""
+        sdk = OpenAI(base_url=f"{base_url}/v1", api_key="e2e", max_retries=0, timeout=10)
+
+        def listed() -> bool:
+            try:
+                return model in {m.id for m in sdk.models.list()}
+            except Exception:
+                return False
+
+        kube.wait_until(f"the gateway to list {model}", listed, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def serving(
+    cluster: Cluster, api_client: client.ApiClient, crd_names: list[str], tmp_path_factory: Any
+) -> Iterator[Serving]:
+    gpus = [
+        n
+        for n in client.CoreV1Api(api_client).list_node().items
+        if int((n.status.allocatable or {}).get("nvidia.com/gpu", "0")) > 0
+    ]
+    if cluster.provider != "local" and (not gpus or not os.environ.get("LLMOP_E2E_IMAGE")):
+        pytest.skip(
+            "serving tests need nodes that advertise nvidia.com/gpu (real vLLM engines) and the "
+            "llm-operator image in LLMOP_E2E_IMAGE (repository:tag the nodes can pull); "
+            "LLMOP_CLUSTER=local runs both as processes"
+        )
+    namespace = f"e2e-serving-{secrets.token_hex(3)}"
+    kube.create_namespace(api_client, namespace)
+    release = f"serve-{secrets.token_hex(2)}"
+    helm = Helm(cluster, tmp_path_factory.mktemp("helm-home"))
+    args = ["--set", f"watchNamespaces={{{namespace}}}", "--set", "crds.enabled=false"]
+    if os.environ.get("LLMOP_E2E_IMAGE"):
+        repo, _, tag = os.environ["LLMOP_E2E_IMAGE"].rpartition(":")
+        args += ["--set", f"image.repository={repo}", "--set", f"image.tag={tag}"]
+    helm("install", release, str(CHART), "--namespace", namespace, "--wait", "--timeout",
+         "180s", *args)  # fmt: skip
+    core = client.CoreV1Api(api_client)
+    core.create_namespaced_secret(
+        namespace,
+        {"metadata": {"name": "hf-token"}, "stringData": {"token": "hf_e2e_not_a_real_token"}},
+    )
+    try:
+        yield Serving(cluster, api_client, namespace, release)
+    finally:
+        kube.run([helm.binary, "uninstall", release, "--namespace", namespace, "--wait"],
+                 helm.env, 180)  # fmt: skip
+        kube.delete_namespace(api_client, namespace)
+
+
+def test_chart_pods_serve_a_model_through_the_gateway_with_the_openai_sdk(
+    serving: Serving,
+) -> None:
+    core = client.CoreV1Api(serving.api)
+    serving.apply(llmd("chat"))
+    status = serving.wait_ready("chat")["status"]
+    assert status["readyReplicas"] == 1
+    # The operator and the gateway are pods of the chart, with the chart's ServiceAccounts
+    # (their API calls carry the pods' TokenRequest tokens: there is no kubeconfig in them).
+    pods = core.list_namespaced_pod(
+        serving.namespace, label_selector=f"app.kubernetes.io/instance={serving.release}"
+    ).items
+    by_component = {p.metadata.labels["app.kubernetes.io/component"]: p for p in pods}
+    assert by_component["operator"].spec.service_account_name == serving.fullname
+    assert by_component["gateway"].spec.service_account_name == f"{serving.fullname}-gateway"
+    for pod in pods:
+        env = {e.name for c in pod.spec.containers for e in c.env or []}
+        assert "KUBECONFIG" not in env
+    operator_log = container_log(serving.cluster, serving.api, by_component["operator"], "operator")
+    assert "Forbidden" not in operator_log and " 403 " not in operator_log, operator_log[-2000:]
+
+    with reach(serving.cluster, serving.gateway_pod(), GATEWAY_PORT) as base:
+        serving.wait_routed(base, "chat")
+        sdk = OpenAI(base_url=f"{base}/v1", api_key="e2e", max_retries=0, timeout=30)
+        assert "chat" in {m.id for m in sdk.models.list()}
+        reply = sdk.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "Say hello"}], max_tokens=16
+        )
+        assert reply.choices[0].message.content
+        assert reply.usage is not None and reply.usage.completion_tokens > 0
+        chunks = list(
+            sdk.chat.completions.create(
+                model="chat",
+                messages=[{"role": "user", "content": "Count to three"}],
+                max_tokens=16,
+                stream=True,
+            )
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text and len(chunks) > 2
+        assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+
+
+def test_a_killed_engine_goes_unready_restarts_and_clients_see_no_failure(
+    serving: Serving,
+) -> None:
+    if serving.cluster.provider != "local":
+        pytest.skip("kills an engine's process by its pid: only the local cluster runs them here")
+    serving.apply(llmd("resilient", replicas=2))
+    serving.wait_ready("resilient")
+    engines = kube.wait_until("2 ready engines", lambda: len(serving.engines("resilient")) == 2)
+    del engines
+    victim = serving.engines("resilient")[0]
+    name, restarts = victim.metadata.name, victim.status.container_statuses[0].restart_count
+    core = client.CoreV1Api(serving.api)
+    with reach(serving.cluster, serving.gateway_pod(), GATEWAY_PORT) as base:
+        serving.wait_routed(base, "resilient")
+        with Load(base, "resilient") as load:
+            load.wait_for_requests(20)
+            os.kill(container_pid(victim, "vllm"), signal.SIGKILL)
+
+            def unready() -> bool:
+                pod = core.read_namespaced_pod(name, serving.namespace)
+                return not any(
+                    c.type == "Ready" and c.status == "True" for c in pod.status.conditions or []
+                )
+
+            kube.wait_until(f"{name} unready", unready, timeout=30, interval=0.1)
+            load.wait_for_requests(20)
+
+            def back() -> Any:
+                pod = core.read_namespaced_pod(name, serving.namespace)
+                ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions)
+                return pod if ready else None
+
+            pod = kube.wait_until(f"{name} Ready again", back, timeout=60)
+            status = pod.status.container_statuses[0]
+            assert status.restart_count == restarts + 1
+            assert status.last_state.terminated.exit_code == 137
+            # The restarted engine takes traffic again: its own request counter moves.
+            with reach(serving.cluster, pod, 8000) as engine:
+                before = _engine_requests(engine)
+                kube.wait_until(
+                    "requests on the restarted engine",
+                    lambda: _engine_requests(engine) > before + 3,
+                    timeout=60,
+                )
+        assert load.failures == [], load.failures[:10]
+        assert load.ok > 40
+
+
+def _engine_requests(base: str) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:request_success_total")
+    )
+
+
+def test_a_rolling_update_under_load_drops_no_request(serving: Serving) -> None:
+    serving.apply(llmd("rolling", replicas=2))
+    serving.wait_ready("rolling")
+    with reach(serving.cluster, serving.gateway_pod(), GATEWAY_PORT) as base:
+        serving.wait_routed(base, "rolling")
+        with Load(base, "rolling") as load:
+            load.wait_for_requests(20)
+            body = llmd("rolling", replicas=2, image="vllm/vllm-openai:v0.11.1")
+            serving.apply(body)
+
+            def rolled() -> bool:
+                pods = (
+                    client.CoreV1Api(serving.api)
+                    .list_namespaced_pod(
+                        serving.namespace, label_selector=f"{DEPLOYMENT_LABEL}=rolling"
+                    )
+                    .items
+                )
+                images = {p.spec.containers[0].image for p in pods}
+                return (
+                    images == {"vllm/vllm-openai:v0.11.1"} and len(serving.engines("rolling")) == 2
+                )
+
+            kube.wait_until("every engine on the new image and ready", rolled, timeout=180)
+            serving.wait_ready("rolling")
+            load.wait_for_requests(20)
+        assert load.failures == [], load.failures[:10]
+
+
+def test_an_engine_that_exits_at_start_is_degraded_with_its_reason(serving: Serving) -> None:
+    # The simulator refuses an unknown --sim- flag and exits 2, as vLLM does on a bad flag.
+    serving.apply(llmd("broken", extraArgs=["--sim-no-such-flag=1"]))
+    started = time.monotonic()
+
+    def degraded() -> dict[str, Any] | None:
+        obj = serving.get("broken")
+        conditions = {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
+        cond = conditions.get("Degraded")
+        return obj if cond and cond["status"] == "True" else None
+
+    obj = kube.wait_until("broken Degraded", degraded, timeout=120)
+    deadline = obj["spec"].get("progressDeadlineSeconds") or 600
+    assert time.monotonic() - started < deadline
+    assert obj["status"]["phase"] == "Degraded"
+    message = next(c for c in obj["status"]["conditions"] if c["type"] == "Degraded")["message"]
+    assert "exit code 2" in message or "exitCode 2" in message or "exited with 2" in message, (
+        message
+    )
+    assert "vllm" in message, message
+    state, why = health(obj)
+    assert state == "Degraded", why
+
+
+def test_prometheus_scrapes_every_engine_the_operator_and_the_gateway(serving: Serving) -> None:
+    url = os.environ.get("LLMOP_PROMETHEUS_URL") or _local_prometheus(serving.cluster)
+    if url is None:
+        pytest.skip("no Prometheus: set LLMOP_PROMETHEUS_URL (the local cluster runs its own)")
+    from prometheus_api_client import PrometheusConnect
+
+    serving.apply(llmd("scraped", replicas=2))
+    serving.wait_ready("scraped")
+    engines = {p.metadata.name for p in serving.engines("scraped")}
+    prom = PrometheusConnect(url=url, disable_ssl=True)
+    ns = serving.namespace
+
+    def pods_with(query: str) -> set[str]:
+        return {r["metric"].get("pod", "") for r in prom.custom_query(query)}
+
+    kube.wait_until(
+        "vllm:num_requests_waiting of every engine pod",
+        lambda: engines <= pods_with(f'vllm:num_requests_waiting{{namespace="{ns}"}}'),
+        timeout=60,
+        interval=1,
+    )
+    kube.wait_until(
+        "the operator's series",
+        lambda: pods_with(f'llm_operator_reconciles_total{{namespace="{ns}"}}'),
+        timeout=60,
+        interval=1,
+    )
+    kube.wait_until(
+        "the gateway's series",
+        lambda: pods_with(f'{{__name__=~"llm_gateway_.+", namespace="{ns}"}}'),
+        timeout=60,
+        interval=1,
+    )
+
+
+def _local_prometheus(cluster: Cluster) -> str | None:
+    if cluster.provider != "local":
+        return None
+    state = Path(cluster.kubeconfig).parent / "state.json"
+    import json
+
+    ports = json.loads(state.read_text()).get("ports", {}) if state.exists() else {}
+    port = ports.get("prometheus")
+    return f"http://127.0.0.1:{port}" if port else None
