@@ -278,16 +278,16 @@ def test_ha_rbac_adds_only_the_peering() -> None:
         }
 
 
-def test_gateway_reads_endpointslices_and_only_its_routing_configmap() -> None:
+def test_gateway_reads_pods_and_only_its_routing_configmap() -> None:
     read = {"get", "list", "watch"}
     objs = render()
     assert granted(objs, "llm-operator-gateway") == {
-        None: {("discovery.k8s.io", "endpointslices", v, "") for v in read},
+        None: {("", "pods", v, "") for v in read},
         NAMESPACE: {("", "configmaps", v, "llm-operator-routes") for v in read},
     }
     namespaced = granted(render(CHART / "ci" / "namespaced-values.yaml"), "llm-operator-gateway")
     assert None not in namespaced
-    assert namespaced["team-a"] == {("discovery.k8s.io", "endpointslices", v, "") for v in read}
+    assert namespaced["team-a"] == {("", "pods", v, "") for v in read}
     assert not any(
         g for g in granted(render(CHART / "ci" / "minimal-values.yaml"), "llm-operator-gateway")
     )
