@@ -49,6 +49,8 @@ OPERATOR_NAMESPACED: set[Rule] = (
     | {("autoscaling", "horizontalpodautoscalers", v, "") for v in CHILD_VERBS}
     | {("policy", "poddisruptionbudgets", v, "") for v in CHILD_VERBS}
     | {(g, "events", v, "") for g in ("", "events.k8s.io") for v in ("create", "patch")}
+    # The engine pods, listed while replicas are not ready to say why: read only, no watch.
+    | {("", "pods", "list", "")}
 )
 KEDA: set[Rule] = {("keda.sh", "scaledobjects", v, "") for v in CHILD_VERBS}
 #: kopf's own cluster-wide reads: CRDs to discover resources, namespaces to match its list.

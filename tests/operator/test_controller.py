@@ -8,6 +8,7 @@ import itertools
 from typing import Any
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from llm_operator.handlers.controller import HANDOVER_MANAGER, Controller
 from llm_operator.reconcile import FIELD_MANAGER
@@ -15,7 +16,8 @@ from llm_operator.render import RenderConfig
 
 
 class FakeKube:
-    """Just enough of KubeClient: objects by (kind, name), resourceVersions, status, events."""
+    """Just enough of KubeClient: objects by (kind, name), resourceVersions, status, events,
+    and pods to read (which it only ever hands out)."""
 
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
@@ -24,6 +26,9 @@ class FakeKube:
         self.writes: list[tuple[str, str, str]] = []
         self.handovers: list[tuple[str, dict[str, Any]]] = []
         self.versions = itertools.count(100)
+        self.pods: list[dict[str, Any]] = []
+        self.pod_lists: list[tuple[str, str]] = []
+        self.pods_error: ApiException | None = None
 
     def apply(self, obj: dict[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
         if field_manager != FIELD_MANAGER:
@@ -50,6 +55,12 @@ class FakeKube:
 
     def post_event(self, owner: dict[str, Any], type_: str, reason: str, message: str) -> None:
         self.events.append((type_, reason, message))
+
+    def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        self.pod_lists.append((namespace, label_selector))
+        if self.pods_error is not None:
+            raise self.pods_error
+        return copy.deepcopy(self.pods)
 
 
 def body(spec: dict[str, Any], generation: int = 1) -> dict[str, Any]:
@@ -253,3 +264,184 @@ def test_an_llmdeployment_being_deleted_is_not_rebuilt(
     }
     run(controller, fake, deleting)
     assert [w for w in fake.writes if w[0] == "apply"] == []
+
+
+# -- engine health: the pods are read while replicas are missing, and never written ----------
+
+ENGINE_SELECTOR = (
+    "llmoperator.io/deployment=m,app.kubernetes.io/managed-by=llm-operator,"
+    "app.kubernetes.io/component=engine"
+)
+
+
+def make_unavailable(fake: FakeKube, controller: Controller) -> None:
+    """What the Deployment controller reports while its one pod does not turn ready."""
+    obj = fake.objects[("Deployment", "m")]
+    obj["metadata"]["generation"] = 1
+    obj["status"] = {
+        "observedGeneration": 1,
+        "replicas": 1,
+        "updatedReplicas": 1,
+        "unavailableReplicas": 1,
+        "conditions": [
+            {"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"},
+        ],
+    }
+    obj["metadata"]["resourceVersion"] = str(next(fake.versions))
+    controller.remember_child(copy.deepcopy(obj))
+
+
+def engine_pod(restarts: int = 0, waiting: str = "") -> dict[str, Any]:
+    state: dict[str, Any] = (
+        {"waiting": {"reason": waiting}}
+        if waiting
+        else {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
+    )
+    last = {"terminated": {"reason": "Error", "exitCode": 1}} if restarts else {}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "m-5f6d7c8b9-x2x4z",
+            "namespace": "ns",
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+            "labels": {"llmoperator.io/deployment": "m", "llmoperator.io/track": "stable"},
+        },
+        "status": {
+            "phase": "Running",
+            "conditions": [
+                {"type": "PodScheduled", "status": "True"},
+                {"type": "Ready", "status": "False", "reason": "ContainersNotReady",
+                 "lastTransitionTime": "2026-01-01T00:00:00Z"},
+            ],
+            "containerStatuses": [
+                {"name": "vllm", "ready": False, "started": False, "restartCount": restarts,
+                 "state": state, "lastState": last},
+            ],
+        },
+    }  # fmt: skip
+
+
+def condition(llmd: dict[str, Any], type_: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(c for c in llmd["status"]["conditions"] if c["type"] == type_)
+    return found
+
+
+def test_a_steady_state_never_reads_pods(controller: Controller, fake: FakeKube) -> None:
+    llmd = run(controller, fake, body(BASE))
+    make_ready(fake, controller)
+    llmd = run(controller, fake, llmd)
+    fake.pod_lists.clear()
+    run(controller, fake, llmd)
+    run(controller, fake, llmd)
+    assert fake.pod_lists == []
+    assert controller.rechecks == {}
+
+
+def test_a_crash_looping_engine_is_degraded_with_one_event_and_recovers(
+    controller: Controller, fake: FakeKube
+) -> None:
+    llmd = run(controller, fake, body(BASE))
+    assert fake.pod_lists == [("ns", ENGINE_SELECTOR)]  # not rolled out yet: looked at the pods
+    make_unavailable(fake, controller)
+    fake.pods = [engine_pod(restarts=2, waiting="CrashLoopBackOff")]
+    llmd = run(controller, fake, llmd)
+    assert llmd["status"]["phase"] == "Degraded"
+    degraded = condition(llmd, "Degraded")
+    assert degraded["reason"] == "EngineCrashLoop"
+    assert "pod m-5f6d7c8b9-x2x4z container vllm: CrashLoopBackOff" in degraded["message"]
+    assert "restarted 2 times, last exit Error (exit code 1)" in degraded["message"]
+    assert condition(llmd, "Ready")["status"] == "False"
+    assert [e[:2] for e in fake.events] == [("Warning", "EngineCrashLoop")]
+    assert "endpoint" in llmd["status"]  # the spec was applied; only the engine is failing
+
+    fake.writes.clear()
+    llmd = run(controller, fake, llmd)  # nothing changed: a look, and no write
+    assert fake.writes == []
+
+    fake.pods = [engine_pod(restarts=3, waiting="CrashLoopBackOff")]
+    llmd = run(controller, fake, llmd)
+    assert "restarted 3 times" in condition(llmd, "Degraded")["message"]
+    assert len(fake.events) == 1  # one Event for the crash loop, not one per restart
+
+    make_ready(fake, controller)
+    fake.pod_lists.clear()
+    llmd = run(controller, fake, llmd)
+    assert llmd["status"]["phase"] == "Ready"
+    assert condition(llmd, "Degraded")["status"] == "False"
+    assert fake.pod_lists == []  # rolled out: the pods have nothing to explain
+    assert not [w for w in fake.writes if w[1] == "Pod"]
+
+
+def test_one_exit_is_progressing_with_the_exit_in_the_message(
+    controller: Controller, fake: FakeKube
+) -> None:
+    llmd = run(controller, fake, body(BASE))
+    make_unavailable(fake, controller)
+    fake.pods = [engine_pod(restarts=1, waiting="CrashLoopBackOff")]
+    llmd = run(controller, fake, llmd)
+    assert llmd["status"]["phase"] == "Progressing"
+    progressing = condition(llmd, "Progressing")
+    assert progressing["reason"] == "EngineNotReady"
+    assert "restarted 1 time, last exit Error (exit code 1)" in progressing["message"]
+    assert condition(llmd, "Degraded")["status"] == "False"
+    assert fake.events == []
+
+
+def test_without_rights_to_list_pods_status_still_follows_the_deployment(
+    controller: Controller, fake: FakeKube
+) -> None:
+    fake.pods_error = ApiException(status=403, reason="Forbidden")
+    llmd = run(controller, fake, body(BASE))
+    make_unavailable(fake, controller)
+    llmd = run(controller, fake, llmd)
+    assert llmd["status"]["phase"] == "Progressing"
+    assert controller.failures == {}  # not retried as an error
+
+
+def test_pods_are_looked_at_again_while_replicas_are_missing(
+    controller: Controller, fake: FakeKube
+) -> None:
+    controller.recheck_seconds = 0.01
+    owner_key = controller.remember_owner(body(BASE))
+
+    async def scenario() -> None:
+        await controller.reconcile(owner_key)
+        make_unavailable(fake, controller)
+        await controller.reconcile(owner_key)
+        assert owner_key in controller.rechecks
+        # The pod crashes again and again; the Deployment's status does not change.
+        fake.pods = [engine_pod(restarts=2, waiting="CrashLoopBackOff")]
+        written = len(fake.statuses)
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if len(fake.statuses) > written:
+                break
+        assert fake.statuses[-1]["phase"] == "Degraded"
+        make_ready(fake, controller)
+        await controller.reconcile(owner_key)
+        assert owner_key not in controller.rechecks  # rolled out: no more looks
+        lists = len(fake.pod_lists)
+        await asyncio.sleep(0.05)
+        assert len(fake.pod_lists) == lists
+
+    asyncio.run(scenario())
+
+
+def test_deleting_an_llmdeployment_cancels_its_next_look(
+    controller: Controller, fake: FakeKube
+) -> None:
+    controller.recheck_seconds = 0.01
+    llmd = body(BASE)
+    owner_key = controller.remember_owner(llmd)
+
+    async def scenario() -> None:
+        await controller.reconcile(owner_key)
+        assert owner_key in controller.rechecks
+        controller.remember_owner(llmd, deleted=True)
+        assert controller.rechecks == {}
+        lists = len(fake.pod_lists)
+        await asyncio.sleep(0.05)
+        assert len(fake.pod_lists) == lists
+
+    asyncio.run(scenario())

@@ -135,6 +135,11 @@ Exactly the calls the operator makes; no "*", no Secrets (pods reference Secrets
   resources: ["scaledobjects"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 {{- end }}
+# The engine pods, read only: listed by label while a model's replicas are not ready, to say
+# why in its status (crash loop, image pull, scheduling). Never watched, never written.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 # Events about LLMDeployments (kopf posts core Events; both APIs are allowed).
 - apiGroups: [""]
   resources: ["events"]

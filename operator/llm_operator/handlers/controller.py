@@ -3,6 +3,17 @@
 Level-based: every event (the LLMDeployment's own, or one of its children's) leads to the same
 `reconcile(namespace, name)`, which compares what the spec wants with what the cluster has
 (a watch-fed cache, so a steady cluster costs no API calls) and writes only differences.
+
+While an engine Deployment is not fully rolled out, the reconcile also lists its pods (by label,
+read only) to say why (engine_health), and looks again every RECHECK_SECONDS until it is. Pods
+change state without their Deployment changing (a crash loop moves restart counts and back-off
+states, and the Deployment's status stays "1 unavailable"), so something must look again; a
+timer only while replicas are missing is the cheapest thing that does. A pods watch was the
+alternative: it would stream every status change of every engine pod in the cluster to the
+operator, settled or not (probe flips, restarts, node moves), need a cache of them and `watch`
+rights, to save at most RECHECK_SECONDS on a state the kubelet itself backs off in steps of
+10 s to 5 min. A settled LLMDeployment costs nothing; an unsettled one one cached LIST per
+interval; neither writes unless the status changed.
 """
 
 from __future__ import annotations
@@ -10,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import random
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -21,6 +33,8 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from llm_operator.api import LLMDeployment
+from llm_operator.engine_health import REASONS as ENGINE_REASONS
+from llm_operator.engine_health import EngineProblem, engine_problems, pod_selector
 from llm_operator.handlers import metrics
 from llm_operator.handlers.routes import RoutesWriter
 from llm_operator.kube.client import RETRYABLE_STATUSES, KubeClient
@@ -30,6 +44,7 @@ from llm_operator.reconcile import (
     FIELD_MANAGER,
     Problem,
     compute_status,
+    deployment_counts,
     key,
     owned,
     plan_actions,
@@ -41,6 +56,10 @@ log = logging.getLogger("llm_operator.controller")
 
 OwnerKey = tuple[str, str]  # (namespace, name)
 BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+#: How often an LLMDeployment whose replicas are not all ready is looked at again (its pods
+#: re-read), give or take a fifth so that many of them do not poll in step. The kubelet's
+#: restart back-off starts at 10 s, so a crash loop (two restarts) shows within about a minute.
+RECHECK_SECONDS = 30.0
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -71,6 +90,10 @@ class Controller:
     locks: dict[OwnerKey, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     failures: dict[OwnerKey, int] = field(default_factory=lambda: defaultdict(int))
     retries: dict[OwnerKey, asyncio.TimerHandle] = field(default_factory=dict)
+    rechecks: dict[OwnerKey, asyncio.TimerHandle] = field(default_factory=dict)
+    """Pending looks at LLMDeployments whose engine replicas are not all ready."""
+    recheck_seconds: float = RECHECK_SECONDS
+    pods_forbidden_logged: bool = False
     tasks: set[asyncio.Future[None]] = field(default_factory=set)
     routes: RoutesWriter | None = None
 
@@ -117,9 +140,10 @@ class Controller:
             self.children.pop(owner_key, None)
             self.failures.pop(owner_key, None)
             self.locks.pop(owner_key, None)
-            handle = self.retries.pop(owner_key, None)
-            if handle:
-                handle.cancel()
+            for timers in (self.retries, self.rechecks):
+                handle = timers.pop(owner_key, None)
+                if handle:
+                    handle.cancel()
         else:
             previous = self.bodies.get(owner_key)
             # managedFields is most of an object's size and nothing here reads it.
@@ -169,6 +193,12 @@ class Controller:
                 self.retry_later(owner_key, outcome.problem.message, delay=SLOW_RETRY_SECONDS)
             else:
                 self.failures.pop(owner_key, None)
+            if outcome.recheck:
+                self.recheck_later(owner_key)
+            else:
+                handle = self.rechecks.pop(owner_key, None)
+                if handle:
+                    handle.cancel()
             metrics.RECONCILES.labels(result="ok").inc()
 
     def retry_later(self, owner_key: OwnerKey, why: str, delay: float | None = None) -> None:
@@ -183,8 +213,25 @@ class Controller:
             previous.cancel()
         self.retries[owner_key] = loop.call_later(delay, self._spawn_reconcile, owner_key)
 
+    def recheck_later(self, owner_key: OwnerKey) -> None:
+        """Look again later: pods change state without an event the operator watches. Every
+        reconcile moves the timer, since each one already looked."""
+        previous = self.rechecks.pop(owner_key, None)
+        if previous:
+            previous.cancel()
+        delay = self.recheck_seconds * random.uniform(1.0, 1.2)  # spread, not secret
+        loop = asyncio.get_running_loop()
+        self.rechecks[owner_key] = loop.call_later(delay, self._spawn_recheck, owner_key)
+
+    def _spawn_recheck(self, owner_key: OwnerKey) -> None:
+        self.rechecks.pop(owner_key, None)
+        self._start_reconcile(owner_key)
+
     def _spawn_reconcile(self, owner_key: OwnerKey) -> None:
         self.retries.pop(owner_key, None)
+        self._start_reconcile(owner_key)
+
+    def _start_reconcile(self, owner_key: OwnerKey) -> None:
         task = asyncio.ensure_future(self.reconcile(owner_key))
         self.tasks.add(task)  # keep a reference until it ends
         task.add_done_callback(self.tasks.discard)
@@ -226,13 +273,21 @@ class Controller:
             current.pop(key(obj), None)
         deployments = [obj for (kind, _), obj in current.items() if kind == "Deployment"]
         previous = body.get("status") or {}
+        now = self.clock()
+        engine: list[EngineProblem] = []
+        if outcome.problem is None and deployments and not deployment_counts(deployments)[2]:
+            # Only while replicas are missing: a settled Deployment has nothing to explain,
+            # and a steady cluster must cost no API calls.
+            engine = self.engine_health(namespace, name, deployments, now)
+            outcome.recheck = True
         status = compute_status(
             previous=previous,
             generation=generation,
             deployments=deployments,
             problem=outcome.problem,
             extra=extra,
-            now=self.clock(),
+            now=now,
+            engine=engine,
         )
         if status_changed(previous, status):
             self.client.patch_status(namespace, name, merge_patch(previous, status))
@@ -242,7 +297,39 @@ class Controller:
             if problem and (not was_degraded or was_degraded.get("message") != problem.message):
                 self.client.post_event(body, "Warning", problem.reason, problem.message)
                 log.warning("%s/%s: %s: %s", namespace, name, problem.reason, problem.message)
+            degraded = _condition(status, "Degraded")
+            if (
+                problem is None
+                and degraded is not None
+                and degraded.get("reason") in ENGINE_REASONS
+                and (not was_degraded or was_degraded.get("reason") != degraded.get("reason"))
+            ):
+                # One Event when the engine breaks (or breaks differently), not one per
+                # restart: the condition's message, with its restart count, says the rest.
+                reason, message = str(degraded["reason"]), str(degraded.get("message") or "")
+                self.client.post_event(body, "Warning", reason, message)
+                log.warning("%s/%s: %s: %s", namespace, name, reason, message)
         return outcome
+
+    def engine_health(
+        self, namespace: str, name: str, deployments: list[dict[str, Any]], now: str
+    ) -> list[EngineProblem]:
+        """What the engine pods say about missing replicas (read only: never a pod write)."""
+        try:
+            pods = self.client.list_pods(namespace, pod_selector(name))
+        except ApiException as error:
+            if error.status in RETRYABLE_STATUSES:
+                raise
+            # Say what the Deployments say; RBAC from an older chart lacks `list pods`.
+            if not self.pods_forbidden_logged:
+                log.warning(
+                    "cannot list pods in %s (API %s): status without pod detail",
+                    namespace,
+                    error.status,
+                )
+                self.pods_forbidden_logged = True
+            pods = []
+        return engine_problems(deployments, pods, now=now)
 
     def converge(
         self,
@@ -300,6 +387,8 @@ class Outcome:
     problem: Problem | None = None
     applied: list[dict[str, Any]] = field(default_factory=list)
     deleted: list[dict[str, Any]] = field(default_factory=list)
+    recheck: bool = False
+    """Replicas are missing: look at the pods again in a while."""
 
 
 def owns_replicas(managed_fields: list[dict[str, Any]]) -> bool:

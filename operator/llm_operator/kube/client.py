@@ -14,7 +14,7 @@ from typing import Any
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from llm_operator.kube.resources import LLMDEPLOYMENT, Kind, kind_of
+from llm_operator.kube.resources import LLMDEPLOYMENT, POD, Kind, kind_of
 from llm_operator.reconcile import FIELD_MANAGER
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,23 @@ class KubeClient:
             item.setdefault("kind", kind.kind)
             item.setdefault("apiVersion", kind.api_version)
         return items, (result.get("metadata") or {}).get("continue") or None
+
+    def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """The pods matching a selector in one namespace, read only. `resourceVersion=0`
+        lets the API server answer from its watch cache rather than a quorum read from etcd:
+        status does not need the last millisecond, and the operator asks again while a
+        rollout lasts. Without `limit` (the cache would ignore it anyway): one
+        LLMDeployment's pods are a handful."""
+        result = self._call(
+            "GET",
+            POD.collection_path(namespace),
+            query=[("labelSelector", label_selector), ("resourceVersion", "0")],
+        )
+        items: list[dict[str, Any]] = result.get("items", [])
+        for item in items:
+            item.setdefault("kind", POD.kind)
+            item.setdefault("apiVersion", POD.api_version)
+        return items
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Replace status with a merge patch (null removes keys the new status lacks)."""

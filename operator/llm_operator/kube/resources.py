@@ -43,6 +43,8 @@ CHILD_KINDS: tuple[Kind, ...] = (
     Kind("keda.sh/v1alpha1", "ScaledObject", "scaledobjects"),
 )
 BY_KIND = {k.kind: k for k in CHILD_KINDS}
+# Read only, never owned: the engine pods, listed to say why replicas are not turning ready.
+POD = Kind("v1", "Pod", "pods")
 
 
 def kind_of(obj: dict[str, object]) -> Kind:
