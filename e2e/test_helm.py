@@ -1,23 +1,18 @@
-"""The Helm chart on a real API server: install, least-privilege RBAC proven by running the
-operator with its ServiceAccount's token, upgrade of the CRD, uninstall that keeps the CRD.
+"""The Helm chart on a real API server: install, least-privilege RBAC proven by the chart's own
+operator pod doing the work with its ServiceAccount's token, upgrade of the CRD, uninstall that
+keeps the CRD.
 
-kwok runs no containers, so the chart's operator pod cannot do the work; instead the operator
-runs here, out of the cluster, with the chart's own command line and a kubeconfig that carries a
-TokenRequest token of the chart's operator ServiceAccount: every API call it makes is
-authorised exactly as it would be in the pod. A denied call fails the test, in the API (the
-LLMDeployment never gets Ready) and in the operator's log (scanned for 403 and Forbidden).
+The chart's pods run for real (on the local cluster, as processes started from the pod spec by
+the pod runner, with a TokenRequest token mounted where a kubelet mounts it): every API call the
+operator makes is authorised exactly as in production. A denied call fails the test, in the API
+(the LLMDeployment never gets Ready) and in the operator's log (scanned for 403 and Forbidden).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import shutil
-import socket
-import subprocess
-import sys
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +24,7 @@ from kubernetes.client.exceptions import ApiException
 
 from harness import kube
 from harness.providers import Cluster
+from harness.serving import Helm, container_log
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "llm-operator"
@@ -37,43 +33,12 @@ CRD_NAME = "llmdeployments.llmoperator.io"
 #: Every CRD the chart may install (kopf's peering CRDs with ha.enabled).
 CHART_CRDS = (CRD_NAME, "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev")
 GROUP, VERSION, PLURAL = "llmoperator.io", "v1alpha1", "llmdeployments"
-#: kopf's identity of the out-of-cluster operator (POD_ID), as it appears in peering objects.
-OPERATOR_IDENTITY = "e2e-helm-rbac"
 #: Signs of a call the RBAC denied, in the operator's log (kopf logs "Not enough permissions"
 #: when it falls back from a denied list or watch).
 DENIED = re.compile(r"\b403\b|Forbidden|forbidden|Not enough permissions|permission denied")
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Helm:
-    """helm (the pinned build) against the test cluster, with its own config folders."""
-
-    def __init__(self, cluster: Cluster, home: Path) -> None:
-        found = cluster.which("helm")
-        if found is None:
-            from llm_operator import chartgen
-
-            found = str(chartgen.helm_binary())
-        self.binary = found
-        self.env = {
-            **cluster.env(),
-            "HELM_CACHE_HOME": str(home / "cache"),
-            "HELM_CONFIG_HOME": str(home / "config"),
-            "HELM_DATA_HOME": str(home / "data"),
-        }
-
-    def __call__(self, *args: str, timeout: float = 240) -> str:
-        result = kube.run([self.binary, *args], self.env, timeout=timeout)
-        assert result.returncode == 0, f"helm {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
-        return result.stdout
 
 
 def adopt_crds(api: client.ApiClient, release: str, namespace: str) -> None:
@@ -123,39 +88,6 @@ def restore_crds(api: client.ApiClient) -> None:
         ext.patch_custom_resource_definition(name, {"metadata": extra})
 
 
-def service_account_kubeconfig(
-    api: client.ApiClient, cluster: Cluster, namespace: str, name: str, path: Path
-) -> Path:
-    """A kubeconfig for the cluster that authenticates as ServiceAccount ``namespace/name``
-    with a short-lived TokenRequest token (what a pod of that ServiceAccount gets mounted)."""
-    request = client.AuthenticationV1TokenRequest(
-        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)
-    )
-    token = (
-        client.CoreV1Api(api)
-        .create_namespaced_service_account_token(name, namespace, request)
-        .status.token
-    )
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    current = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])
-    entry = next(c for c in admin["clusters"] if c["name"] == current["context"]["cluster"])
-    user = f"system:serviceaccount:{namespace}:{name}"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [entry],
-                "users": [{"name": user, "user": {"token": token}}],
-                "contexts": [{"name": user, "context": {"cluster": entry["name"], "user": user}}],
-                "current-context": user,
-            }
-        )
-    )
-    path.chmod(0o600)
-    return path
-
-
 def can(api: client.ApiClient, user: str, verb: str, resource: str, namespace: str | None,
         group: str = "", name: str | None = None) -> bool:  # fmt: skip
     """A SubjectAccessReview: may ``user`` do ``verb`` on ``resource``?"""
@@ -176,64 +108,6 @@ def can(api: client.ApiClient, user: str, verb: str, resource: str, namespace: s
     return bool(result.status.allowed)
 
 
-class OutOfClusterOperator:
-    """`llm-operator run` with the chart's arguments and a ServiceAccount's kubeconfig."""
-
-    def __init__(self, args: list[str], kubeconfig: Path, log_path: Path) -> None:
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "KUBECONFIG"))
-        }
-        env.update(KUBECONFIG=str(kubeconfig), PYTHONUNBUFFERED="1", POD_ID=OPERATOR_IDENTITY)
-        self.log_path = log_path
-        self.log = log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "llm_operator.cli", *args],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def denied(self) -> list[str]:
-        return [line[:1500] for line in self.text().splitlines() if DENIED.search(line)]
-
-    def alive(self) -> bool:
-        """True while it runs; fails at once if it exited or the RBAC denied it a call."""
-        if self.process.poll() is not None:
-            raise AssertionError(f"the operator exited:\n{self.text()[-4000:]}")
-        if denied := self.denied():
-            raise AssertionError("calls the chart's RBAC denied:\n" + "\n".join(denied[:5]))
-        return True
-
-    def healthy(self, port: int) -> bool:
-        """kopf answers /healthz once it has started (and could list what it watches)."""
-        self.alive()
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        kube.stop_process(self.process)
-        self.log.close()
-
-
-def chart_operator_args(deployment: client.V1Deployment) -> list[str]:
-    """The operator container's arguments as the chart set them, with free local ports."""
-    args: list[str] = list(deployment.spec.template.spec.containers[0].args)
-    assert args[0] == "run"
-    ports = {"--liveness-port": free_port(), "--metrics-port": free_port()}
-    out = []
-    for arg in args:
-        flag = arg.split("=", 1)[0]
-        out.append(f"{flag}={ports[flag]}" if flag in ports else arg)
-    return out
-
-
 def ready(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any] | None:
     body: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, name
@@ -247,56 +121,64 @@ def ready(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any] | 
     return None
 
 
-def reconcile_sample_as(
+def operator_pods(api: client.ApiClient, namespace: str, release: str) -> list[Any]:
+    selector = f"app.kubernetes.io/instance={release},app.kubernetes.io/component=operator"
+    return list(client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector).items)
+
+
+def denied_calls(cluster: Cluster, api: client.ApiClient, pods: list[Any]) -> list[str]:
+    lines = []
+    for pod in pods:
+        text = container_log(cluster, api, pod, "operator")
+        assert "Traceback" not in text, text[-4000:]
+        lines += [line[:1500] for line in text.splitlines() if DENIED.search(line)]
+    return lines
+
+
+def reconcile_sample_in_cluster(
     api: client.ApiClient,
     cluster: Cluster,
     namespace: str,
-    service_account: str,
-    args: list[str],
+    release: str,
     workload_namespace: str,
-    tmp_path: Path,
     while_running: Callable[[], None] | None = None,
-) -> OutOfClusterOperator:
-    """Run the operator with ``args`` as ``namespace/service_account``, create the sample in
-    ``workload_namespace`` and wait until it is Ready with its children, then call
-    ``while_running``. Fails on any call the RBAC denied. Returns the stopped operator."""
-    kubeconfig = service_account_kubeconfig(
-        api, cluster, namespace, service_account, tmp_path / "sa.kubeconfig"
+) -> None:
+    """Create the sample in ``workload_namespace`` and wait until the chart's operator pod made
+    it Ready with its children, then call ``while_running``. Fails on any call the RBAC denied."""
+    core = client.CoreV1Api(api)
+    core.create_namespaced_secret(
+        workload_namespace,
+        {"metadata": {"name": "hf-token"}, "stringData": {"token": "hf_e2e_not_a_real_token"}},
     )
-    operator = OutOfClusterOperator(args, kubeconfig, tmp_path / "operator.log")
-    try:
-        liveness = int(next(a for a in args if a.startswith("--liveness-port=")).split("=")[1])
-        kube.wait_until("the operator's /healthz", lambda: operator.healthy(liveness), timeout=60)
-        sample = yaml.safe_load(SAMPLE.read_text())
-        client.CustomObjectsApi(api).create_namespaced_custom_object(
-            GROUP, VERSION, workload_namespace, PLURAL, sample
-        )
-        name = sample["metadata"]["name"]
+    sample = yaml.safe_load(SAMPLE.read_text())
+    client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP, VERSION, workload_namespace, PLURAL, sample
+    )
+    name = sample["metadata"]["name"]
+    pods = operator_pods(api, namespace, release)
+    assert pods
 
-        def reconciled() -> dict[str, Any] | None:
-            operator.alive()
-            return ready(api, workload_namespace, name)
+    def reconciled() -> dict[str, Any] | None:
+        denied = denied_calls(cluster, api, pods)
+        assert not denied, "calls the chart's RBAC denied:\n" + "\n".join(denied[:5])
+        return ready(api, workload_namespace, name)
 
-        body = kube.wait_until(f"{name} to be Ready", reconciled, timeout=180)
-        children = (
-            client.AppsV1Api(api)
-            .list_namespaced_deployment(
-                workload_namespace, label_selector=f"llmoperator.io/deployment={name}"
-            )
-            .items
+    body = kube.wait_until(f"{name} to be Ready", reconciled, timeout=180)
+    children = (
+        client.AppsV1Api(api)
+        .list_namespaced_deployment(
+            workload_namespace, label_selector=f"llmoperator.io/deployment={name}"
         )
-        assert children and all(
-            d.metadata.owner_references[0].uid == body["metadata"]["uid"] for d in children
-        )
-        assert body["spec"] == sample["spec"], "the operator wrote into spec"
-        if while_running is not None:
-            while_running()
-    finally:
-        operator.stop()
-    denied = operator.denied()
+        .items
+    )
+    assert children and all(
+        d.metadata.owner_references[0].uid == body["metadata"]["uid"] for d in children
+    )
+    assert body["spec"] == sample["spec"], "the operator wrote into spec"
+    if while_running is not None:
+        while_running()
+    denied = denied_calls(cluster, api, operator_pods(api, namespace, release))
     assert not denied, "calls the chart's RBAC denied:\n" + "\n".join(denied[:20])
-    assert "Traceback" not in operator.text(), operator.text()[-4000:]
-    return operator
 
 
 # -- fixtures --------------------------------------------------------------------------------
@@ -372,15 +254,17 @@ def test_install_runs_restricted_and_its_service_account_reconciles_a_sample_to_
     assert not can(api_client, user, "update", "llmdeployments", workload_namespace, GROUP)
     assert not can(api_client, user, "create", "pods", workload_namespace)
     gateway_user = f"system:serviceaccount:{namespace}:{fullname}-gateway"
-    assert can(api_client, gateway_user, "watch", "endpointslices", workload_namespace,
-               "discovery.k8s.io")  # fmt: skip
+    assert can(api_client, gateway_user, "watch", "pods", workload_namespace)
+    assert not can(api_client, gateway_user, "watch", "pods", "default")
     assert not can(api_client, gateway_user, "get", "secrets", namespace)
     assert not can(api_client, gateway_user, "get", "configmaps", namespace, name="other")
 
-    # The operator, out of the cluster, with the chart's arguments and only the SA's rights.
-    args = chart_operator_args(operator_deployment)
+    # The operator pod, with the chart's arguments and only the SA's rights, does the work.
+    args = operator_deployment.spec.template.spec.containers[0].args
     assert f"--namespace={workload_namespace}" in args
-    reconcile_sample_as(api_client, cluster, namespace, sa, args, workload_namespace, tmp_path)
+    pod = operator_pods(api_client, namespace, release)[0]
+    assert pod.spec.service_account_name == sa
+    reconcile_sample_in_cluster(api_client, cluster, namespace, release, workload_namespace)
 
 
 def test_ha_install_peers_through_its_peering_object_with_its_service_account(
@@ -408,8 +292,10 @@ def test_ha_install_peers_through_its_peering_object_with_its_service_account(
     )
     assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
 
-    args = chart_operator_args(operator_deployment)
-    assert "--peering=llm-operator" in args
+    assert "--peering=llm-operator" in operator_deployment.spec.template.spec.containers[0].args
+    # kopf's identity in the peering is the pod's name (POD_ID from the downward API).
+    identities = {p.metadata.name for p in operator_pods(api_client, namespace, release)}
+    assert len(identities) == 2
 
     def keeps_alive_in_the_peering() -> None:
         def seen() -> bool:
@@ -419,12 +305,12 @@ def test_ha_install_peers_through_its_peering_object_with_its_service_account(
                 ).get("status")
                 or {}
             )
-            return OPERATOR_IDENTITY in status
+            return identities <= {key.split("@", 1)[0] for key in status}
 
-        kube.wait_until("the operator's keep-alive in the KopfPeering", seen, timeout=60)
+        kube.wait_until("both operator pods' keep-alives in the KopfPeering", seen, timeout=60)
 
-    reconcile_sample_as(
-        api_client, cluster, namespace, fullname, args, workload_namespace, tmp_path,
+    reconcile_sample_in_cluster(
+        api_client, cluster, namespace, release, workload_namespace,
         while_running=keeps_alive_in_the_peering,
     )  # fmt: skip
 

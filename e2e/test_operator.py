@@ -382,8 +382,8 @@ def test_the_gateway_routing_table_follows_the_llmdeployments(
         )
         qwen = routes.model("qwen-7b")
         assert qwen is not None and [f.model for f in qwen.fallbacks] == ["small-chat"]
-        assert qwen.tracks[0].service is not None
-        assert qwen.tracks[0].service.name == "qwen"
+        assert qwen.tracks[0].pods is not None
+        assert qwen.tracks[0].pods.match_labels["llmoperator.io/deployment"] == "qwen"
         custom(api_client).delete_namespaced_custom_object(
             GROUP, VERSION, namespace, PLURAL, "small"
         )

@@ -105,11 +105,13 @@ def container_pid(pod: Any, container: str) -> int:
 
 @dataclass
 class Load:
-    """Clients sending chat completions in a loop (half streamed) until stopped."""
+    """Clients sending chat completions in a loop until stopped: half of them streamed, or
+    all (``streams=True``) or none (``streams=False``)."""
 
     base_url: str
     model: str
     clients: int = 4
+    streams: bool | None = None
     ok: int = 0
     failures: list[str] = field(default_factory=list)
     by_outcome: Counter[str] = field(default_factory=Counter)
@@ -124,7 +126,7 @@ class Load:
         n = 0
         while not self._stop.is_set():
             n += 1
-            stream = (index + n) % 2 == 0
+            stream = (index + n) % 2 == 0 if self.streams is None else self.streams
             try:
                 messages = [{"role": "user", "content": f"request {index}-{n}"}]
                 if stream:

@@ -387,8 +387,8 @@ class Gateway:
         self.draining = False
         """SIGTERM: /healthz and /readyz answer 503, every response closes its connection."""
         self.ready: Callable[[], bool] | None = None
-        """Readiness beyond draining (the first EndpointSlice lists): /healthz and /readyz
-        answer 503 while it returns False; /health (liveness) does not ask it."""
+        """Readiness beyond draining (the first Pod list of every watched selector): /healthz and
+        /readyz answer 503 while it returns False; /health (liveness) does not ask it."""
         self._sweeper: asyncio.TimerHandle | None = None
         metrics.circuit_source = self._circuit_states
         metrics.generation = table.generation
