@@ -475,3 +475,32 @@ async def test_ready_at_once_without_pods() -> None:
     app = cli.App(args, GatewayConfig())  # no table yet
     assert app.discovery is None and app.ready()
     assert app.gateway.ready is not None and app.gateway.ready()
+
+
+@pytest.mark.timeout(30)
+async def test_pods_it_may_not_read_count_as_listed_with_no_backends(tmp_path: Path) -> None:
+    """A 403 lasts until someone changes the RBAC: readiness must not wait for it."""
+    calls: list[str] = []
+
+    async def forbidden(request: web.Request) -> web.StreamResponse:
+        calls.append(request.match_info["ns"])
+        return web.json_response({"kind": "Status", "code": 403}, status=403)
+
+    api = web.Application()
+    api.router.add_get("/api/v1/namespaces/{ns}/pods", forbidden)
+    runner = web.AppRunner(api)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    cluster = Cluster(f"http://127.0.0.1:{runner.addresses[0][1]}", _token(tmp_path), None)
+    changes = Changes()
+    watcher = PodWatcher(cluster, changes)
+    try:
+        watcher.want({("elsewhere", "app=llama")})
+        await _until(watcher.ready, "ready despite the 403")
+        assert watcher.resolve("elsewhere", "app=llama", 8000) == []
+        assert calls == ["elsewhere"]
+        await _until(lambda: len(calls) >= 2, "a retry")  # and it keeps trying (backoff 1 s)
+    finally:
+        await watcher.close()
+        await runner.cleanup()

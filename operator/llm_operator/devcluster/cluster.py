@@ -45,6 +45,7 @@ from llm_operator.devcluster.layout import (
     SERVICE_CIDR,
     SERVICE_IP,
     Layout,
+    python,
 )
 
 # Prometheus comes last: its discovery needs the API server and its RBAC; its targets are the
@@ -204,7 +205,7 @@ def components(layout: Layout) -> dict[str, Component]:
         Component(
             "pod-runner",
             [
-                sys.executable,
+                python(),
                 "-m",
                 "llm_operator.devcluster.kubelet",
                 f"--cluster-dir={layout.cluster_dir}",
@@ -369,8 +370,12 @@ def up(layout: Layout, allow_build: bool = True, timeout: float = 180.0) -> bool
             say(f"{name}: restarting, its command line changed")
             procs.stop(current, marker)
         for port in _ports_of(name):
-            if not _port_free(port):
-                raise ClusterError(_port_owner_hint(port))
+            # A process just stopped may hold its socket a moment longer.
+            deadline = time.monotonic() + 10
+            while not _port_free(port):
+                if time.monotonic() > deadline:
+                    raise ClusterError(_port_owner_hint(port))
+                time.sleep(0.2)
         if name == "prometheus-sd" and prometheus.ensure_rbac(admin_api(layout)):
             changed.append("granted Prometheus' discovery its RBAC")
         log = layout.logs_dir / f"{name}.log"

@@ -24,6 +24,7 @@ same names.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,14 @@ SERVICE_IP = "10.96.0.1"
 POD_CIDR = "127.1.0.0/16"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 CLUSTER_NAME = "llm-operator-dev"
+
+
+def python() -> str:
+    """This environment's interpreter under one name, whichever name started us (`python`,
+    `python3`): components' command lines must not change with how `up` was invoked, or `up`
+    would restart them."""
+    candidate = Path(sys.prefix) / "bin" / "python3"
+    return str(candidate) if candidate.exists() else sys.executable
 
 
 class LayoutError(RuntimeError):

@@ -33,7 +33,6 @@ from __future__ import annotations
 import http.client
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ import yaml
 from llm_operator.devcluster import pki, procs
 from llm_operator.devcluster.kubeapi import Api, ApiError
 from llm_operator.devcluster.layout import PORTS, Layout
+from llm_operator.devcluster.layout import python as layout_python
 
 #: Absolute, so that a ``prometheus`` earlier on PATH (a test's, a venv's) is never the one
 #: started, and so that ``procs`` can recognise our process by its argv[0].
@@ -242,7 +242,7 @@ def require_binary(binary: Path = BINARY) -> Path:
 SD_MODULE = "llm_operator.devcluster.prometheus_sd"
 
 
-def discovery_component(layout: Layout, python: str = sys.executable) -> tuple[list[str], str]:
+def discovery_component(layout: Layout, python: str | None = None) -> tuple[list[str], str]:
     """(argv, health URL) of ``prometheus-sd``, the pod discovery Prometheus polls.
 
     Start it before Prometheus and after :func:`ensure_rbac`: its health URL answers 200
@@ -250,7 +250,7 @@ def discovery_component(layout: Layout, python: str = sys.executable) -> tuple[l
     """
     p = layout.pki_dir
     argv = [
-        python, "-m", SD_MODULE,
+        python or layout_python(), "-m", SD_MODULE,
         f"--server={layout.server_url}",
         f"--ca={p / 'ca.crt'}",
         f"--cert={p / 'prometheus.crt'}",

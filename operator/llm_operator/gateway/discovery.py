@@ -175,6 +175,13 @@ class PodWatcher:
         async with session.get(
             url, params={"labelSelector": selector}, headers=self.cluster.headers()
         ) as resp:
+            if resp.status in (401, 403, 404):
+                # Waiting will not make these pods readable (a namespace outside the RBAC, a
+                # table from an earlier install): route nothing there, and do not hold the
+                # gateway's readiness, and with it every other model, hostage. Retried.
+                self.pods.setdefault((namespace, selector), {})
+                self.synced.add((namespace, selector))
+                self.on_change()
             resp.raise_for_status()
             listing = await resp.json()
         self.pods[(namespace, selector)] = {
