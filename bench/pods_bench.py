@@ -59,14 +59,18 @@ def deployment(name: str, replicas: int) -> dict[str, Any]:
     }
 
 
-def pod_processes(cluster_dir: str) -> list[int]:
+def pod_processes(cluster_dir: str, pod_ips: set[str]) -> list[int]:
+    """The processes of the benchmark's pods (by the cluster marker and the pod IP that the
+    runner puts in every pod process's environment), not of other pods."""
     marker = f"{MARKER}={cluster_dir}".encode()
+    ips = {f"LLMOP_POD_IP={ip}".encode() for ip in pod_ips}
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if marker in (entry / "environ").read_bytes().split(b"\0"):
+            environ = set((entry / "environ").read_bytes().split(b"\0"))
+            if marker in environ and environ & ips:
                 found.append(int(entry.name))
         except OSError:
             continue
@@ -107,6 +111,7 @@ def main() -> int:
     core.create_namespace({"metadata": {"name": namespace}})
     name = "sims"
     ready_at: dict[str, float] = {}
+    pod_ips: set[str] = set()
     created = time.monotonic()
     apps.create_namespaced_deployment(namespace, deployment(name, args.pods))
     stream = watch.Watch()
@@ -115,11 +120,12 @@ def main() -> int:
         ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
         if ready and pod.metadata.name not in ready_at:
             ready_at[pod.metadata.name] = time.monotonic() - created
+            pod_ips.add(pod.status.pod_ip)
         if len(ready_at) >= args.pods:
             stream.stop()
     all_ready = max(ready_at.values())
     time.sleep(3)  # let start-up allocations settle
-    pids = pod_processes(args.cluster_dir)
+    pids = pod_processes(args.cluster_dir, pod_ips)
     rss, pss = memory_kib(pids)
     deleting = time.monotonic()
     apps.delete_namespaced_deployment(name, namespace)
