@@ -13,6 +13,8 @@ import pytest
 import yaml
 
 from llm_operator.api import v1alpha1 as api
+from llm_operator.engine_health import engine_problems
+from llm_operator.reconcile import compute_status
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = (REPO / "argocd" / "health.lua").read_text()
@@ -137,6 +139,86 @@ def test_degraded_condition_is_degraded_with_its_message_even_while_serving() ->
         }
     )
     assert health(obj) == ("Degraded", message)
+
+
+def engine_status(pod_status: dict[str, Any]) -> dict[str, Any]:
+    """The status the operator writes for one engine pod that is not turning ready."""
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "llama", "generation": 1},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"llmoperator.io/track": "stable"}}},
+        "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1,
+                   "unavailableReplicas": 1},
+    }  # fmt: skip
+    pod = {
+        "metadata": {
+            "name": "llama-6b7f9c-x2x4z",
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+            "labels": {"llmoperator.io/track": "stable"},
+        },
+        "status": pod_status,
+    }
+    now = "2026-01-01T00:05:00Z"
+    return compute_status(
+        previous=None, generation=3, deployments=[deployment], problem=None, extra={}, now=now,
+        engine=engine_problems([deployment], [pod], now=now),
+    )  # fmt: skip
+
+
+def test_a_crash_looping_engine_is_degraded_with_the_pods_reason() -> None:
+    status = engine_status(
+        {
+            "phase": "Running",
+            "conditions": [{"type": "Ready", "status": "False", "reason": "ContainersNotReady"}],
+            "containerStatuses": [
+                {
+                    "name": "vllm",
+                    "ready": False,
+                    "started": False,
+                    "restartCount": 4,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137}},
+                }
+            ],
+        }
+    )
+    assert health(llmd(status)) == (
+        "Degraded",
+        "pod llama-6b7f9c-x2x4z container vllm: CrashLoopBackOff, restarted 4 times, "
+        "last exit OOMKilled (exit code 137)",
+    )
+
+
+def test_an_engine_image_that_cannot_be_pulled_is_degraded() -> None:
+    waiting = {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "vllm:nope"'}
+    status = engine_status(
+        {
+            "phase": "Pending",
+            "containerStatuses": [
+                {"name": "vllm", "ready": False, "restartCount": 0, "state": {"waiting": waiting}}
+            ],
+        }
+    )
+    state, message = health(llmd(status))
+    assert state == "Degraded" and 'ImagePullBackOff: Back-off pulling image "vllm:nope"' in message
+
+
+def test_a_pod_waiting_for_a_gpu_node_is_progressing_with_the_schedulers_words() -> None:
+    scheduler = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    status = engine_status(
+        {
+            "phase": "Pending",
+            "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                 "message": scheduler},
+            ],
+        }
+    )  # fmt: skip
+    assert health(llmd(status)) == (
+        "Progressing",
+        f"pod llama-6b7f9c-x2x4z: Unschedulable: {scheduler}",
+    )
 
 
 def test_failed_is_degraded() -> None:
