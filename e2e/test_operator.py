@@ -340,6 +340,10 @@ def test_a_restarted_operator_makes_no_writes(
 def test_samples_reach_ready(
     api_client: client.ApiClient, namespace: str, operator: OperatorProcess
 ) -> None:
+    # The samples' engines read a Hugging Face token (pods now start only when it exists).
+    client.CoreV1Api(api_client).create_namespaced_secret(
+        namespace, {"metadata": {"name": "hf-token"}, "stringData": {"token": "hf_e2e"}}
+    )
     for name in ("llama-3-8b.yaml", "llama-3-70b-fp8.yaml"):
         body = yaml.safe_load((REPO / "manifests" / "samples" / name).read_text())
         create(api_client, namespace, body)
