@@ -330,13 +330,6 @@ def test_a_configmap_volume_is_files_at_its_mount_path_and_follows_edits(
     assert state.restart_count == 0, f"restarted to see the edit ({took:.1f} s)"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "kubelet.py PodWorker.fetch merges a ConfigMap's binaryData into its data without "
-        "base64-decoding it, so the volume file holds the base64 text"
-    ),
-)
 def test_configmap_binary_data_is_mounted_decoded(
     api_client: client.ApiClient, namespace: str, pods_dir: Path
 ) -> None:
@@ -439,13 +432,6 @@ def test_an_unknown_image_waits_in_errimagepull_naming_the_known_images(
     wait_events(api_client, namespace, "nginx", "Failed", "Failed to pull image")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "kubelet.py Container.run: a pod whose container never started (ErrImagePull, "
-        "CreateContainerConfigError) is reported phase Running; a kubelet says Pending"
-    ),
-)
 def test_a_pod_whose_container_never_started_is_pending(
     api_client: client.ApiClient, namespace: str
 ) -> None:
@@ -457,13 +443,6 @@ def test_a_pod_whose_container_never_started_is_pending(
         assert pod.status.phase == "Pending", f"{name}: {pod.status.phase}, {waiting_reason(pod)}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "kubelet.py Container.run picks ImagePullBackOff only when restart_count > 0, which a "
-        "container that never ran never reaches: it stays ErrImagePull"
-    ),
-)
 def test_an_image_pull_backs_off(api_client: client.ApiClient, namespace: str) -> None:
     create_pod(api_client, namespace, "nginx", {"name": "c", "image": "nginx:1.27"})
     wait_pod(api_client, namespace, "nginx", "ErrImagePull", lambda p: bool(waiting_reason(p)))
@@ -477,13 +456,6 @@ def test_an_image_pull_backs_off(api_client: client.ApiClient, namespace: str) -
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "podspec.field_ref reads status.podIP/hostIP from the runner's copy of the pod, which "
-        "does not have the IP the runner just allocated yet: the first start gets them empty"
-    ),
-)
 def test_the_downward_api_gives_the_pod_ip(api_client: client.ApiClient, namespace: str) -> None:
     env = [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},

@@ -347,13 +347,6 @@ def test_resource_field_ref_without_a_limit_falls_back_to_the_node() -> None:
     assert env["C"] == "192"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "podspec.resource_value returns the quantity as written ('500m', '1Gi') and ignores "
-        "`divisor`; its docstring and a kubelet give ceil(value / divisor) in plain numbers"
-    ),
-)
 @pytest.mark.parametrize(
     ("resource", "divisor", "expected"),
     [
@@ -432,7 +425,7 @@ def test_decoded_secret_merges_string_data() -> None:
         "data": {"token": base64.b64encode(b"hf_x").decode(), "same": "b2xk"},
         "stringData": {"same": "new"},
     }
-    assert podspec.decoded(secret) == {"token": "hf_x", "same": "new"}
+    assert podspec.decoded(secret) == {"token": b"hf_x", "same": b"new"}
     assert podspec.decoded({}) == {}
 
 
@@ -442,9 +435,16 @@ def test_downward_files() -> None:
         {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
     ]
     assert podspec.downward_files(POD, items) == {
-        "namespace": NS,
-        "labels": 'app="vllm"\nllmoperator.io/track="canary"',
+        "namespace": NS.encode(),
+        "labels": b'app="vllm"\nllmoperator.io/track="canary"',
     }
+
+
+def test_configmap_bytes_decodes_binary_data() -> None:
+    blob = b"\x00\x01binary\xff"
+    configmap = {"data": {"text": "v1"}, "binaryData": {"blob": base64.b64encode(blob).decode()}}
+    assert podspec.configmap_bytes(configmap) == {"text": b"v1", "blob": blob}
+    assert podspec.as_text({"blob": blob}) == {"blob": "\x00\x01binary\ufffd"}
 
 
 # -- ports and probes -----------------------------------------------------------------------

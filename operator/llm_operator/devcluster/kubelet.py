@@ -54,6 +54,8 @@ log = logging.getLogger("llm_operator.devcluster.kubelet")
 # Pod processes carry this in their environment so that a sweep finds them after a crash.
 POD_MARKER_ENV = "LLMOP_POD_CLUSTER"
 VOLUME_RESYNC_SECONDS = 5.0
+EVENT_REPEAT_SECONDS = 300.0
+RETRY_REASONS = frozenset({"Failed", "FailedMount", "BackOff"})
 TOKEN_SECONDS = 3607
 PR_SET_PDEATHSIG = 1
 
@@ -232,7 +234,7 @@ class Container:
         self.st = ContainerState(self.name, spec.get("image", ""))
         self.proc: asyncio.subprocess.Process | None = None
         self.stopping = False
-        self.kill_reason = ""
+        self.pull_failures = 0
         self.exited = asyncio.Event()
 
     # -- launching ----------------------------------------------------------------------
@@ -240,7 +242,7 @@ class Container:
     def _launch(self) -> tuple[list[str], dict[str, str], str]:
         image = podspec.resolve_image(self.pod.settings.known, self.st.image)
         env = podspec.container_env(
-            self.pod.pod, self.spec, image, self.pod.env_sources(), self.pod.injected_env()
+            self.pod.view(), self.spec, image, self.pod.env_sources(), self.pod.injected_env()
         )
         argv = podspec.command_line(self.spec, image, env)
         if not argv:
@@ -276,13 +278,16 @@ class Container:
             try:
                 argv, env, cwd = self._launch()
             except ImageError as err:
-                self._waiting(
-                    "ErrImagePull" if self.st.restart_count == 0 else "ImagePullBackOff", str(err)
-                )
+                # A pull fails (ErrImagePull), then the kubelet backs off (ImagePullBackOff,
+                # 10 s doubling to 5 minutes) between tries.
                 self.pod.event(
                     "Warning", "Failed", f"Failed to pull image {self.st.image!r}: {err}"
                 )
-                await self._sleep(10)
+                self._waiting("ErrImagePull", str(err))
+                await self._sleep(1)
+                self.pull_failures += 1
+                self._waiting("ImagePullBackOff", f'Back-off pulling image "{self.st.image}"')
+                await self._sleep(podspec.backoff_seconds(self.pull_failures))
                 continue
             except ConfigError as err:
                 self._waiting("CreateContainerConfigError", str(err))
@@ -343,13 +348,14 @@ class Container:
                 preexec_fn=_pdeathsig,
             )
         self.exited.clear()
-        self.kill_reason = ""
         self.st.container_id = (
             f"local://{self.pod.uid[:8]}-{self.name}-{self.st.restart_count}-{self.proc.pid}"
         )
         self.st.state = {"running": {"startedAt": now()}}
         self.st.started = False
         self.st.ready = False
+        if not self.init and self.pod.phase == "Pending":
+            self.pod.phase = "Running"  # a pod runs once one of its containers has started
         self.pod.changed()
         self.pod.event("Normal", "Started", f"Started container {self.name}")
         probes = [] if self.init else [asyncio.create_task(self._probe_loop())]
@@ -357,7 +363,7 @@ class Container:
         self.exited.set()
         for task in probes:
             task.cancel()
-        reason = self.kill_reason or ("Completed" if code == 0 else "Error")
+        reason = "Completed" if code == 0 else "Error"
         # A process killed by a signal reports 128 + the signal, as a container runtime does.
         exit_code = 128 - code if code < 0 else code
         terminated = {
@@ -640,7 +646,7 @@ class PodWorker:
         self.stopping = asyncio.Event()
         self.done = asyncio.Event()
         self.dirty = asyncio.Event()
-        self.cache: dict[tuple[str, str, str], Mapping[str, str] | None] = {}
+        self.cache: dict[tuple[str, str, str], Mapping[str, bytes] | None] = {}
         self.tokens: dict[str, tuple[str, float]] = {}
         self.volume_error = ""
         self.last_written: dict[str, Any] | None = None
@@ -745,10 +751,20 @@ class PodWorker:
 
     # -- environment and volumes --------------------------------------------------------
 
+    def view(self) -> dict[str, Any]:
+        """The pod as the downward API sees it: with the addresses this runner gave it, which
+        the API's copy may not carry yet."""
+        status = dict(self.pod.get("status") or {})
+        if self.ip:
+            status.update(podIP=self.ip, podIPs=[{"ip": self.ip}])
+        host = self.settings.host_ip
+        status.update(hostIP=host, hostIPs=[{"ip": host}])
+        return {**self.pod, "status": status}
+
     def env_sources(self) -> podspec.EnvSources:
         return podspec.EnvSources(
-            configmaps=lambda ns, name: self.cache.get(("configmaps", ns, name)),
-            secrets=lambda ns, name: self.cache.get(("secrets", ns, name)),
+            configmaps=lambda ns, name: podspec.as_text(self.cache.get(("configmaps", ns, name))),
+            secrets=lambda ns, name: podspec.as_text(self.cache.get(("secrets", ns, name))),
         )
 
     def injected_env(self) -> dict[str, str]:
@@ -766,7 +782,7 @@ class PodWorker:
             f"KUBERNETES_PORT_{port}_TCP_ADDR": vip,
         }
 
-    async def fetch(self, kind: str, namespace: str, name: str) -> Mapping[str, str] | None:
+    async def fetch(self, kind: str, namespace: str, name: str) -> Mapping[str, bytes] | None:
         code, body = await self.kubelet.api.request(
             "GET", f"/api/v1/namespaces/{namespace}/{kind}/{name}"
         )
@@ -777,10 +793,7 @@ class PodWorker:
         elif kind == "secrets":
             data = podspec.decoded(body)
         else:
-            data = {
-                **(body.get("data") or {}),
-                **{k: v for k, v in (body.get("binaryData") or {}).items()},
-            }
+            data = podspec.configmap_bytes(body)
         self.cache[(kind, namespace, name)] = data
         return data
 
@@ -847,7 +860,7 @@ class PodWorker:
         self.tokens[key] = (token, time.monotonic() + 0.8 * expiration)
         return token
 
-    async def volume_files(self, volume: Mapping[str, Any]) -> dict[str, str] | None:
+    async def volume_files(self, volume: Mapping[str, Any]) -> dict[str, bytes] | None:
         """The files of a ConfigMap/Secret/projected/downward-API volume; None for a folder
         volume (emptyDir) that the pod writes itself."""
         ns = self.namespace
@@ -864,12 +877,11 @@ class PodWorker:
                 data, src.get("items"), f"volume {volume['name']}", bool(src.get("optional"))
             )
         if "projected" in volume:
-            files: dict[str, str] = {}
+            files: dict[str, bytes] = {}
             for src in volume["projected"].get("sources") or []:
                 if "serviceAccountToken" in src:
-                    files[src["serviceAccountToken"].get("path", "token")] = await self.token(
-                        src["serviceAccountToken"]
-                    )
+                    token = await self.token(src["serviceAccountToken"])
+                    files[src["serviceAccountToken"].get("path", "token")] = token.encode()
                 elif "configMap" in src or "secret" in src:
                     is_cm = "configMap" in src
                     ref = src["configMap" if is_cm else "secret"]
@@ -890,11 +902,11 @@ class PodWorker:
                     )
                 elif "downwardAPI" in src:
                     files.update(
-                        podspec.downward_files(self.pod, src["downwardAPI"].get("items") or [])
+                        podspec.downward_files(self.view(), src["downwardAPI"].get("items") or [])
                     )
             return files
         if "downwardAPI" in volume:
-            return podspec.downward_files(self.pod, volume["downwardAPI"].get("items") or [])
+            return podspec.downward_files(self.view(), volume["downwardAPI"].get("items") or [])
         if "emptyDir" in volume:
             return None
         if "hostPath" in volume:
@@ -918,10 +930,10 @@ class PodWorker:
             for rel, content in files.items():
                 target = folder / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
-                if target.exists() and target.read_text(errors="replace") == content:
+                if target.exists() and target.read_bytes() == content:
                     continue
                 tmp = target.with_name(f".{target.name}.tmp")
-                tmp.write_text(content)
+                tmp.write_bytes(content)
                 tmp.replace(target)
             wanted = {folder / rel for rel in files}
             for existing in folder.rglob("*"):
@@ -1013,7 +1025,6 @@ class PodWorker:
                         self.changed()
                     return
             self.initialized = True
-            self.phase = "Running"
             self.changed()
             await asyncio.gather(*(c.run() for c in self.containers))
             if not self.stopping.is_set():
@@ -1075,10 +1086,21 @@ class Kubelet:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.terminating: dict[str, asyncio.Task[None]] = {}
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
+        self.posted: dict[tuple[str, str, str], float] = {}
         self.synced = False
 
     def event(self, pod: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
         meta = pod["metadata"]
+        # A retry loop repeats itself (a missing Secret every 2 s): one Event per pod, reason
+        # and message per EVENT_REPEAT_SECONDS, as a kubelet's event aggregation keeps it quiet.
+        key = (meta["uid"], reason, message)
+        last = self.posted.get(key)
+        if reason in RETRY_REASONS:
+            if last is not None and time.monotonic() - last < EVENT_REPEAT_SECONDS:
+                return
+            self.posted[key] = time.monotonic()
+        if len(self.posted) > 10_000:
+            self.posted.clear()
         stamp = now()
         body = {
             "apiVersion": "v1",

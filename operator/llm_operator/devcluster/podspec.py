@@ -11,9 +11,11 @@ without a cluster.
 from __future__ import annotations
 
 import base64
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -170,8 +172,28 @@ def resource_value(container: Mapping[str, Any], ref: Mapping[str, Any]) -> str:
     value = ((container.get("resources") or {}).get(kind) or {}).get(name)
     if value is None:
         # A kubelet falls back to the node's allocatable; a big number says "unlimited".
-        return "192" if name == "cpu" else str(2**40)
-    return str(value)
+        value = "192" if name == "cpu" else str(2**40)
+    divisor = quantity(str(ref.get("divisor") or "1"))
+    if divisor <= 0:
+        raise ConfigError(f"resourceFieldRef {resource}: divisor must be positive")
+    return str(math.ceil(quantity(str(value)) / divisor))
+
+
+_SUFFIXES = {
+    "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": Decimal(1),
+    "k": Decimal(10**3), "M": Decimal(10**6), "G": Decimal(10**9), "T": Decimal(10**12),
+    "P": Decimal(10**15), "E": Decimal(10**18),
+    "Ki": Decimal(2**10), "Mi": Decimal(2**20), "Gi": Decimal(2**30), "Ti": Decimal(2**40),
+    "Pi": Decimal(2**50), "Ei": Decimal(2**60),
+}  # fmt: skip
+
+
+def quantity(text: str) -> Decimal:
+    """A Kubernetes quantity (`500m`, `1Gi`, `2e3`) as a number."""
+    match = re.fullmatch(r"([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)([a-zA-Z]*)", text.strip())
+    if match is None or match.group(2) not in _SUFFIXES:
+        raise ConfigError(f"invalid quantity {text!r}")
+    return Decimal(match.group(1)) * _SUFFIXES[match.group(2)]
 
 
 @dataclass
@@ -245,24 +267,35 @@ def command_line(container: Mapping[str, Any], image: Image, env: Mapping[str, s
     return [expand(str(a), env) for a in argv]
 
 
-def decoded(secret: Mapping[str, Any]) -> dict[str, str]:
-    """A Secret's `data` (base64) and `stringData`, as text."""
-    out = {
-        k: base64.b64decode(v).decode(errors="replace")
-        for k, v in (secret.get("data") or {}).items()
-    }
-    out.update(secret.get("stringData") or {})
+def decoded(secret: Mapping[str, Any]) -> dict[str, bytes]:
+    """A Secret's `data` (base64) and `stringData`, as the bytes a volume file holds."""
+    out = {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
+    out.update({k: str(v).encode() for k, v in (secret.get("stringData") or {}).items()})
     return out
 
 
+def configmap_bytes(configmap: Mapping[str, Any]) -> dict[str, bytes]:
+    """A ConfigMap's `data` (text) and `binaryData` (base64), as the bytes a volume file holds."""
+    out = {k: str(v).encode() for k, v in (configmap.get("data") or {}).items()}
+    out.update({k: base64.b64decode(v) for k, v in (configmap.get("binaryData") or {}).items()})
+    return out
+
+
+def as_text(data: Mapping[str, bytes] | None) -> dict[str, str] | None:
+    """Values for environment variables (which are text)."""
+    if data is None:
+        return None
+    return {k: v.decode(errors="replace") for k, v in data.items()}
+
+
 def key_files(
-    data: Mapping[str, str], items: list[Mapping[str, Any]] | None, what: str, optional: bool
-) -> dict[str, str]:
+    data: Mapping[str, bytes], items: list[Mapping[str, Any]] | None, what: str, optional: bool
+) -> dict[str, bytes]:
     """The files a ConfigMap or Secret volume (or projection) holds: every key, or the listed
     `items` at their `path`."""
     if not items:
         return dict(data)
-    files: dict[str, str] = {}
+    files: dict[str, bytes] = {}
     for item in items:
         if item.get("key") not in data:
             if optional:
@@ -272,11 +305,20 @@ def key_files(
     return files
 
 
-def downward_files(pod: Mapping[str, Any], items: list[Mapping[str, Any]]) -> dict[str, str]:
-    files: dict[str, str] = {}
+def downward_files(pod: Mapping[str, Any], items: list[Mapping[str, Any]]) -> dict[str, bytes]:
+    files: dict[str, bytes] = {}
+    containers = {c["name"]: c for c in (pod.get("spec") or {}).get("containers") or []}
     for item in items:
         if "fieldRef" in item:
-            files[item["path"]] = field_ref(pod, item["fieldRef"].get("fieldPath", ""))
+            files[item["path"]] = field_ref(pod, item["fieldRef"].get("fieldPath", "")).encode()
+        elif "resourceFieldRef" in item:
+            ref = item["resourceFieldRef"]
+            container = containers.get(ref.get("containerName", ""))
+            if container is None:
+                raise ConfigError(
+                    f"downwardAPI {item['path']}: no container {ref.get('containerName')!r}"
+                )
+            files[item["path"]] = resource_value(container, ref).encode()
     return files
 
 
