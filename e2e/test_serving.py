@@ -25,10 +25,10 @@ from tests.chart.test_argocd_health import health
 from harness import kube
 from harness.providers import Cluster
 from harness.serving import CHART, Helm, Load, container_log, container_pid, reach, ready_pods
+from llm_operator.constants import LABEL_DEPLOYMENT
 
 GROUP, VERSION, PLURAL = "llmoperator.io", "v1alpha1", "llmdeployments"
 GATEWAY_PORT = 8080
-DEPLOYMENT_LABEL = "llmoperator.io/deployment"
 
 
 def llmd(name: str, replicas: int = 1, **engine: Any) -> dict[str, Any]:
@@ -77,7 +77,7 @@ class Serving:
         return kube.wait_until(f"{name} Ready", ready, timeout=timeout)
 
     def engines(self, name: str) -> list[Any]:
-        return ready_pods(self.api, self.namespace, f"{DEPLOYMENT_LABEL}={name}")
+        return ready_pods(self.api, self.namespace, f"{LABEL_DEPLOYMENT}={name}")
 
     def gateway_pod(self) -> Any:
         selector = f"app.kubernetes.io/instance={self.release},app.kubernetes.io/component=gateway"
@@ -256,7 +256,7 @@ def test_a_rolling_update_under_load_drops_no_request(serving: Serving) -> None:
                 pods = (
                     client.CoreV1Api(serving.api)
                     .list_namespaced_pod(
-                        serving.namespace, label_selector=f"{DEPLOYMENT_LABEL}=rolling"
+                        serving.namespace, label_selector=f"{LABEL_DEPLOYMENT}=rolling"
                     )
                     .items
                 )

@@ -1,5 +1,5 @@
-"""The pure core (api, planner, render, rollout, and the reconcile and engine_health modules)
-does no I/O: it imports no kopf, no Kubernetes client, no HTTP or Prometheus library, and none
+"""The pure core (api, planner, render, rollout, and the reconcile, engine_health, constants and
+kubeformat modules) does no I/O: it imports no kopf, no Kubernetes client, no HTTP or Prometheus library, and none
 of the impure packages."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "operator" / "llm_operator"
 PURE = ("api", "planner", "render", "rollout")
-#: Pure modules beside the packages: the reconcile decisions and what pods say about engines.
-PURE_MODULES = ("reconcile", "engine_health")
+#: Pure modules beside the packages: the reconcile decisions, what pods say about engines, the
+#: shared names and the Kubernetes wire formats.
+PURE_MODULES = ("reconcile", "engine_health", "constants", "kubeformat")
 ALLOWED_THIRD_PARTY = {"pydantic", "pydantic_core", "yaml", "jinja2", "typing_extensions"}
 ALLOWED_OWN = {f"llm_operator.{name}" for name in PURE + PURE_MODULES} | {"llm_operator"}
 # The standard library's network and process modules are I/O too.

@@ -47,13 +47,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llm_operator.render.names import (
-    LABEL_COMPONENT,
-    LABEL_DEPLOYMENT,
-    LABEL_MANAGED_BY,
-    MANAGED_BY,
-    label_value,
-)
+from llm_operator.constants import LABEL_COMPONENT, LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY
+from llm_operator.render.names import label_value
 
 CRASH_LOOP = "EngineCrashLoop"
 IMAGE_PULL_FAILED = "EngineImagePullFailed"

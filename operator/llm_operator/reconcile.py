@@ -8,9 +8,9 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from llm_operator import kubeformat
 from llm_operator.engine_health import (
     DEADLINE_EXCEEDED,
     EngineProblem,
@@ -18,40 +18,13 @@ from llm_operator.engine_health import (
     summarize,
 )
 
-FIELD_MANAGER = "llm-operator"
-DEPLOYMENT_LABEL = "llmoperator.io/deployment"
-MANAGED_BY_SELECTOR = "app.kubernetes.io/managed-by=llm-operator"
-
-_SUFFIXES: dict[str, int | Decimal] = {
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-    "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": 1,
-    "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-}  # fmt: skip
-
-
-def _quantity(value: Any) -> Decimal | None:
-    """A Kubernetes quantity as a number (the API server rewrites 4 as "4", 0.5 as "500m")."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        return None
-    text = str(value).strip()
-    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
-        if suffix and text.endswith(suffix):
-            number, multiplier = text[: -len(suffix)], Decimal(_SUFFIXES[suffix])
-            break
-    else:
-        number, multiplier = text, Decimal(1)
-    try:
-        return Decimal(number) * multiplier
-    except InvalidOperation:
-        return None
-
 
 def _same_scalar(desired: Any, live: Any) -> bool:
     if isinstance(desired, bool) or isinstance(live, bool):
         return desired is live  # True == 1 in Python, but not in a manifest
     if desired == live:
         return True
-    a, b = _quantity(desired), _quantity(live)
+    a, b = kubeformat.quantity(desired), kubeformat.quantity(live)
     return a is not None and a == b
 
 
@@ -86,14 +59,8 @@ def drifted(desired: Any, live: Any) -> list[str]:
 
 
 def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": owner["apiVersion"],
-        "kind": owner["kind"],
-        "name": owner["metadata"]["name"],
-        "uid": owner["metadata"]["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
+    meta = owner["metadata"]
+    return kubeformat.owner_reference(owner["apiVersion"], owner["kind"], meta["name"], meta["uid"])
 
 
 def owned(objects: Iterable[dict[str, Any]], owner: Mapping[str, Any]) -> list[dict[str, Any]]:

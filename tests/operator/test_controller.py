@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from kubernetes.client.exceptions import ApiException
 
+from llm_operator.constants import FIELD_MANAGER
 from llm_operator.handlers.controller import HANDOVER_MANAGER, Controller
-from llm_operator.reconcile import FIELD_MANAGER
 from llm_operator.render import RenderConfig
 
 

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from pydantic import ValidationError
 
 from llm_operator.api import LLMDeployment
+from llm_operator.constants import LABEL_DEPLOYMENT, LABEL_MANAGED_BY
 from llm_operator.planner import HEADROOM, PlanError, plan
 from llm_operator.render import RenderConfig, render_all, status_extras
-from llm_operator.render.names import LABEL_DEPLOYMENT, LABEL_MANAGED_BY
 from tests.render.schemas import validate
 from tests.render.strategies import llm_deployments, render_configs
 

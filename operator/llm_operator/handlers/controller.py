@@ -19,7 +19,6 @@ interval; neither writes unless the status changed.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import random
 import time
@@ -33,15 +32,15 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from llm_operator.api import LLMDeployment
+from llm_operator.constants import FIELD_MANAGER, LABEL_DEPLOYMENT
 from llm_operator.engine_health import REASONS as ENGINE_REASONS
 from llm_operator.engine_health import EngineProblem, engine_problems, pod_selector
 from llm_operator.handlers import metrics
 from llm_operator.handlers.routes import RoutesWriter
 from llm_operator.kube.client import RETRYABLE_STATUSES, KubeClient
+from llm_operator.kubeformat import rfc3339_now
 from llm_operator.planner import plan
 from llm_operator.reconcile import (
-    DEPLOYMENT_LABEL,
-    FIELD_MANAGER,
     Problem,
     compute_status,
     deployment_counts,
@@ -72,15 +71,11 @@ def describe_validation_error(error: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 @dataclass
 class Controller:
     client: KubeClient
     config: RenderConfig
-    clock: Callable[[], str] = now_rfc3339
+    clock: Callable[[], str] = rfc3339_now
     bodies: dict[OwnerKey, dict[str, Any]] = field(default_factory=dict)
     children: dict[OwnerKey, dict[tuple[str, str], dict[str, Any]]] = field(
         default_factory=lambda: defaultdict(dict)
@@ -111,7 +106,7 @@ class Controller:
 
     def remember_child(self, obj: dict[str, Any], deleted: bool = False) -> OwnerKey | None:
         metadata = obj.get("metadata", {})
-        owner = controller_owner(metadata) or (metadata.get("labels") or {}).get(DEPLOYMENT_LABEL)
+        owner = controller_owner(metadata) or (metadata.get("labels") or {}).get(LABEL_DEPLOYMENT)
         if not owner:
             return None
         owner_key = (metadata["namespace"], owner)

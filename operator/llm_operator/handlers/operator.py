@@ -12,9 +12,9 @@ from typing import Any
 import kopf
 
 from llm_operator.api import GROUP, PLURAL, VERSION
+from llm_operator.constants import LABEL_MANAGED_BY, MANAGED_BY, MANAGED_BY_SELECTOR
 from llm_operator.handlers.controller import Controller
 from llm_operator.kube.resources import CHILD_KINDS
-from llm_operator.reconcile import MANAGED_BY_SELECTOR
 
 log = logging.getLogger("llm_operator.handlers")
 
@@ -79,7 +79,7 @@ def register(
         @kopf.on.event(
             *selector,
             id=f"child-{kind.plural}",
-            labels={"app.kubernetes.io/managed-by": "llm-operator"},
+            labels={LABEL_MANAGED_BY: MANAGED_BY},
             registry=registry,
         )
         async def child_event(event: kopf.RawEvent, **_: Any) -> None:

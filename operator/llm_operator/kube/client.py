@@ -6,7 +6,6 @@ and addresses objects by path, so no discovery round-trips are needed.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 from typing import Any
@@ -14,8 +13,9 @@ from typing import Any
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
+from llm_operator.constants import FIELD_MANAGER
 from llm_operator.kube.resources import LLMDEPLOYMENT, POD, Kind, kind_of
-from llm_operator.reconcile import FIELD_MANAGER
+from llm_operator.kubeformat import rfc3339_now
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class KubeClient:
     def post_event(self, owner: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on the LLMDeployment, as `kubectl describe` shows them."""
         metadata = owner["metadata"]
-        timestamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        timestamp = rfc3339_now()
         try:
             self._call(
                 "POST",

@@ -32,11 +32,10 @@ from llm_operator.api.v1alpha1 import (
     LLMDeployment,
     parse_duration_seconds,
 )
+from llm_operator.constants import ANNOTATION_POD_TEMPLATE_HASH, LABEL_TRACK
 from llm_operator.planner import GIB, Plan, PlanError
 from llm_operator.render.config import RenderConfig
 from llm_operator.render.names import (
-    ANNOTATION_POD_TEMPLATE_HASH,
-    LABEL_TRACK,
     Track,
     common_labels,
     content_hash,

@@ -14,7 +14,17 @@ import json
 import re
 from typing import Any, Literal
 
+from llm_operator import kubeformat
 from llm_operator.api.v1alpha1 import LLMDeployment
+from llm_operator.constants import (
+    LABEL_COMPONENT,
+    LABEL_DEPLOYMENT,
+    LABEL_INSTANCE,
+    LABEL_MANAGED_BY,
+    LABEL_NAME,
+    LABEL_TRACK,
+    MANAGED_BY,
+)
 
 Track = Literal["stable", "canary"]
 
@@ -22,15 +32,6 @@ MAX_NAME = 63
 HASH_LENGTH = 8
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-
-LABEL_NAME = "app.kubernetes.io/name"
-LABEL_INSTANCE = "app.kubernetes.io/instance"
-LABEL_COMPONENT = "app.kubernetes.io/component"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-LABEL_DEPLOYMENT = "llmoperator.io/deployment"
-LABEL_TRACK = "llmoperator.io/track"
-ANNOTATION_POD_TEMPLATE_HASH = "llmoperator.io/pod-template-hash"
-MANAGED_BY = "llm-operator"
 
 
 def short_hash(text: str, length: int = HASH_LENGTH) -> str:
@@ -128,11 +129,5 @@ def owner_reference(llmd: LLMDeployment) -> dict[str, Any]:
     """The controller ownerReference children carry (needs metadata.uid)."""
     if not llmd.metadata.uid:
         raise ValueError("an ownerReference needs the LLMDeployment's metadata.uid")
-    return {
-        "apiVersion": llmd.api_version,
-        "kind": llmd.kind,
-        "name": llmd_name(llmd),
-        "uid": llmd.metadata.uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
+    uid = llmd.metadata.uid
+    return kubeformat.owner_reference(llmd.api_version, llmd.kind, llmd_name(llmd), uid)

@@ -23,6 +23,7 @@ from llm_operator.api.gateway_config import (
     Track,
 )
 from llm_operator.api.v1alpha1 import LLMDeployment, parse_duration_seconds
+from llm_operator.constants import LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_NAME, MANAGED_BY
 from llm_operator.render.engine import PORT_NAME
 from llm_operator.render.names import selector_labels
 
@@ -155,9 +156,9 @@ def render_routes_configmap(table: GatewayConfig, namespace: str, name: str) -> 
             "name": name,
             "namespace": namespace,
             "labels": {
-                "app.kubernetes.io/name": "llm-operator",
-                "app.kubernetes.io/component": "gateway-routes",
-                "app.kubernetes.io/managed-by": "llm-operator",
+                LABEL_NAME: "llm-operator",
+                LABEL_COMPONENT: "gateway-routes",
+                LABEL_MANAGED_BY: MANAGED_BY,
             },
         },
         "data": {ROUTES_KEY: routes_yaml(table)},
