@@ -183,6 +183,10 @@ class Settings:
     images_dir: Path
     known: dict[str, Image]
     dnat: str
+    #: What the images' programs run from (the virtualenv, its Python, the checkout): a
+    #: volume mounted over one of them (an emptyDir at /tmp, with the checkout under /tmp)
+    #: must not hide the program, as a volume never hides a real image's files.
+    image_paths: tuple[Path, ...] = ()
     host_ip: str = "127.0.0.1"
 
 
@@ -266,7 +270,7 @@ class Container:
             MOUNT_SCRIPT,
             "sh",
         ]
-        for source, target, ro in mounts:
+        for source, target, ro in self.pod.with_image_paths(mounts):
             wrapper += [str(source), target, "ro" if ro else "rw"]
         cwd = self.spec.get("workingDir") or "/"
         return [*wrapper, "--", *argv], env, cwd
@@ -394,7 +398,7 @@ class Container:
         startup = Probe.of(self.spec.get("startupProbe"))
         readiness = Probe.of(self.spec.get("readinessProbe"))
         liveness = Probe.of(self.spec.get("livenessProbe"))
-        if startup is not None and not await self._until(startup, "Startup", want_success=True):
+        if startup is not None and not await self._until(startup, "Startup"):
             await self.kill("Startup probe failed", "Unhealthy")
             return
         self.st.started = True
@@ -408,62 +412,54 @@ class Container:
             for t in tasks:
                 t.cancel()
 
-    async def _until(self, probe: Probe, kind: str, want_success: bool) -> bool:
-        """Probe until success_threshold successes (True) or failure_threshold failures."""
+    async def _results(self, probe: Probe) -> AsyncIterator[tuple[bool, str, int]]:
+        """Each result of the probe, with how many times in a row it came out the same (a
+        kubelet's success and failure thresholds count such runs)."""
         await asyncio.sleep(probe.initial_delay)
-        fails = oks = 0
+        last: bool | None = None
+        run = 0
         while True:
             ok, why = await self._check(probe)
-            if ok:
-                oks, fails = oks + 1, 0
-                if oks >= probe.success_threshold:
-                    return True
-            else:
-                fails, oks = fails + 1, 0
-                if fails >= probe.failure_threshold:
-                    self.pod.event("Warning", "Unhealthy", f"{kind} probe failed: {why}")
-                    return False
+            run = run + 1 if ok == last else 1
+            last = ok
+            yield ok, why, run
             await asyncio.sleep(probe.period)
+
+    async def _until(self, probe: Probe, kind: str) -> bool:
+        """Probe until success_threshold successes (True) or failure_threshold failures."""
+        async for ok, why, run in self._results(probe):
+            if ok and run >= probe.success_threshold:
+                return True
+            if not ok and run >= probe.failure_threshold:
+                self.pod.event("Warning", "Unhealthy", f"{kind} probe failed: {why}")
+                return False
+        return False
 
     async def _readiness(self, probe: Probe | None) -> None:
         if probe is None:
             self.st.ready = True
             self.pod.changed()
             return
-        await asyncio.sleep(probe.initial_delay)
-        fails = oks = 0
-        while True:
-            ok, why = await self._check(probe)
-            if ok:
-                oks, fails = oks + 1, 0
-                if not self.st.ready and oks >= probe.success_threshold:
-                    self.st.ready = True
-                    self.pod.changed()
-            else:
-                fails, oks = fails + 1, 0
-                if self.st.ready and fails >= probe.failure_threshold:
-                    self.st.ready = False
-                    self.pod.changed()
-                    self.pod.event("Warning", "Unhealthy", f"Readiness probe failed: {why}")
-            await asyncio.sleep(probe.period)
+        async for ok, why, run in self._results(probe):
+            if ok and not self.st.ready and run >= probe.success_threshold:
+                self.st.ready = True
+                self.pod.changed()
+            elif not ok and self.st.ready and run >= probe.failure_threshold:
+                self.st.ready = False
+                self.pod.changed()
+                self.pod.event("Warning", "Unhealthy", f"Readiness probe failed: {why}")
 
     async def _liveness(self, probe: Probe, after_startup: bool) -> None:
-        if after_startup:
-            probe = Probe(
-                probe.action, 0.0, probe.period, probe.timeout, 1, probe.failure_threshold
-            )
-        await asyncio.sleep(probe.initial_delay)
-        fails = 0
-        while True:
-            ok, why = await self._check(probe)
-            fails = 0 if ok else fails + 1
-            if fails >= probe.failure_threshold:
+        # After a startup probe, liveness starts at once (its initial delay has been spent).
+        delay = 0.0 if after_startup else probe.initial_delay
+        probe = Probe(probe.action, delay, probe.period, probe.timeout, 1, probe.failure_threshold)
+        async for ok, why, run in self._results(probe):
+            if not ok and run >= probe.failure_threshold:
                 self.pod.event("Warning", "Unhealthy", f"Liveness probe failed: {why}")
                 await self.kill(
                     f"Container {self.name} failed liveness probe, will be restarted", "Killing"
                 )
                 return
-            await asyncio.sleep(probe.period)
 
     async def _check(self, probe: Probe) -> tuple[bool, str]:
         action = probe.action
@@ -962,6 +958,24 @@ class PodWorker:
             path.write_text(text)
         return path
 
+    def with_image_paths(
+        self, mounts: list[tuple[Path, str, bool]]
+    ) -> list[tuple[Path, str, bool]]:
+        """The volume mounts, plus what keeps the image's own files visible: each image path
+        that a volume would shadow is bound to a folder of the pod's first, then bound back
+        over the volume at its own path."""
+        targets = [Path(target) for _, target, _ in mounts]
+        before: list[tuple[Path, str, bool]] = []
+        after: list[tuple[Path, str, bool]] = []
+        for i, path in enumerate(self.settings.image_paths):
+            if not any(path == t or t in path.parents for t in targets):
+                continue
+            stash = self.dir / "image" / str(i)
+            stash.mkdir(parents=True, exist_ok=True)
+            before.append((path, str(stash), False))
+            after.append((stash, str(path), True))
+        return [*before, *mounts, *after]
+
     def mounts_for(self, container: Mapping[str, Any]) -> list[tuple[Path, str, bool]]:
         volumes = {v["name"]: v for v in self.pod["spec"].get("volumes") or []}
         # A kubelet manages every pod's /etc/hosts; cluster DNS names the Services.
@@ -1356,6 +1370,9 @@ async def serve(args: argparse.Namespace) -> None:
         images_dir=images_dir,
         known=absolute_entrypoints(known, images_dir),
         dnat=f"{args.service_ip}:{podspec.KUBERNETES_SERVICE_PORT}={args.apiserver}",
+        image_paths=tuple(
+            sorted({Path(sys.prefix), Path(sys.base_prefix), Path(args.shim_source).parents[2]})
+        ),
     )
     api = Api(args.server, pki / "ca.crt", pki / "admin.crt", pki / "admin.key")
     kubelet = Kubelet(api, settings, args.service_ip)

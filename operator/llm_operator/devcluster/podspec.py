@@ -19,6 +19,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from llm_operator import kubeformat
+
 # A kubelet injects the `kubernetes` Service's address into every container; here the
 # pods' podnet shim DNATs that ClusterIP to the API server's loopback port.
 KUBERNETES_SERVICE_PORT = 443
@@ -179,21 +181,12 @@ def resource_value(container: Mapping[str, Any], ref: Mapping[str, Any]) -> str:
     return str(math.ceil(quantity(str(value)) / divisor))
 
 
-_SUFFIXES = {
-    "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": Decimal(1),
-    "k": Decimal(10**3), "M": Decimal(10**6), "G": Decimal(10**9), "T": Decimal(10**12),
-    "P": Decimal(10**15), "E": Decimal(10**18),
-    "Ki": Decimal(2**10), "Mi": Decimal(2**20), "Gi": Decimal(2**30), "Ti": Decimal(2**40),
-    "Pi": Decimal(2**50), "Ei": Decimal(2**60),
-}  # fmt: skip
-
-
 def quantity(text: str) -> Decimal:
     """A Kubernetes quantity (`500m`, `1Gi`, `2e3`) as a number."""
-    match = re.fullmatch(r"([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)([a-zA-Z]*)", text.strip())
-    if match is None or match.group(2) not in _SUFFIXES:
+    value = kubeformat.quantity(text)
+    if value is None:
         raise ConfigError(f"invalid quantity {text!r}")
-    return Decimal(match.group(1)) * _SUFFIXES[match.group(2)]
+    return value
 
 
 @dataclass
