@@ -1,6 +1,6 @@
 """The pure core (api, planner, render, rollout, and the reconcile, engine_health, constants and
-kubeformat modules) does no I/O: it imports no kopf, no Kubernetes client, no HTTP or Prometheus library, and none
-of the impure packages."""
+kubeformat modules) does no I/O: it imports no kopf, no Kubernetes client, no HTTP or
+Prometheus library, and none of the impure packages."""
 
 from __future__ import annotations
 
