@@ -203,6 +203,17 @@ def _token(tmp_path: Path) -> Path:
     return token
 
 
+async def _pods_api(handler: Any, tmp_path: Path) -> tuple[web.AppRunner, Cluster]:
+    """A loopback API server answering the pods path with ``handler``, and a Cluster for it."""
+    api = web.Application()
+    api.router.add_get("/api/v1/namespaces/{ns}/pods", handler)
+    runner = web.AppRunner(api)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, Cluster(f"http://127.0.0.1:{runner.addresses[0][1]}", _token(tmp_path), None)
+
+
 async def _until(check: Any, what: str) -> None:
     for _ in range(250):
         if check():
@@ -402,13 +413,7 @@ async def test_not_ready_until_every_pod_selector_has_its_first_list(
         await stop.wait()
         return resp
 
-    api = web.Application()
-    api.router.add_get("/api/v1/namespaces/{ns}/pods", pods)
-    runner = web.AppRunner(api)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    cluster = Cluster(f"http://127.0.0.1:{runner.addresses[0][1]}", _token(tmp_path), None)
+    runner, cluster = await _pods_api(pods, tmp_path)
     monkeypatch.setattr(Cluster, "in_cluster", classmethod(lambda _cls: cluster))
 
     args = cli.parse_args(["--config", str(tmp_path / "routes.yaml"), "--access-log", "off"])
@@ -486,13 +491,7 @@ async def test_pods_it_may_not_read_count_as_listed_with_no_backends(tmp_path: P
         calls.append(request.match_info["ns"])
         return web.json_response({"kind": "Status", "code": 403}, status=403)
 
-    api = web.Application()
-    api.router.add_get("/api/v1/namespaces/{ns}/pods", forbidden)
-    runner = web.AppRunner(api)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    cluster = Cluster(f"http://127.0.0.1:{runner.addresses[0][1]}", _token(tmp_path), None)
+    runner, cluster = await _pods_api(forbidden, tmp_path)
     changes = Changes()
     watcher = PodWatcher(cluster, changes)
     try:
