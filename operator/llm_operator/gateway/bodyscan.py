@@ -92,23 +92,31 @@ def _fast(body: bytes) -> Scanned | None:
     raw = body[v + 1 : end]
     if b"\\" in raw:
         return None
-    stream = False
-    j = body.find(_STREAM)
-    if j >= 0:
-        if body.find(_STREAM, j + 8) >= 0:
-            return None
-        s = _value_start(body, j + 8)
-        if s < 0:
-            return None
-        if body.startswith(b"true", s):
-            stream = True
-        elif not (body.startswith(b"false", s) or body.startswith(b"null", s)):
-            return None
+    stream = _fast_stream(body)
+    if stream is None:
+        return None
     try:
         model = raw.decode()
     except UnicodeDecodeError:
         return None
     return Scanned(body, model, stream, (v, end + 1), None)
+
+
+def _fast_stream(body: bytes) -> bool | None:
+    """The `stream` flag read without parsing; None when only a parser can tell."""
+    j = body.find(_STREAM)
+    if j < 0:
+        return False
+    if body.find(_STREAM, j + 8) >= 0:
+        return None
+    s = _value_start(body, j + 8)
+    if s < 0:
+        return None
+    if body.startswith(b"true", s):
+        return True
+    if body.startswith(b"false", s) or body.startswith(b"null", s):
+        return False
+    return None
 
 
 def _slow(body: bytes) -> Scanned:

@@ -395,73 +395,16 @@ def build_table(
     """
     import json
 
-    from llm_operator.api.gateway_config import split_address
-
     now = clock()
     models: dict[str, ModelState] = {}
     for route in config.models:
-        tracks: list[TrackState] = []
-        track_of: dict[str, str] = {}
-        for t in route.tracks:
-            addrs: list[tuple[str, int]] = [split_address(a) for a in t.addresses]
-            if t.pods is not None and resolve is not None:
-                addrs += resolve(t.pods.namespace, t.pods.label_selector(), t.pods.port)
-            backends: list[Backend] = []
-            seen: set[str] = set()
-            for host, port in addrs:
-                key = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                if key in seen:
-                    continue
-                seen.add(key)
-                b = registry.get(key, host, port)
-                b.failure_threshold = route.circuit_breaker.consecutive_failures
-                b.cooldown = route.circuit_breaker.cooldown
-                backends.append(b)
-                track_of[key] = t.name
-            tracks.append(TrackState(name=t.name, weight=t.weight, backends=backends))
         old = previous.models.get(route.name) if previous else None
-        if old is not None:
-            for t_new in tracks:
-                for t_old in old.tracks:
-                    if t_old.name == t_new.name:
-                        t_new.current = t_old.current
-        budget = (
-            old.budget
-            if old is not None and old.route.retry_budget == route.retry_budget
-            else RetryBudgetState(route.retry_budget.ratio, route.retry_budget.min_per_second, now)
-        )
-        models[route.name] = ModelState(
-            route=route,
-            name=route.name,
-            tracks=tracks,
-            total_weight=sum(t.weight for t in tracks),
-            triggers=frozenset(route.fallback_on),
-            budget=budget,
-            limit=route.max_concurrency,
-            queue_depth=route.saturation_queue_depth,
-            connect_timeout=route.timeouts.connect,
-            first_byte_timeout=route.timeouts.first_byte,
-            total_timeout=route.timeouts.total,
-            retry_after=route.retry_after,
-            track_of=track_of,
-        )
+        models[route.name] = _model_state(route, registry, resolve, old, now)
     # Fallback steps point at the new generation's model states.
     for route in config.models:
         state = models[route.name]
         for f in route.fallbacks:
-            if f.model is not None:
-                state.fallbacks.append(
-                    FallbackStep(
-                        label=f"model:{f.model}",
-                        model=models[f.model],
-                        target_model=f.target_model or f.model,
-                    )
-                )
-            else:
-                ext = _external_target(registry, f, read_key(f))
-                state.fallbacks.append(
-                    FallbackStep(label=f.url or "", external=ext, target_model=ext.target_model)
-                )
+            state.fallbacks.append(_fallback_step(f, models, registry, read_key))
     keys = {k.sha256: _key_state(k, now, previous) for k in config.edge.api_keys}
     models_body = json.dumps(
         {
@@ -481,6 +424,85 @@ def build_table(
         models_body=models_body,
         generation=(previous.generation + 1) if previous else 1,
     )
+
+
+def _track_backends(
+    route: ModelRoute,
+    addrs: list[tuple[str, int]],
+    registry: BackendRegistry,
+) -> list[Backend]:
+    """The backends of one track's addresses, once each, with the route's breaker."""
+    backends: list[Backend] = []
+    seen: set[str] = set()
+    for host, port in addrs:
+        key = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if key in seen:
+            continue
+        seen.add(key)
+        b = registry.get(key, host, port)
+        b.failure_threshold = route.circuit_breaker.consecutive_failures
+        b.cooldown = route.circuit_breaker.cooldown
+        backends.append(b)
+    return backends
+
+
+def _model_state(
+    route: ModelRoute,
+    registry: BackendRegistry,
+    resolve: Callable[[str, str, int | str], list[tuple[str, int]]] | None,
+    old: ModelState | None,
+    now: float,
+) -> ModelState:
+    from llm_operator.api.gateway_config import split_address
+
+    tracks: list[TrackState] = []
+    track_of: dict[str, str] = {}
+    for t in route.tracks:
+        addrs: list[tuple[str, int]] = [split_address(a) for a in t.addresses]
+        if t.pods is not None and resolve is not None:
+            addrs += resolve(t.pods.namespace, t.pods.label_selector(), t.pods.port)
+        backends = _track_backends(route, addrs, registry)
+        track_of.update((b.key, t.name) for b in backends)
+        tracks.append(TrackState(name=t.name, weight=t.weight, backends=backends))
+    if old is not None:
+        for t_new in tracks:
+            for t_old in old.tracks:
+                if t_old.name == t_new.name:
+                    t_new.current = t_old.current
+    budget = (
+        old.budget
+        if old is not None and old.route.retry_budget == route.retry_budget
+        else RetryBudgetState(route.retry_budget.ratio, route.retry_budget.min_per_second, now)
+    )
+    return ModelState(
+        route=route,
+        name=route.name,
+        tracks=tracks,
+        total_weight=sum(t.weight for t in tracks),
+        triggers=frozenset(route.fallback_on),
+        budget=budget,
+        limit=route.max_concurrency,
+        queue_depth=route.saturation_queue_depth,
+        connect_timeout=route.timeouts.connect,
+        first_byte_timeout=route.timeouts.first_byte,
+        total_timeout=route.timeouts.total,
+        retry_after=route.retry_after,
+        track_of=track_of,
+    )
+
+
+def _fallback_step(
+    f: Fallback,
+    models: dict[str, ModelState],
+    registry: BackendRegistry,
+    read_key: KeyReader,
+) -> FallbackStep:
+    if f.model is not None:
+        return FallbackStep(
+            label=f"model:{f.model}", model=models[f.model], target_model=f.target_model or f.model
+        )
+    ext = _external_target(registry, f, read_key(f))
+    return FallbackStep(label=f.url or "", external=ext, target_model=ext.target_model)
 
 
 def _key_state(k: ClientKey, now: float, previous: RoutingTable | None) -> KeyState:
