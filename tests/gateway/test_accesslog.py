@@ -7,7 +7,7 @@ import io
 import json
 
 from llm_operator.gateway.accesslog import AccessLog
-from llm_operator.gateway.server import Request
+from llm_operator.gateway.request import Request
 
 
 def _req() -> Request:

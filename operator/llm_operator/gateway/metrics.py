@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import Final
+from typing import Final, TypeVar
+
+K = TypeVar("K")
 
 # Seconds. Time to first byte of an LLM answer spans ~1 ms (a cached short prompt) to minutes.
 LATENCY_BUCKETS: Final = (
@@ -114,7 +116,9 @@ class Metrics:
             s = self.series[key] = Series(labels(model=model, backend=backend, track=track))
         return s
 
-    def inc(self, table: dict[tuple[str, str, str], int], key: tuple[str, str, str]) -> None:
+    @staticmethod
+    def inc(table: dict[K, int], key: K) -> None:
+        """The one way to bump a labelled counter (`fallbacks`, `retries`, ...)."""
         table[key] = table.get(key, 0) + 1
 
     def render(self) -> bytes:

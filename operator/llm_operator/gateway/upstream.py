@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import ssl
 import time
 from collections.abc import Callable
 
 import httptools
 
+from llm_operator import http11
+from llm_operator.gateway.request import Failure
 from llm_operator.gateway.routing import Backend
 
 
 class UpstreamError(Exception):
     """The attempt failed before or after the head; `reason` is a fallback trigger name."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: Failure, detail: str = "") -> None:
         super().__init__(detail or reason)
         self.reason = reason
 
@@ -120,12 +121,9 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; the interface is the same.
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            # Without it a small SSE chunk after a reused connection's last write can wait
-            # for the peer's delayed ACK (~40 ms): sglang-router's first-chunk bug.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Without it a small SSE chunk after a reused connection's last write can wait
+        # for the peer's delayed ACK (~40 ms): sglang-router's first-chunk bug.
+        http11.set_nodelay(transport)
 
     def send(self, exchange: Exchange, data: bytes) -> None:
         self.exchange = exchange
@@ -149,7 +147,7 @@ class UpstreamConnection(asyncio.Protocol):
             # Detach first: the abort's connection_lost must not report a second error.
             self.exchange = None
             self.abort()
-            ex.on_error(UpstreamError("5xx", f"bad response from backend: {e}"))
+            ex.on_error(UpstreamError(Failure.STATUS_5XX, f"bad response from backend: {e}"))
         if ex.on_read_done is not None:
             ex.on_read_done()
 
@@ -184,7 +182,7 @@ class UpstreamConnection(asyncio.Protocol):
             # No Content-Length and not chunked: the body ends when the connection does.
             ex.on_complete(False)
         else:
-            ex.on_error(UpstreamError("connectError", "backend closed the connection"))
+            ex.on_error(UpstreamError(Failure.CONNECT_ERROR, "backend closed the connection"))
 
     def abort(self) -> None:
         self.closed = True
@@ -270,9 +268,11 @@ class Pool:
                     server_hostname=b.host if self.ssl else None,
                 )
         except TimeoutError:
-            raise UpstreamError("connectError", f"connect to {b.key} timed out") from None
+            raise UpstreamError(Failure.CONNECT_ERROR, f"connect to {b.key} timed out") from None
         except OSError as e:
-            raise UpstreamError("connectError", f"connect to {b.key}: {e.strerror or e}") from None
+            raise UpstreamError(
+                Failure.CONNECT_ERROR, f"connect to {b.key}: {e.strerror or e}"
+            ) from None
         return proto
 
     def release(self, conn: UpstreamConnection) -> None:
@@ -298,3 +298,15 @@ class Pool:
         for conn in self.idle:
             conn.abort()
         self.idle.clear()
+
+
+def expire(ex: Exchange, upc: UpstreamConnection, what: str) -> None:
+    """A deadline passed: fail the exchange and drop its connection (a timer callback)."""
+    if what == "total":
+        # Reason "total": the request's own deadline, never a fallback trigger and never
+        # charged to the backend's circuit breaker.
+        err = UpstreamError(Failure.TOTAL, "the request did not complete within its total timeout")
+    else:
+        err = UpstreamError(Failure.TIMEOUT, f"no {what} from the backend in time")
+    ex.on_error(err)
+    upc.abort()

@@ -19,21 +19,15 @@ import email.utils
 import logging
 from collections import deque
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import cast
 
 import httptools  # type: ignore[import-untyped,unused-ignore]
 
+from llm_operator import http11
+
 log = logging.getLogger("llm_operator.sim.http")
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
-
-
-def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b"Unknown"
 
 
 _date_cache: tuple[int, bytes] = (0, b"")
@@ -98,7 +92,7 @@ class Exchange:
         return self._done
 
     def _head(self, status: int, headers: list[tuple[str, str]], extra: bytes) -> bytes:
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
+        lines = [http11.status_line(status)]
         lines.append(b"server: llm-operator-sim\r\n")
         lines.append(_date_header(self._conn.loop))
         for name, value in headers:
@@ -144,16 +138,13 @@ class Exchange:
     def write_chunk(self, data: bytes) -> None:
         if self._done or not data:
             return
-        self._conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+        self._conn.write(http11.chunk(data))
 
     def end_stream(self, last: bytes = b"") -> None:
         """Write `last` (if any) and the terminating chunk in one go."""
         if self._done:
             return
-        if last:
-            self._conn.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last))
-        else:
-            self._conn.write(b"0\r\n\r\n")
+        self._conn.write(http11.last_chunk(last) if last else http11.LAST_CHUNK)
         self._complete()
 
     def drop_connection(self) -> None:
@@ -255,7 +246,7 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         if self._headers.get("expect", "").lower() == "100-continue":
-            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.write(http11.CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
@@ -333,10 +324,7 @@ class HttpConnection(asyncio.Protocol):
         if self.transport is None or self._closing:
             return
         body = b'{"detail":"' + message + b'"}'
-        self.transport.write(
-            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n%b" % (status, _reason(status), len(body), body)
-        )
+        self.transport.write(http11.response(status, body, keep_alive=False))
         self.close_after_flush()
 
 

@@ -1,0 +1,333 @@
+"""The attempt and fallback loop: backends of the model first (within the retry budget),
+then each fallback step in order, until one answers or a failure is not a trigger.
+
+A failure that is a trigger (429, 5xx; or connect error/timeout before the response head)
+moves on; anything else is committed (`streaming.respond`) or answered as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llm_operator import http11
+from llm_operator.gateway.accesslog import AccessLog
+from llm_operator.gateway.connection import ClientConnection
+from llm_operator.gateway.metrics import Metrics
+from llm_operator.gateway.report import report
+from llm_operator.gateway.request import Attempt, Call, Failure, Request, error_body
+from llm_operator.gateway.routing import Backend, ModelState
+from llm_operator.gateway.streaming import Try, respond
+from llm_operator.gateway.upstream import Exchange, Pool, UpstreamError, expire
+
+# The only client headers an external (url) fallback gets: a third party must not see the
+# client's cookies, tracing, internal or identity headers. No accept-encoding: a compressed
+# stream could not take the gateway's mid-stream error event.
+EXTERNAL_REQUEST_HEADERS = (b"content-type:", b"accept:", b"user-agent:")
+
+
+@dataclass(slots=True)
+class _Progress:
+    """Where the loop stands across steps."""
+
+    reason: Failure | None = None
+    """The latest failure (it labels the next fallback step)."""
+    last: Attempt | None = None
+    """The latest attempt that kept a complete error answer to pass through."""
+    budget_out: bool = False
+    answered: bool | None = None
+    """Set once an answer is written: whether the client connection stays open."""
+
+
+class Proxy:
+    """Routes admitted calls; one per gateway."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        metrics: Metrics,
+        access_log: AccessLog,
+        pool: Callable[[Backend], Pool],
+    ) -> None:
+        self.loop = loop
+        self.metrics = metrics
+        self.access_log = access_log
+        self.pool = pool
+
+    async def route(self, conn: ClientConnection, call: Call) -> bool:
+        """Answer `call`; whether the client connection stays open."""
+        model = call.model
+        p = _Progress()
+        for step_i in range(len(model.fallbacks) + 1):
+            if step_i == 0:
+                call.step_model, call.external, call.step_label = model, None, ""
+                call.body = call.scanned.body
+            else:
+                step = model.fallbacks[step_i - 1]
+                call.step_model, call.external, call.step_label = (
+                    step.model,
+                    step.external,
+                    step.label,
+                )
+                call.body = call.scanned.with_model(step.target_model)
+                reason = p.reason or Failure.UNAVAILABLE
+                self.metrics.inc(self.metrics.fallbacks, (model.name, step.label, reason))
+            await self._step(conn, call, step_i == 0, p)
+            if p.answered is not None:
+                return p.answered
+            if p.budget_out:
+                break
+        return self._answer_failure(conn, call, p.last, reason=p.reason)
+
+    async def _step(self, conn: ClientConnection, call: Call, first: bool, p: _Progress) -> None:
+        """Try the backends of one step until one answers or none is left."""
+        model = call.model
+        tried: list[Backend] = []
+        while True:
+            backend, track, now = await self._pick(call, tried, first, p)
+            if backend is None:
+                return
+            if call.attempts > 0 and not model.budget.try_spend(now):
+                self.metrics.inc(self.metrics.budget_exhausted, model.name)
+                p.budget_out = True
+                return
+            if now - call.req.start >= model.total_timeout:
+                # The request's whole time is spent: no further attempt can answer.
+                p.answered = self._answer_failure(conn, call, Attempt(Failure.TOTAL))
+                return
+            if tried and first:
+                self.metrics.inc(self.metrics.retries, model.name)
+            call.attempts += 1
+            tried.append(backend)
+            result = await self._attempt(conn, call, backend, track)
+            if result is None:
+                p.answered = call.req.keep_alive and not conn.closed
+                return
+            if result.reason == Failure.CLIENT_CLOSED:
+                p.answered = False
+                return
+            p.reason = result.reason
+            if result.complete_error is not None:
+                p.last = result
+            self.metrics.inc(self.metrics.attempt_failures, (model.name, backend.key, p.reason))
+            if result.reason.value not in model.triggers:
+                # Not a trigger: this failure is the answer.
+                p.answered = self._answer_failure(conn, call, result, backend=backend, track=track)
+                return
+
+    async def _pick(
+        self, call: Call, tried: list[Backend], first: bool, p: _Progress
+    ) -> tuple[Backend | None, str, float]:
+        """The next backend of the current step, waiting for a slot when the model is
+        saturated and may queue; (None, ...) when the step has nothing left."""
+        while True:
+            now = time.monotonic()
+            ext = call.external
+            if ext is not None:
+                if not tried and ext.backend.available(now):
+                    return ext.backend, "fallback", now
+                if not tried:
+                    p.reason = Failure.CONNECT_ERROR  # breaker open on the external endpoint
+                return None, "fallback", now
+            step_model = call.step_model
+            assert step_model is not None
+            backend, track, saturated = step_model.pick(now, tried)
+            if backend is not None:
+                return backend, track if first else "fallback", now
+            if saturated:
+                if step_model.waiting < step_model.queue_depth or (
+                    Failure.SATURATED not in call.model.triggers
+                ):
+                    if await self._wait_slot(step_model, call.req):
+                        continue
+                    p.reason = Failure.TIMEOUT
+                else:
+                    p.reason = Failure.SATURATED
+            elif not tried:
+                p.reason = p.reason or Failure.UNAVAILABLE
+            return None, track, now
+
+    def _answer_failure(
+        self,
+        conn: ClientConnection,
+        call: Call,
+        result: Attempt | None,
+        *,
+        backend: Backend | None = None,
+        track: str = "none",
+        reason: Failure | None = None,
+    ) -> bool:
+        """Nothing answered: pass a kept error answer through, or say why (502/503/504)."""
+        req, model = call.req, call.model
+        ka = req.keep_alive
+        key = backend.key if backend is not None else ""
+        series = self.metrics.target(model.name, key or "none", track)
+        if result is not None and result.complete_error is not None:
+            status, head, body = result.complete_error
+            conn.write(head + body)
+            outcome = "server_error" if status >= 500 else "client_error"
+        elif result is not None and result.reason in (Failure.TIMEOUT, Failure.TOTAL):
+            status = 504
+            msg = (
+                "the request did not complete within its total timeout"
+                if result.reason == Failure.TOTAL
+                else "the model did not answer in time"
+            )
+            conn.write(http11.response(504, error_body(msg, "server_error", 504), keep_alive=ka))
+            outcome = "timeout"
+        else:
+            status = 503
+            msg = "no backend of this model can answer now and no fallback could either"
+            if result is not None and result.reason not in model.triggers:
+                status = 502
+                msg = "the model's backend could not be reached"
+            conn.write(
+                http11.response(
+                    status,
+                    error_body(msg, "server_error", status),
+                    extra=b"retry-after: %d\r\n" % model.retry_after if status == 503 else b"",
+                    keep_alive=ka,
+                )
+            )
+            outcome = "unavailable"
+        report(
+            self.access_log,
+            call,
+            series,
+            status=status,
+            outcome=outcome,
+            backend=key,
+            track=track,
+            failure=reason or "",
+        )
+        return ka
+
+    async def _wait_slot(self, model: ModelState, req: Request) -> bool:
+        """Wait in the saturation queue for a backend slot; False after the first-byte timeout."""
+        fut: asyncio.Future[None] = self.loop.create_future()
+        model.waiters.append(fut)
+        model.waiting += 1
+        try:
+            remaining = req.start + min(model.first_byte_timeout, model.total_timeout)
+            remaining -= time.monotonic()
+            if remaining <= 0:
+                return False
+            async with asyncio.timeout(remaining):
+                await fut
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            model.waiting -= 1
+            if not fut.done():
+                fut.cancel()
+
+    async def _attempt(
+        self, conn: ClientConnection, call: Call, backend: Backend, track: str
+    ) -> Attempt | None:
+        """One try on one backend. None: an answer was committed (and fully handled)."""
+        limits = call.limits
+        series = self.metrics.target(call.model.name, backend.key, track)
+        probe = backend.begin()
+        series.in_flight += 1
+        t = Try(backend, track, series, self.pool(backend))
+        try:
+            failed = await self._send(conn, call, t, _upstream_request(call, backend))
+            if failed is not None:
+                return failed
+            return await respond(conn, call, t, self.access_log)
+        finally:
+            backend.end(probe)
+            series.in_flight -= 1
+            if limits.limit is not None:
+                limits.release_slot()
+
+    async def _send(
+        self, conn: ClientConnection, call: Call, t: Try, data: bytes
+    ) -> Attempt | None:
+        """Send the request and wait for the response head (then `t.upc`/`t.ex` are set);
+        an `Attempt` if that failed."""
+        loop, req, model, limits, pool = self.loop, call.req, call.model, call.limits, t.pool
+        # A pooled connection the backend closed while idle fails with no byte read;
+        # that is not the backend's fault, so try once more on a fresh connection.
+        for _ in range(2):
+            upc = pool.take_idle()
+            reused = upc is not None
+            # This attempt's deadline: its own first-byte timeout, but never past the
+            # request's total timeout (which is not the backend's fault).
+            total_left = req.start + model.total_timeout - time.monotonic()
+            if total_left <= 0:
+                if upc is not None:
+                    pool.release(upc)
+                return Attempt(Failure.TOTAL, "the request's total timeout passed")
+            if upc is None:
+                try:
+                    upc = await pool.connect(min(limits.connect_timeout, total_left))
+                except UpstreamError as e:
+                    if time.monotonic() - req.start >= model.total_timeout:
+                        return Attempt(Failure.TOTAL, "the request's total timeout passed")
+                    t.backend.on_failure(time.monotonic())
+                    return Attempt(e.reason, str(e))
+                total_left = req.start + model.total_timeout - time.monotonic()
+            if conn.closed:
+                pool.release(upc)
+                return Attempt(Failure.CLIENT_CLOSED)
+            ex = Exchange(loop)
+            upc.send(ex, data)
+            conn.upstream = upc
+            fb = limits.first_byte_timeout
+            what = "first byte" if fb <= total_left else "total"
+            timer = loop.call_at(loop.time() + min(fb, max(0.0, total_left)), expire, ex, upc, what)
+            try:
+                await ex.head
+            except UpstreamError as e:
+                conn.upstream = None
+                if conn.closed:
+                    return Attempt(Failure.CLIENT_CLOSED)
+                if reused and not ex.received_any and e.reason == Failure.CONNECT_ERROR:
+                    continue
+                if e.reason != Failure.TOTAL:
+                    t.backend.on_failure(time.monotonic())
+                return Attempt(e.reason, str(e))
+            finally:
+                timer.cancel()
+            t.upc, t.ex = upc, ex
+            return None
+        t.backend.on_failure(time.monotonic())
+        return Attempt(Failure.CONNECT_ERROR, "backend closed reused connections")
+
+
+def _upstream_request(call: Call, backend: Backend) -> bytes:
+    """The request as the backend gets it, built once for every try on it."""
+    req, ext, body = call.req, call.external, call.body
+    if ext is not None:
+        path = ext.base_path.encode() + req.path[3:]  # base URL + path after /v1
+        host = ext.host_header.encode()
+        auth = b"authorization: Bearer " + ext.api_key.encode() + b"\r\n" if ext.api_key else b""
+        fwd = _external_headers(req.fwd)
+    else:
+        path, host, auth, fwd = req.path, backend.key.encode(), b"", req.fwd
+    return b"".join(
+        (
+            b"POST ",
+            path,
+            b" HTTP/1.1\r\nhost: ",
+            host,
+            b"\r\n",
+            fwd,
+            auth,
+            b"content-length: %d\r\n\r\n" % len(body),
+            body,
+        )
+    )
+
+
+def _external_headers(fwd: bytes) -> bytes:
+    """The allowlisted lines of the serialized client headers `fwd`."""
+    return b"".join(
+        line + b"\r\n"
+        for line in fwd.split(b"\r\n")
+        if line.lower().startswith(EXTERNAL_REQUEST_HEADERS)
+    )

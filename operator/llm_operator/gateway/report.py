@@ -1,0 +1,48 @@
+"""The one place a request's end is counted and logged: its outcome, latencies, access log."""
+
+from __future__ import annotations
+
+import time
+
+from llm_operator.gateway.accesslog import AccessLog
+from llm_operator.gateway.metrics import Series
+from llm_operator.gateway.request import Call
+
+
+def report(
+    log: AccessLog,
+    call: Call,
+    series: Series,
+    *,
+    status: int,
+    outcome: str,
+    backend: str,
+    track: str,
+    failure: str = "",
+    nbytes: int = 0,
+    ttfb: float | None = None,
+    committed: bool = False,
+) -> None:
+    """Count and log an answered request. `committed`: a backend's answer went to the
+    client (the log then names the fallback step and whether it streamed)."""
+    series.outcomes[outcome] += 1
+    if ttfb is not None:
+        series.ttfb.observe(ttfb)
+    elapsed = time.monotonic() - call.req.start
+    series.total.observe(elapsed)
+    log.record(
+        call.req,
+        call.model.name,
+        status,
+        outcome,
+        backend,
+        track,
+        call.attempts,
+        failure,
+        (call.step_label or None) if committed else None,
+        elapsed,
+        nbytes,
+        call.key_name,
+        call.scanned.stream if committed else False,
+        ttfb,
+    )

@@ -1,0 +1,251 @@
+"""The response side of an attempt: at the backend's response head, fail over or commit;
+once committed, relay the answer (whole, or streamed chunk by chunk) to the client.
+
+Once committed there is no second answer: a backend failure mid-stream ends an SSE stream
+with an error event and closes the connection.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from llm_operator import http11
+from llm_operator.gateway.accesslog import AccessLog
+from llm_operator.gateway.connection import ClientConnection
+from llm_operator.gateway.metrics import Series
+from llm_operator.gateway.report import report
+from llm_operator.gateway.request import Attempt, Call, Failure, error_body
+from llm_operator.gateway.routing import Backend
+from llm_operator.gateway.upstream import Exchange, Pool, UpstreamConnection, UpstreamError, expire
+
+DROP_RESPONSE_HEADERS = frozenset(
+    {b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"trailer"}
+)
+
+
+@dataclass(slots=True)
+class Try:
+    """One attempt on one backend; `upc` and `ex` are set once the request is sent."""
+
+    backend: Backend
+    track: str
+    series: Series
+    pool: Pool
+    upc: UpstreamConnection | None = None
+    ex: Exchange | None = None
+
+    def give_back(self, upc: UpstreamConnection, ex: Exchange) -> None:
+        """Return the connection to the pool after a complete exchange, or drop it."""
+        if ex.keep_alive:
+            self.pool.release(upc)
+        else:
+            upc.abort()
+
+
+class _Head:
+    """The backend's response head, rewritten for the client: framing is redone."""
+
+    __slots__ = ("content_length", "parts", "retry_after", "sse")
+
+    def __init__(self, ex: Exchange, keep_alive: bool) -> None:
+        self.parts = [http11.status_line(ex.status)]
+        self.sse = False
+        self.content_length: bytes | None = None
+        self.retry_after = 0.0
+        for name, value in ex.headers:
+            lname = name.lower()
+            if lname in DROP_RESPONSE_HEADERS:
+                if lname == b"content-length":
+                    self.content_length = value
+                continue
+            if lname == b"content-type" and value.startswith(b"text/event-stream"):
+                self.sse = True
+            elif lname == b"retry-after":
+                try:
+                    self.retry_after = float(value)
+                except ValueError:
+                    self.retry_after = 0.0
+            self.parts.append(name + b": " + value + b"\r\n")
+        if not keep_alive:
+            self.parts.append(b"connection: close\r\n")
+
+
+def _outcome(status: int) -> str:
+    return "success" if status < 400 else ("client_error" if status < 500 else "server_error")
+
+
+async def respond(conn: ClientConnection, call: Call, t: Try, log: AccessLog) -> Attempt | None:
+    """The head is in: an `Attempt` to fail over, or None once the answer is relayed."""
+    upc, ex = t.upc, t.ex
+    assert upc is not None and ex is not None
+    now = time.monotonic()
+    status = ex.status
+    ttfb = now - call.req.start
+    head = _Head(ex, call.req.keep_alive)
+    if status == 429 or status >= 500:
+        failed = _fail_over(conn, call, t, head, now)
+        if failed is not None:
+            return failed
+    else:
+        t.backend.on_success()
+    # Commit: from here on there is no failover.
+    if ex.complete:
+        nbytes = _write_complete(conn, t, head.parts)
+        outcome = _outcome(status)
+    else:
+        nbytes, outcome = await _relay(conn, call, t, head)
+    report(
+        log,
+        call,
+        t.series,
+        status=status,
+        outcome=outcome,
+        backend=t.backend.key,
+        track=t.track,
+        nbytes=nbytes,
+        ttfb=ttfb,
+        committed=True,
+    )
+    return None
+
+
+def _fail_over(
+    conn: ClientConnection, call: Call, t: Try, head: _Head, now: float
+) -> Attempt | None:
+    """A 429 or 5xx: charge the backend; fail over if the model's triggers say so."""
+    upc, ex = t.upc, t.ex
+    assert upc is not None and ex is not None
+    status = ex.status
+    model = call.model
+    if status == 429:
+        reason = Failure.STATUS_429
+        retry = head.retry_after if head.retry_after > 0 else float(model.retry_after)
+        t.backend.on_busy(now, retry)
+    else:
+        reason = Failure.STATUS_5XX
+        t.backend.on_failure(now)
+    if reason not in model.triggers:
+        return None
+    # Keep a complete small error answer to pass through if nothing else can answer;
+    # drop the connection if the body is still coming.
+    kept: tuple[int, bytes, bytes] | None = None
+    if ex.complete:
+        b = b"".join(ex.buffered)
+        kept = (status, b"".join(head.parts) + b"content-length: %d\r\n\r\n" % len(b), b)
+        t.give_back(upc, ex)
+    else:
+        upc.abort()
+    conn.upstream = None
+    return Attempt(reason, f"backend answered {status}", kept)
+
+
+def _write_complete(conn: ClientConnection, t: Try, parts: list[bytes]) -> int:
+    """The whole answer arrived with its head: one write, with a content-length."""
+    upc, ex = t.upc, t.ex
+    assert upc is not None and ex is not None
+    body = ex.buffered[0] if len(ex.buffered) == 1 else b"".join(ex.buffered)
+    parts.append(b"content-length: %d\r\n\r\n" % len(body))
+    parts.append(body)
+    conn.write(b"".join(parts))
+    t.give_back(upc, ex)
+    conn.upstream = None
+    return len(body)
+
+
+class _Relay:
+    """The sink of a committed exchange: body pieces straight to the client's transport,
+    the pieces of one read batched into one write."""
+
+    __slots__ = ("chunked", "conn", "nbytes", "pending", "sse", "transport")
+
+    def __init__(self, conn: ClientConnection, chunked: bool, sse: bool) -> None:
+        self.conn = conn
+        transport = conn.transport
+        assert transport is not None
+        self.transport = transport
+        self.chunked = chunked
+        self.sse = sse
+        self.nbytes = 0
+        self.pending: list[bytes] = []
+
+    def sink(self, data: bytes | None, err: UpstreamError | None) -> None:
+        if self.conn.closed:
+            return
+        if data is not None:
+            self.nbytes += len(data)
+            self.pending.append(http11.chunk(data) if self.chunked else data)
+        elif err is None:
+            if self.chunked:
+                self.pending.append(http11.LAST_CHUNK)
+            # Also when the end is the backend closing (no read follows to flush).
+            self.flush()
+        else:
+            self.flush()
+            if self.sse and self.chunked:
+                msg = str(err) if err.reason == "total" else f"the backend failed mid-stream: {err}"
+                event = b"data: " + error_body(msg, "server_error", 502) + b"\n\n"
+                self.transport.write(http11.last_chunk(event))
+
+    def flush(self) -> None:
+        pending = self.pending
+        if pending and not self.conn.closed:
+            self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        pending.clear()
+
+
+async def _relay(conn: ClientConnection, call: Call, t: Try, head: _Head) -> tuple[int, str]:
+    """Stream the answer as it comes; (bytes relayed, outcome)."""
+    upc, ex = t.upc, t.ex
+    assert upc is not None and ex is not None
+    parts = head.parts
+    chunked = head.content_length is None
+    if head.content_length is None:
+        parts.append(b"transfer-encoding: chunked\r\n\r\n")
+    else:
+        parts.append(b"content-length: " + head.content_length + b"\r\n\r\n")
+    relay = _Relay(conn, chunked, head.sse)
+    for piece in ex.buffered:
+        relay.nbytes += len(piece)
+        parts.append(http11.chunk(piece) if chunked else piece)
+    ex.buffered = []
+    conn.write(b"".join(parts))
+    loop = conn.loop
+    done = loop.create_future()
+    ex.done = done
+    ex.sink = relay.sink
+    ex.on_read_done = relay.flush
+    if ex.error is not None:
+        # The backend failed between its head and our commit: same as mid-stream.
+        relay.sink(None, ex.error)
+    if conn.paused:
+        upc.pause_reading()
+    left = call.req.start + call.model.total_timeout - time.monotonic()
+    timer = loop.call_at(loop.time() + max(0.0, left), expire, ex, upc, "total")
+    try:
+        if not ex.complete and ex.error is None:
+            await done
+    finally:
+        timer.cancel()
+    conn.upstream = None
+    if ex.complete and ex.keep_alive and not conn.closed:
+        t.pool.release(upc)
+    elif not ex.complete:
+        upc.abort()
+    return relay.nbytes, _stream_outcome(conn, t.backend, ex.error, ex.status)
+
+
+def _stream_outcome(
+    conn: ClientConnection, backend: Backend, err: UpstreamError | None, status: int
+) -> str:
+    if err is None:
+        return "client_closed" if conn.closed else _outcome(status)
+    if conn.closed:
+        return "client_closed"
+    # No second answer: the error event (if SSE) was the last thing sent.
+    conn.close()
+    if err.reason == Failure.TOTAL:
+        # A long answer, not a broken backend: the breaker is not charged.
+        return "timeout"
+    backend.on_failure(time.monotonic())
+    return "stream_error"
