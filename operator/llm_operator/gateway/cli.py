@@ -152,13 +152,13 @@ class App:
         self.config = config
         self.gateway.set_table(table)
         self.registry.prune(table.backend_keys())
-        self.metrics.reloads["success"] += 1
+        self.metrics.inc(self.metrics.reloads, "success")
         log.info(
             "routing table loaded: generation %d, %d models", table.generation, len(table.models)
         )
 
     def on_error(self, _: str) -> None:
-        self.metrics.reloads["error"] += 1
+        self.metrics.inc(self.metrics.reloads, "error")
 
     def on_pods(self) -> None:
         table = self.build(self.config, self.gateway.table)
@@ -181,7 +181,7 @@ async def serve(args: argparse.Namespace) -> int:
             return 2
     app = App(args, config)
     gw = app.gateway
-    app.metrics.reloads["success"] += 1
+    app.metrics.inc(app.metrics.reloads, "success")
     loop = app.loop
     server = await loop.create_server(
         gw.protocol, args.host, args.port, reuse_address=True, backlog=2048
