@@ -27,6 +27,8 @@ setup: $(STAMP) /usr/bin/prometheus
 
 lint: $(STAMP)
 	$(BIN)/ruff check operator tests e2e $(wildcard bench)
+	$(BIN)/ruff format --check operator tests e2e $(wildcard bench)
+	$(BIN)/lint-imports
 	$(BIN)/mypy
 
 check-generated: $(STAMP)
@@ -52,7 +54,7 @@ test: setup lint check-generated cluster
 
 # The main job: a local control plane, the operator, and a sample LLMDeployment.
 demo: setup
-	$(BIN)/python -m llm_operator.demo up
+	$(BIN)/python -m llm_operator_dev.demo up
 
 demo-down: $(STAMP)
-	$(BIN)/python -m llm_operator.demo down
+	$(BIN)/python -m llm_operator_dev.demo down

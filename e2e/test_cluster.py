@@ -267,7 +267,7 @@ def test_the_api_server_reports_the_pinned_version(
 ) -> None:
     if cluster.provider != "local":
         pytest.skip("the pinned version applies to the local control plane")
-    from llm_operator.devcluster.layout import read_versions
+    from llm_operator_dev.devcluster.layout import read_versions
 
     pinned = read_versions(REPO / "e2e" / "cluster" / "versions.env").k8s
     version = kube.as_dict(api_client, client.VersionApi(api_client).get_code())
@@ -277,7 +277,7 @@ def test_the_api_server_reports_the_pinned_version(
 
 def _devcluster(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "llm_operator.devcluster", "cluster", *args],
+        [sys.executable, "-m", "llm_operator_dev.devcluster", "cluster", *args],
         capture_output=True,
         text=True,
         timeout=300,

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llm_operator.devcluster import nodes, pki, procs
-from llm_operator.devcluster.layout import PORTS, Layout, read_versions
+from llm_operator_dev.devcluster import nodes, pki, procs
+from llm_operator_dev.devcluster.layout import PORTS, Layout, read_versions
 
 REPO = Path(__file__).resolve().parents[1]
 VERSIONS = REPO / "e2e" / "cluster" / "versions.env"

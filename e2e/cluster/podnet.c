@@ -12,7 +12,7 @@
  *   connect(VIP, vport) listed in DNAT -> connect(target, tport)   (the kubernetes Service)
  *
  * Environment: LLMOP_POD_IP=127.1.0.7, LLMOP_POD_DNAT="10.96.0.1:443=127.0.0.1:16443,...".
- * Built by the local cluster's pod runner (llm_operator.devcluster.kubelet) with gcc.
+ * Built by the local cluster's pod runner (llm_operator_dev.devcluster.kubelet) with gcc.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>

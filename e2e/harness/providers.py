@@ -63,7 +63,7 @@ def _devcluster(*args: str, log: Path | None = None, timeout: float = 5400) -> s
     A child process, not an in-process call: the control-plane processes must not be children
     of pytest, or a crashed one would linger as a zombie that still looks alive.
     """
-    cmd = [sys.executable, "-m", "llm_operator.devcluster", "cluster", *args]
+    cmd = [sys.executable, "-m", "llm_operator_dev.devcluster", "cluster", *args]
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.run(
             cmd, stdout=out, stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False
@@ -82,7 +82,7 @@ def _devcluster(*args: str, log: Path | None = None, timeout: float = 5400) -> s
 def local() -> Cluster:
     if not sys.platform.startswith("linux"):
         raise Unavailable("the local control plane runs on Linux only (LLMOP_CLUSTER=local)")
-    from llm_operator.devcluster.layout import Layout
+    from llm_operator_dev.devcluster.layout import Layout
 
     layout = Layout.discover()
     if shutil.which("openssl") is None:

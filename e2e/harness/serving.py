@@ -33,7 +33,7 @@ class Helm:
     def __init__(self, cluster: Cluster, home: Path) -> None:
         found = cluster.which("helm")
         if found is None:
-            from llm_operator import chartgen
+            from llm_operator_dev import chartgen
 
             found = str(chartgen.helm_binary())
         self.binary = found

@@ -11,12 +11,12 @@ from collections.abc import Callable, Sequence
 
 # subcommand -> (module, help). Each module exposes `main(argv: list[str]) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "crd": ("llm_operator.crdgen", "generate or check the CRD from the API models"),
-    "generate": ("llm_operator.generate", "regenerate every generated file, or --check for drift"),
-    "run": ("llm_operator.handlers.main", "run the operator (kopf) against the current cluster"),
+    "crd": ("llm_operator_dev.crdgen", "generate or check the CRD from the API models"),
+    "generate": ("llm_operator_dev.generate", "regenerate generated files, or --check for drift"),
+    "run": ("llm_operator.controller.main", "run the operator (kopf) against the current cluster"),
     "sim": ("llm_operator.sim.cli", "run the vLLM simulator (accepts `vllm serve` flags)"),
     "gateway": ("llm_operator.gateway.cli", "run the OpenAI-compatible gateway"),
-    "dev": ("llm_operator.devcluster", "a local control plane: dev cluster up|down|status|env"),
+    "dev": ("llm_operator_dev.devcluster", "a local control plane: dev cluster up|down|status|env"),
     "render": ("llm_operator.render.cli", "render an LLMDeployment YAML into Kubernetes manifests"),
 }
 

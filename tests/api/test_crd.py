@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
-from llm_operator import crdgen
+from llm_operator_dev import crdgen
 from tests.api.test_models import SAMPLES, TABLE, case_body
 
 ROOT = Path(__file__).resolve().parents[2]

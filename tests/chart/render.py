@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from llm_operator import chartgen
+from llm_operator_dev import chartgen
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / chartgen.CHART_DIR

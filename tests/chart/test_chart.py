@@ -15,8 +15,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from llm_operator import chartgen
 from llm_operator.api import v1alpha1 as api
+from llm_operator_dev import chartgen
 from tests.chart.render import (
     CHART,
     CI_VALUES,
@@ -362,9 +362,9 @@ def test_flags_match_the_operator_and_gateway_command_lines() -> None:
     assert operator_args[0] == "run"
     assert "--metrics-port=9090" in operator_args and "--liveness-port=8080" in operator_args
     try:
-        from llm_operator.handlers.main import parse_args as operator_parse
+        from llm_operator.controller.main import parse_args as operator_parse
     except ImportError as err:  # the operator lands separately; the chart must not wait
-        pytest.skip(f"llm_operator.handlers is not importable yet: {err}")
+        pytest.skip(f"llm_operator.controller is not importable yet: {err}")
     parsed = operator_parse(operator_args[1:])
     assert parsed.peering == "llm-operator" and parsed.metrics_port == 9090
     gateway = args_of(deployments(objs)["gateway"])
@@ -580,7 +580,7 @@ def test_notes_tell_the_next_steps(tmp_path: Path) -> None:
 
 
 def test_helm_is_the_pinned_version() -> None:
-    from llm_operator.devcluster.layout import Layout
+    from llm_operator_dev.devcluster.layout import Layout
 
     out = subprocess.run(
         [str(helm()), "version", "--short"], capture_output=True, text=True, check=True

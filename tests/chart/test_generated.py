@@ -11,7 +11,7 @@ from pathlib import Path
 import kubernetes_validate
 import yaml
 
-from llm_operator import chartgen, crdgen
+from llm_operator_dev import chartgen, crdgen
 from tests.chart.render import CHART, REPO, helm
 
 INSTALL = REPO / chartgen.INSTALL_MANIFEST

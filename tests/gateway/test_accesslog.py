@@ -30,19 +30,19 @@ async def test_every_line_is_written_in_small_batches() -> None:
     for i in range(5000):
         log.record(
             _req(),
-            'we"ird',
-            200,
-            "success",
-            "10.0.0.1:8000",
-            "canary",
-            1,
-            "",
-            None,
-            0.01,
-            i,
-            "team-a",
-            True,
-            0.002,
+            model='we"ird',
+            status=200,
+            outcome="success",
+            backend="10.0.0.1:8000",
+            track="canary",
+            attempts=1,
+            failure="",
+            fallback=None,
+            duration=0.01,
+            nbytes=i,
+            key_name="team-a",
+            stream=True,
+            ttfb=0.002,
         )
         if i % 100 == 0:
             await asyncio.sleep(0)  # let scheduled flushes run, as the event loop would
@@ -58,9 +58,37 @@ async def test_every_line_is_written_in_small_batches() -> None:
 def test_sampling_and_text_format() -> None:
     out = io.StringIO()
     log = AccessLog(out, fmt="text", sample=0.0)
-    log.record(_req(), "m", 200, "success", "b", "stable", 1, "", None, 0.01, 1, "", False)
+    log.record(
+        _req(),
+        model="m",
+        status=200,
+        outcome="success",
+        backend="b",
+        track="stable",
+        attempts=1,
+        failure="",
+        fallback=None,
+        duration=0.01,
+        nbytes=1,
+        key_name="",
+        stream=False,
+    )
     assert log.buffer == []
     log = AccessLog(out, fmt="text")
-    log.record(_req(), "m", 503, "unavailable", "", "none", 2, "5xx", "model:s", 0.01, 0, "", False)
+    log.record(
+        _req(),
+        model="m",
+        status=503,
+        outcome="unavailable",
+        backend="",
+        track="none",
+        attempts=2,
+        failure="5xx",
+        fallback="model:s",
+        duration=0.01,
+        nbytes=0,
+        key_name="",
+        stream=False,
+    )
     log.flush()
     assert 'model="m" status=503 outcome=unavailable' in out.getvalue()

@@ -19,13 +19,13 @@ from llm_operator.render import (
     render_deployment,
     status_extras,
 )
-from llm_operator.render.engine import (
+from llm_operator.render.names import dns_label, label_value
+from llm_operator.render.vllm_deployment import (
     DRAIN_SETTLE_SECONDS,
     SHUTDOWN_SECONDS,
     STARTUP_MAX_SECONDS,
     STARTUP_MIN_SECONDS,
 )
-from llm_operator.render.names import dns_label, label_value
 from tests.render.schemas import validate
 
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -402,9 +402,7 @@ def test_keda_matches_stable_pods_but_not_canary_pods_whatever_the_name_length(
 
     def selected(pod: str) -> bool:
         # PromQL regex matchers are anchored at both ends.
-        return all(
-            (re.fullmatch(rx, pod) is not None) == (op == "=~") for op, rx in matchers
-        )
+        return all((re.fullmatch(rx, pod) is not None) == (op == "=~") for op, rx in matchers)
 
     stable, canary = object_name(resource), object_name(resource, "canary")
     assert selected(pod_name(f"{stable}-7d9f8c6b5"))

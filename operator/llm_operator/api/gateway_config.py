@@ -19,29 +19,24 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import AfterValidator, Field
 
 from llm_operator.api.base import ApiModel, Rule
+from llm_operator.api.patterns import (
+    ADDRESS_PATTERN,
+    DNS_LABEL_PATTERN,
+    LABEL_KEY_PATTERN,
+    LABEL_PREFIX_MAX,
+    LABEL_VALUE_PATTERN,
+    PORT_NAME_PATTERN,
+    PROCESS_ENV_NAME_PATTERN,
+    SERVED_NAME_PATTERN,
+    SHA256_HEX_PATTERN,
+)
 
 FallbackTrigger = Literal["connectError", "timeout", "429", "5xx", "saturated"]
 ALL_TRIGGERS: tuple[FallbackTrigger, ...] = ("connectError", "timeout", "429", "5xx", "saturated")
 
-# host:port, where host is a DNS name, an IPv4 address or a bracketed IPv6 address.
-ADDRESS_PATTERN = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?):[0-9]{1,5}$"
-SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
-DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-SHA256_HEX_PATTERN = r"^[0-9a-f]{64}$"
-ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
-# Label keys and values as Kubernetes validates them: an optional DNS-subdomain prefix and a
-# name of at most 63 characters; a value of at most 63 (possibly empty).
-LABEL_NAME_PART = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-LABEL_KEY_PATTERN = (
-    r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*/)?"
-    + LABEL_NAME_PART
-    + "$"
-)
-LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
-LABEL_PREFIX_MAX = 253
-PORT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 ServedName = Annotated[str, Field(pattern=SERVED_NAME_PATTERN, min_length=1, max_length=256)]
+EnvName = Annotated[str, Field(pattern=PROCESS_ENV_NAME_PATTERN, max_length=253)]
 Seconds = Annotated[float, Field(gt=0, le=86400)]
 
 
@@ -129,7 +124,7 @@ class Fallback(ApiModel):
     target_model: ServedName | None = None
     """Model name written into the request body for this step. Required for url; defaults to
     `model` for a model step."""
-    api_key_env: Annotated[str, Field(pattern=ENV_NAME_PATTERN, max_length=253)] | None = None
+    api_key_env: EnvName | None = None
     """Environment variable holding the API key sent as `Authorization: Bearer` to url."""
     api_key_file: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
     """File holding that API key (a mounted Secret); read at load and on every table reload.

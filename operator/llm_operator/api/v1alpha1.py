@@ -14,6 +14,14 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import ConfigDict, Field, StrictInt
 
 from llm_operator.api.base import ApiModel, Rule
+from llm_operator.api.patterns import (
+    CONTAINER_ENV_NAME_PATTERN,
+    DNS_LABEL_PATTERN,
+    DNS_SUBDOMAIN_PATTERN,
+    DURATION_PATTERN,
+    QUANTITY_PATTERN,
+    SERVED_NAME_PATTERN,
+)
 
 GROUP = "llmoperator.io"
 VERSION = "v1alpha1"
@@ -25,15 +33,6 @@ SHORT_NAMES = ("llmd",)
 CATEGORIES = ("llm",)
 
 TENSOR_PARALLEL_SIZES = (1, 2, 4, 8, 16, 32, 64)
-# A Go-style duration as Kubernetes tools write it: 30s, 5m, 1h30m, 500ms.
-DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
-# Resource quantities as Kubernetes accepts them: 16Gi, 500m, 2, 1.5G.
-QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
-DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-# What clients may send as "model": an OpenAI-style id such as llama-70b or org/model:tag.
-SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
-ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 # `vllm serve` flags the operator sets from typed fields; extraArgs must not fight them.
 MANAGED_ENGINE_FLAGS = (
     "--tensor-parallel-size",
@@ -139,12 +138,14 @@ class ModelSpec(ApiModel):
             "'^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*(/.*)?$')",
             message="model.name pvc://CLAIM/PATH needs CLAIM to be a PersistentVolumeClaim name "
             "(lowercase letters, digits, '-' and '.')",
-            holds=lambda m: not m.name.startswith("pvc://")
-            or re.match(
-                r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*(/.*)?$",
-                m.name,
-            )
-            is not None,
+            holds=lambda m: (
+                not m.name.startswith("pvc://")
+                or re.match(
+                    r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*(/.*)?$",
+                    m.name,
+                )
+                is not None
+            ),
             field_path=".name",
         ),
     )
@@ -157,7 +158,7 @@ class ModelSpec(ApiModel):
 class EnvVar(ApiModel):
     """An environment variable for the engine container."""
 
-    name: Annotated[str, Field(min_length=1, max_length=256, pattern=ENV_NAME_PATTERN)]
+    name: Annotated[str, Field(min_length=1, max_length=256, pattern=CONTAINER_ENV_NAME_PATTERN)]
     """Variable name."""
     value: Annotated[str, Field(max_length=32768)] | None = None
     """Literal value."""
@@ -234,7 +235,6 @@ class EngineSpec(ApiModel):
             field_path=".env",
         ),
     )
-
 
 
 class GPUSpec(ApiModel):

@@ -14,19 +14,17 @@ from typing import Any
 
 from llm_operator.api.v1alpha1 import LLMDeployment
 from llm_operator.planner import Plan, PlanError, plan
-from llm_operator.render.config import RenderConfig
-from llm_operator.render.engine import pod_template_hash, render_deployment
-from llm_operator.render.names import Track, object_name, owner_reference
-from llm_operator.render.objects import (
-    RenderError,
+from llm_operator.render.autoscaler import (
     keda_query,
     render_autoscaler,
     render_hpa,
-    render_pdb,
     render_scaled_object,
-    render_service,
-    service_endpoint,
 )
+from llm_operator.render.config import RenderConfig, RenderError
+from llm_operator.render.disruption_budget import render_pdb
+from llm_operator.render.names import Track, object_name, owner_reference
+from llm_operator.render.service import render_service, service_endpoint
+from llm_operator.render.vllm_deployment import pod_template_hash, render_deployment
 
 __all__ = [
     "PlanError",

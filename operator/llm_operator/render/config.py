@@ -12,6 +12,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from llm_operator.planner import PlanError
+
 DEFAULT_HPA_METRIC = "vllm_num_requests_waiting"
 """vLLM's `vllm:num_requests_waiting` as prometheus-adapter exposes it. The adapter rule in
 docs/autoscaling.md renames `:` to `_`: the custom-metrics API serves metric names as URL path
@@ -67,3 +69,8 @@ class RenderConfig(BaseModel):
     def from_mapping(cls, values: dict[str, Any] | None) -> RenderConfig:
         """Settings from a parsed config file (camelCase or snake_case keys)."""
         return cls.model_validate(values or {})
+
+
+class RenderError(PlanError):
+    """This operator installation cannot render what the spec asks for. A PlanError, so
+    callers catch one type for every spec the core refuses."""

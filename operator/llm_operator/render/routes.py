@@ -24,8 +24,8 @@ from llm_operator.api.gateway_config import (
 )
 from llm_operator.api.v1alpha1 import LLMDeployment, parse_duration_seconds
 from llm_operator.constants import LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_NAME, MANAGED_BY
-from llm_operator.render.engine import PORT_NAME
 from llm_operator.render.names import selector_labels
+from llm_operator.render.vllm_deployment import PORT_NAME
 
 ROUTES_KEY = "routes.yaml"
 # Where the gateway finds an external fallback's API key: the platform team mounts the Secret

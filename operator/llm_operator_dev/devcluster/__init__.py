@@ -6,6 +6,6 @@ cache (``e2e/cluster/build.sh``), then runs them as plain processes on loopback 
 nodes. No containers, no Docker. Standard library, ``openssl`` and PyYAML only.
 """
 
-from llm_operator.devcluster.cli import main
+from llm_operator_dev.devcluster.cli import main
 
 __all__ = ["main"]

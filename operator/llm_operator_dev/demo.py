@@ -1,6 +1,6 @@
 """The README's main job: a local cluster that serves, the chart, and sample models answering.
 
-`python -m llm_operator.demo up` brings the local cluster up (building it once into the
+`python -m llm_operator_dev.demo up` brings the local cluster up (building it once into the
 cache), installs the chart with Helm (the operator and the gateway run as pods, with the
 chart's ServiceAccounts), applies the samples, waits for them to be Ready, then asks the gateway
 for a chat completion and a streamed one with the OpenAI SDK and prints them, with the address
@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from llm_operator import chartgen
-from llm_operator.devcluster import cluster
-from llm_operator.devcluster.layout import Layout
+from llm_operator_dev import chartgen
+from llm_operator_dev.devcluster import cluster
+from llm_operator_dev.devcluster.layout import Layout
 
 NAMESPACE = "llm-demo"
 RELEASE = "llm-operator"
@@ -155,7 +155,7 @@ def up(layout: Layout, timeout: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llm_operator.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m llm_operator_dev.demo", description=__doc__)
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument("--timeout", type=float, default=180)
     args = parser.parse_args(argv)

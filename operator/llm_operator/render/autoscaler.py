@@ -1,4 +1,4 @@
-"""The stable track's Service, PodDisruptionBudget and autoscaler (HPA or KEDA ScaledObject).
+"""The stable track's autoscaler: an HPA (through prometheus-adapter) or a KEDA ScaledObject.
 
 Autoscaling follows vLLM's queue: `vllm:num_requests_waiting` per replica, the requests
 admitted but not yet scheduled because the batch (or the KV cache) is full. docs/autoscaling.md
@@ -10,15 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from llm_operator.api.v1alpha1 import AutoscalingSpec, LLMDeployment, ScalingBehavior
-from llm_operator.planner import PlanError
-from llm_operator.render.config import RenderConfig
-from llm_operator.render.engine import ENGINE_PORT, PORT_NAME, max_replicas
-from llm_operator.render.names import (
-    common_labels,
-    object_metadata,
-    object_name,
-    selector_labels,
-)
+from llm_operator.render.config import RenderConfig, RenderError
+from llm_operator.render.names import common_labels, object_metadata, object_name
 
 VLLM_QUEUE_METRIC = "vllm:num_requests_waiting"
 
@@ -30,61 +23,6 @@ SCALE_DOWN_DEFAULT = ScalingBehavior(
     stabilization_seconds=300, max_pods_per_step=1, period_seconds=60
 )
 KEDA_POLLING_SECONDS = 15
-
-
-class RenderError(PlanError):
-    """This operator installation cannot render what the spec asks for. A PlanError, so
-    callers catch one type for every spec the core refuses."""
-
-
-def render_service(llmd: LLMDeployment) -> dict[str, Any]:
-    """ClusterIP Service on port 8000 (`http`) in front of the stable track only: the gateway
-    reaches a canary through its own weights, never through this Service."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": object_metadata(llmd, object_name(llmd), common_labels(llmd, "service")),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": selector_labels(llmd, "stable"),
-            "ports": [
-                {
-                    "name": PORT_NAME,
-                    "port": ENGINE_PORT,
-                    "targetPort": PORT_NAME,
-                    "protocol": "TCP",
-                    "appProtocol": "http",
-                }
-            ],
-        },
-    }
-
-
-def service_endpoint(llmd: LLMDeployment, config: RenderConfig) -> str:
-    """The in-cluster OpenAI base URL of the stable track (status.endpoint)."""
-    namespace = llmd.metadata.namespace or "default"
-    host = f"{object_name(llmd)}.{namespace}.svc.{config.cluster_domain}"
-    return f"http://{host}:{ENGINE_PORT}/v1"
-
-
-def render_pdb(llmd: LLMDeployment) -> dict[str, Any] | None:
-    """At most one stable pod evicted at a time, when more than one can run. maxUnavailable
-    (not minAvailable) so a single replica never blocks a node drain, and AlwaysAllow so a
-    pod that is still loading its model does not hold the budget either."""
-    if max_replicas(llmd) <= 1:
-        return None
-    return {
-        "apiVersion": "policy/v1",
-        "kind": "PodDisruptionBudget",
-        "metadata": object_metadata(
-            llmd, object_name(llmd), common_labels(llmd, "engine", "stable")
-        ),
-        "spec": {
-            "maxUnavailable": 1,
-            "selector": {"matchLabels": selector_labels(llmd, "stable")},
-            "unhealthyPodEvictionPolicy": "AlwaysAllow",
-        },
-    }
 
 
 def _quantity(value: float) -> str:

@@ -13,7 +13,7 @@ Listing on each request instead of watching keeps it stateless: Prometheus asks 
 refresh interval (2 s), and the API server answers a LIST of a few dozen pods from its watch
 cache in milliseconds. The two jobs share one answer through a one-second cache.
 
-    python -m llm_operator.devcluster.prometheus_sd --server https://127.0.0.1:16443 \\
+    python -m llm_operator_dev.devcluster.prometheus_sd --server https://127.0.0.1:16443 \\
         --ca pki/ca.crt --cert pki/prometheus.crt --key pki/prometheus.key \\
         --listen 127.0.0.1:19091
 
@@ -34,7 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
-from llm_operator.devcluster.kubeapi import Api, ApiError
+from llm_operator_dev.devcluster.kubeapi import Api, ApiError
 
 PREFIX = "__meta_kubernetes_pod_"
 CACHE_SECONDS = 1.0
@@ -118,7 +118,7 @@ def target_groups(pods: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class PodsApi(Protocol):
-    """What the lister needs of :class:`~llm_operator.devcluster.kubeapi.Api`."""
+    """What the lister needs of :class:`~llm_operator_dev.devcluster.kubeapi.Api`."""
 
     def get(self, path: str) -> tuple[int, Any]: ...
 
@@ -183,7 +183,7 @@ def _handler(lister: PodLister) -> type[BaseHTTPRequestHandler]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llm_operator.devcluster.prometheus_sd")
+    parser = argparse.ArgumentParser(prog="python -m llm_operator_dev.devcluster.prometheus_sd")
     parser.add_argument("--server", required=True, help="API server URL")
     parser.add_argument("--ca", type=Path, required=True, help="cluster CA certificate")
     parser.add_argument("--cert", type=Path, required=True, help="client certificate")

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from llm_operator.devcluster import podspec
-from llm_operator.devcluster.podspec import ConfigError, EnvSources, Image, ImageError, Probe
+from llm_operator_dev.devcluster import podspec
+from llm_operator_dev.devcluster.podspec import ConfigError, EnvSources, Image, ImageError, Probe
 
 KNOWN = podspec.images(Path("/venv/bin"))
 NS = "ml"

@@ -26,8 +26,8 @@ import math
 import re
 from typing import Any
 
+from llm_operator.api.patterns import DNS_SUBDOMAIN_PATTERN
 from llm_operator.api.v1alpha1 import (
-    DNS_SUBDOMAIN_PATTERN,
     EngineSpec,
     LLMDeployment,
     parse_duration_seconds,

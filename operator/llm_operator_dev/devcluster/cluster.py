@@ -35,10 +35,10 @@ from typing import Any
 
 import yaml
 
-from llm_operator.devcluster import nodes as nodespec
-from llm_operator.devcluster import pki, procs, prometheus
-from llm_operator.devcluster.kubeapi import Api, ApiError, probe
-from llm_operator.devcluster.layout import (
+from llm_operator_dev.devcluster import nodes as nodespec
+from llm_operator_dev.devcluster import pki, procs, prometheus
+from llm_operator_dev.devcluster.kubeapi import Api, ApiError, probe
+from llm_operator_dev.devcluster.layout import (
     CLUSTER_NAME,
     PORTS,
     SA_ISSUER,
@@ -207,7 +207,7 @@ def components(layout: Layout) -> dict[str, Component]:
             [
                 python(),
                 "-m",
-                "llm_operator.devcluster.kubelet",
+                "llm_operator_dev.devcluster.kubelet",
                 f"--cluster-dir={layout.cluster_dir}",
                 f"--server={layout.server_url}",
                 f"--apiserver=127.0.0.1:{PORTS['kube-apiserver']}",
@@ -498,7 +498,7 @@ def down(layout: Layout, keep_data: bool = False) -> int:
         if procs.stop(stray, marker):
             say(f"{stray.name}: stopped stray process (pid {stray.pid})")
             stopped += 1
-    from llm_operator.devcluster.kubelet import sweep  # lazily: the runner runs as __main__
+    from llm_operator_dev.devcluster.kubelet import sweep  # lazily: the runner runs as __main__
 
     pods = sweep(layout.cluster_dir)
     if pods:

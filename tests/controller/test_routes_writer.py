@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from llm_operator.handlers.routes import RoutesWriter
+from llm_operator.controller.routes import RoutesWriter
 
 
 class FakeKube:

@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from llm_operator.devcluster import cluster, prometheus
-from llm_operator.devcluster.layout import Layout, LayoutError
-from llm_operator.devcluster.pki import PKIError
+from llm_operator_dev.devcluster import cluster, prometheus
+from llm_operator_dev.devcluster.layout import Layout, LayoutError
+from llm_operator_dev.devcluster.pki import PKIError
 
 
 def _parser() -> argparse.ArgumentParser:

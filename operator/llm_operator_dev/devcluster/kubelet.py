@@ -17,7 +17,7 @@ restarts per ``restartPolicy`` with crash-loop back-off, ``restartCount`` and
 after the grace period, then removes the pod. ConfigMap, Secret and projected volumes are
 refreshed while the pod runs, and the token is renewed before it expires.
 
-    python -m llm_operator.devcluster.kubelet --cluster-dir ~/.cache/llm-operator/cluster ...
+    python -m llm_operator_dev.devcluster.kubelet --cluster-dir ~/.cache/llm-operator/cluster ...
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from llm_operator.devcluster import podspec
-from llm_operator.devcluster.podspec import ConfigError, Image, ImageError, Probe
+from llm_operator_dev.devcluster import podspec
+from llm_operator_dev.devcluster.podspec import ConfigError, Image, ImageError, Probe
 
-log = logging.getLogger("llm_operator.devcluster.kubelet")
+log = logging.getLogger("llm_operator_dev.devcluster.kubelet")
 
 # Pod processes carry this in their environment so that a sweep finds them after a crash.
 POD_MARKER_ENV = "LLMOP_POD_CLUSTER"
@@ -1406,7 +1406,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m llm_operator.devcluster.kubelet", description=__doc__.splitlines()[0]
+        prog="python -m llm_operator_dev.devcluster.kubelet", description=__doc__.splitlines()[0]
     )
     p.add_argument("--cluster-dir", required=True)
     p.add_argument("--server", required=True, help="API server URL")

@@ -33,10 +33,10 @@ from pydantic import ValidationError
 
 from llm_operator.api import LLMDeployment
 from llm_operator.constants import FIELD_MANAGER, LABEL_DEPLOYMENT
+from llm_operator.controller import metrics
+from llm_operator.controller.routes import RoutesWriter
 from llm_operator.engine_health import REASONS as ENGINE_REASONS
 from llm_operator.engine_health import EngineProblem, engine_problems, pod_selector
-from llm_operator.handlers import metrics
-from llm_operator.handlers.routes import RoutesWriter
 from llm_operator.kube.client import RETRYABLE_STATUSES, KubeClient
 from llm_operator.kubeformat import rfc3339_now
 from llm_operator.planner import plan

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from llm_operator.devcluster.layout import CLUSTER_NAME, SERVICE_IP
+from llm_operator_dev.devcluster.layout import CLUSTER_NAME, SERVICE_IP
 
 DAYS = "3650"  # a dev CA that expires mid-project only breaks people's mornings
 

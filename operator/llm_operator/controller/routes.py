@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from llm_operator.api import LLMDeployment
-from llm_operator.handlers import metrics
+from llm_operator.controller import metrics
 from llm_operator.kube.client import KubeClient
 from llm_operator.render.routes import ROUTES_KEY, render_routes, render_routes_configmap
 

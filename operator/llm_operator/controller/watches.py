@@ -13,10 +13,10 @@ import kopf
 
 from llm_operator.api import GROUP, PLURAL, VERSION
 from llm_operator.constants import LABEL_MANAGED_BY, MANAGED_BY, MANAGED_BY_SELECTOR
-from llm_operator.handlers.controller import Controller
+from llm_operator.controller.reconciler import Controller
 from llm_operator.kube.resources import CHILD_KINDS
 
-log = logging.getLogger("llm_operator.handlers")
+log = logging.getLogger("llm_operator.controller")
 
 
 def register(

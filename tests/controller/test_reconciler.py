@@ -11,7 +11,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from llm_operator.constants import FIELD_MANAGER
-from llm_operator.handlers.controller import HANDOVER_MANAGER, Controller
+from llm_operator.controller.reconciler import HANDOVER_MANAGER, Controller
 from llm_operator.render import RenderConfig
 
 

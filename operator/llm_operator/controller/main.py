@@ -17,9 +17,9 @@ import sys
 import kopf
 from prometheus_client import start_http_server
 
-from llm_operator.handlers.controller import Controller
-from llm_operator.handlers.operator import register
-from llm_operator.handlers.routes import RoutesWriter
+from llm_operator.controller.reconciler import Controller
+from llm_operator.controller.routes import RoutesWriter
+from llm_operator.controller.watches import register
 from llm_operator.kube.client import API_CONCURRENCY, KubeClient
 from llm_operator.kube.resources import CHILD_KINDS
 from llm_operator.render import RenderConfig

@@ -27,8 +27,8 @@ from typing import Any
 
 import yaml
 
-from llm_operator import crdgen
-from llm_operator.devcluster.layout import Layout
+from llm_operator_dev import crdgen
+from llm_operator_dev.devcluster.layout import Layout
 
 CHART_NAME = "llm-operator"
 CHART_DIR = Path("charts") / CHART_NAME

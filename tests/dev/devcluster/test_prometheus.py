@@ -25,15 +25,15 @@ import pytest
 import yaml
 
 from llm_operator.api import LLMDeployment
-from llm_operator.devcluster import pki, procs
-from llm_operator.devcluster import prometheus as prom
-from llm_operator.devcluster import prometheus_sd as sd
-from llm_operator.devcluster.layout import PORTS, Layout, read_versions
 from llm_operator.planner import plan
 from llm_operator.render import RenderConfig, Track, keda_query, render_deployment
+from llm_operator_dev.devcluster import pki, procs
+from llm_operator_dev.devcluster import prometheus as prom
+from llm_operator_dev.devcluster import prometheus_sd as sd
+from llm_operator_dev.devcluster.layout import PORTS, Layout, read_versions
 from tests.support.sim import run_sims
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 NAMESPACE = "ml"
 
 
@@ -199,7 +199,7 @@ def test_argvs_name_the_cluster_folder_and_listen_on_loopback(layout: Layout) ->
     assert "--web.listen-address=127.0.0.1:19090" in argv
     assert health == "http://127.0.0.1:19090/-/ready"
     sd_argv, sd_health = prom.discovery_component(layout)
-    assert sd_argv[:3] == [sys.executable, "-m", "llm_operator.devcluster.prometheus_sd"]
+    assert sd_argv[:3] == [sys.executable, "-m", "llm_operator_dev.devcluster.prometheus_sd"]
     assert f"--cert={layout.pki_dir / 'prometheus.crt'}" in sd_argv
     assert sd_health == "http://127.0.0.1:19091/healthz"
     for command in (argv, sd_argv):

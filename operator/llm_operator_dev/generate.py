@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from llm_operator import crdgen
+from llm_operator_dev import crdgen
 
 REGENERATE_COMMAND = "llm-operator generate"
 
@@ -29,7 +29,7 @@ def generators(root: Path) -> list[tuple[Path, Callable[[], str]]]:
         (root / "crds" / crdgen.CRD_FILENAME, crdgen.render_crd_yaml),
     ]
     try:
-        chartgen = importlib.import_module("llm_operator.chartgen")
+        chartgen = importlib.import_module("llm_operator_dev.chartgen")
     except ModuleNotFoundError:  # the chart generator arrives with the Helm chart
         return produced
     chart_files: list[tuple[Path, Callable[[], str]]] = chartgen.generators(root)
