@@ -91,6 +91,9 @@ class Controller:
     pods_forbidden_logged: bool = False
     tasks: set[asyncio.Future[None]] = field(default_factory=set)
     routes: RoutesWriter | None = None
+    prometheus_url: str | None = None
+    """Prometheus that canary analysis queries (the gateway's per-track metrics). None:
+    every analysis is Inconclusive, so no canary is ever promoted on missing data."""
 
     def __post_init__(self) -> None:
         if self.routes is not None:
