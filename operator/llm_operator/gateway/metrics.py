@@ -36,6 +36,60 @@ LATENCY_BUCKETS: Final = (
     300.0,
 )
 
+# Seconds. Time to first token, for canary analysis's p95 ratio: finer between 50 ms and 1 s
+# (where a ratio of 1.5 or 2 must show between two buckets), then up to a long cold prefill.
+TTFT_BUCKETS: Final = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.25,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    15.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+
+# Seconds. Time per output token of a stream: ~1 ms (a small model, one stream) to ~1 s.
+TPOT_BUCKETS: Final = (
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
+
 OUTCOMES: Final = (
     "success",
     "client_error",
@@ -56,22 +110,23 @@ def labels(**kv: str) -> str:
 
 
 class Histogram:
-    __slots__ = ("count", "counts", "sum")
+    __slots__ = ("buckets", "count", "counts", "sum")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
         self.sum = 0.0
         self.count = 0
 
     def observe(self, v: float) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS, v)] += 1
+        self.counts[bisect_left(self.buckets, v)] += 1
         self.sum += v
         self.count += 1
 
     def render(self, name: str, label_str: str, out: list[str]) -> None:
         acc = 0
         sep = "," if label_str else ""
-        for bound, c in zip(LATENCY_BUCKETS, self.counts, strict=False):
+        for bound, c in zip(self.buckets, self.counts, strict=False):
             acc += c
             out.append(f'{name}_bucket{{{label_str}{sep}le="{bound}"}} {acc}')
         acc += self.counts[-1]
@@ -83,12 +138,16 @@ class Histogram:
 class Series:
     """Everything recorded for one (model, backend, track)."""
 
-    __slots__ = ("in_flight", "label_str", "outcomes", "total", "ttfb")
+    __slots__ = ("in_flight", "label_str", "outcomes", "total", "tpot", "ttfb", "ttft")
 
     def __init__(self, label_str: str) -> None:
         self.label_str = label_str
         self.outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
         self.ttfb = Histogram()
+        self.ttft = Histogram(TTFT_BUCKETS)
+        """2xx only: to the first SSE data event of a stream, to the end of any other body."""
+        self.tpot = Histogram(TPOT_BUCKETS)
+        """2xx streams with at least 2 data events: (last - first) / (events - 1)."""
         self.total = Histogram()
         self.in_flight = 0
 
@@ -108,6 +167,11 @@ class Metrics:
         self.reloads: dict[str, int] = {"success": 0, "error": 0}
         self.generation = 0
         self.circuit_source: Callable[[], list[tuple[str, int]]] = list
+        self.held_source: Callable[[], list[tuple[str, int]]] = list
+        """(model, held) for every model of the table in use."""
+        # (model, result) -> count; result: released, expired, full, client_closed, fallback
+        self.cold_requests: dict[tuple[str, str], int] = {}
+        self.hold_seconds: dict[str, Histogram] = {}
 
     def target(self, model: str, backend: str, track: str) -> Series:
         key = (model, backend, track)
@@ -123,6 +187,14 @@ class Metrics:
 
     def render(self) -> bytes:
         out: list[str] = []
+        self._render_targets(out)
+        self._render_hold(out)
+        self._render_counters(out)
+        out.append("")
+        return "\n".join(out).encode()
+
+    def _render_targets(self, out: list[str]) -> None:
+        """Everything per (model, backend, track)."""
         p = "llm_gateway_"
         out.append(
             f"# HELP {p}requests_total Requests answered, by model, backend, track, outcome."
@@ -140,7 +212,18 @@ class Metrics:
             (
                 "time_to_first_byte_seconds",
                 "ttfb",
-                "Time from request to the backend's first byte.",
+                "Time from request to the backend's response head.",
+            ),
+            (
+                "time_to_first_token_seconds",
+                "ttft",
+                "2xx answers: time from request to the first SSE data event of a stream, "
+                "or to the end of a non-streamed body.",
+            ),
+            (
+                "time_per_output_token_seconds",
+                "tpot",
+                "2xx streams of at least 2 data events: (last event - first) / (events - 1).",
             ),
             ("request_duration_seconds", "total", "Time from request to the last byte."),
         ):
@@ -150,6 +233,31 @@ class Metrics:
                 h: Histogram = getattr(s, attr)
                 if h.count:
                     h.render(p + name, s.label_str, out)
+
+    def _render_hold(self, out: list[str]) -> None:
+        """The scale-from-zero hold queues, per model."""
+        p = "llm_gateway_"
+        out.append(
+            f"# HELP {p}requests_held Requests waiting for a model with no ready backend "
+            "(or answered by its fallback while it is cold)."
+        )
+        out.append(f"# TYPE {p}requests_held gauge")
+        for model, n in self.held_source():
+            out.append(f'{p}requests_held{{model="{_escape(model)}"}} {n}')
+        out.append(
+            f"# HELP {p}cold_requests_total Requests that found their model with no ready "
+            "backend, by result."
+        )
+        out.append(f"# TYPE {p}cold_requests_total counter")
+        for (model, result), n in self.cold_requests.items():
+            out.append(f"{p}cold_requests_total{{{labels(model=model, result=result)}}} {n}")
+        out.append(f"# HELP {p}hold_seconds Time requests spent held, by model.")
+        out.append(f"# TYPE {p}hold_seconds histogram")
+        for model, h in self.hold_seconds.items():
+            h.render(p + "hold_seconds", labels(model=model), out)
+
+    def _render_counters(self, out: list[str]) -> None:
+        p = "llm_gateway_"
         out.append(f"# HELP {p}fallbacks_total Fallback steps taken, by target and reason.")
         out.append(f"# TYPE {p}fallbacks_total counter")
         for (model, target, reason), n in self.fallbacks.items():
@@ -183,5 +291,3 @@ class Metrics:
         out.append(f"# HELP {p}config_generation Generation of the routing table in use.")
         out.append(f"# TYPE {p}config_generation gauge")
         out.append(f"{p}config_generation {self.generation}")
-        out.append("")
-        return "\n".join(out).encode()

@@ -22,12 +22,19 @@ def report(
     nbytes: int = 0,
     ttfb: float | None = None,
     committed: bool = False,
+    ttft: float | None = None,
+    tpot: float | None = None,
 ) -> None:
     """Count and log an answered request. `committed`: a backend's answer went to the
-    client (the log then names the fallback step and whether it streamed)."""
+    client (the log then names the fallback step and whether it streamed). `ttft` and
+    `tpot` are set by the relay for 2xx answers only (see `Series`)."""
     series.outcomes[outcome] += 1
     if ttfb is not None:
         series.ttfb.observe(ttfb)
+    if ttft is not None:
+        series.ttft.observe(ttft)
+        if tpot is not None:
+            series.tpot.observe(tpot)
     elapsed = time.monotonic() - call.req.start
     series.total.observe(elapsed)
     log.record(

@@ -90,11 +90,17 @@ async def respond(conn: ClientConnection, call: Call, t: Try, log: AccessLog) ->
     else:
         t.backend.on_success()
     # Commit: from here on there is no failover.
+    ttft = tpot = None
     if ex.complete:
         nbytes = _write_complete(conn, t, head.parts)
         outcome = _outcome(status)
+        if 200 <= status < 300:
+            ttft = ttfb  # the whole answer came with the head
     else:
-        nbytes, outcome = await _relay(conn, call, t, head)
+        relay = await _relay(conn, call, t, head)
+        nbytes, outcome = relay.nbytes, relay.outcome
+        if 200 <= status < 300:
+            ttft, tpot = relay.token_times(call.req.start)
     report(
         log,
         call,
@@ -106,6 +112,8 @@ async def respond(conn: ClientConnection, call: Call, t: Try, log: AccessLog) ->
         nbytes=nbytes,
         ttfb=ttfb,
         committed=True,
+        ttft=ttft,
+        tpot=tpot,
     )
     return None
 
@@ -155,9 +163,29 @@ def _write_complete(conn: ClientConnection, t: Try, parts: list[bytes]) -> int:
 
 class _Relay:
     """The sink of a committed exchange: body pieces straight to the client's transport,
-    the pieces of one read batched into one write."""
+    the pieces of one read batched into one write.
 
-    __slots__ = ("chunked", "conn", "nbytes", "pending", "sse", "transport")
+    For an SSE answer it also counts `data:` events (not `data: [DONE]`, which carries no
+    token) and stamps the first and last read that brought any: the time to first token
+    and the time per output token. One `bytes.count` per piece and one clock read per
+    read that had events; an event whose `data:` is split across two reads is not counted.
+    """
+
+    __slots__ = (
+        "at_line_start",
+        "chunked",
+        "conn",
+        "end",
+        "events",
+        "first",
+        "last",
+        "nbytes",
+        "new_events",
+        "outcome",
+        "pending",
+        "sse",
+        "transport",
+    )
 
     def __init__(self, conn: ClientConnection, chunked: bool, sse: bool) -> None:
         self.conn = conn
@@ -168,14 +196,53 @@ class _Relay:
         self.sse = sse
         self.nbytes = 0
         self.pending: list[bytes] = []
+        self.outcome = ""
+        self.events = 0
+        self.new_events = 0
+        """Data events of the read being parsed, stamped at its end (`flush`)."""
+        self.at_line_start = True
+        self.first = 0.0
+        self.last = 0.0
+        self.end = 0.0
+        """When the body ended (0 if it did not end)."""
+
+    def count_events(self, data: bytes) -> None:
+        n = data.count(b"\ndata:")
+        if self.at_line_start and data.startswith(b"data:"):
+            n += 1
+        self.at_line_start = data.endswith(b"\n")
+        if n and data.endswith(b"data: [DONE]\n\n"):
+            n -= 1
+        self.new_events += n
+
+    def stamp(self) -> None:
+        """The events counted since the last stamp arrived now."""
+        now = time.monotonic()
+        if not self.events:
+            self.first = now
+        self.last = now
+        self.events += self.new_events
+        self.new_events = 0
+
+    def token_times(self, start: float) -> tuple[float | None, float | None]:
+        """(time to first token, time per output token) of a 2xx answer, where known."""
+        if not self.sse:
+            return (self.end - start, None) if self.outcome == "success" else (None, None)
+        if not self.events:
+            return None, None
+        tpot = (self.last - self.first) / (self.events - 1) if self.events > 1 else None
+        return self.first - start, tpot
 
     def sink(self, data: bytes | None, err: UpstreamError | None) -> None:
         if self.conn.closed:
             return
         if data is not None:
             self.nbytes += len(data)
+            if self.sse:
+                self.count_events(data)
             self.pending.append(http11.chunk(data) if self.chunked else data)
         elif err is None:
+            self.end = time.monotonic()
             if self.chunked:
                 self.pending.append(http11.LAST_CHUNK)
             # Also when the end is the backend closing (no read follows to flush).
@@ -188,14 +255,16 @@ class _Relay:
                 self.transport.write(http11.last_chunk(event))
 
     def flush(self) -> None:
+        if self.new_events:
+            self.stamp()
         pending = self.pending
         if pending and not self.conn.closed:
             self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
         pending.clear()
 
 
-async def _relay(conn: ClientConnection, call: Call, t: Try, head: _Head) -> tuple[int, str]:
-    """Stream the answer as it comes; (bytes relayed, outcome)."""
+async def _relay(conn: ClientConnection, call: Call, t: Try, head: _Head) -> _Relay:
+    """Stream the answer as it comes; the relay tells bytes, outcome and token times."""
     upc, ex = t.upc, t.ex
     assert upc is not None and ex is not None
     parts = head.parts
@@ -207,7 +276,11 @@ async def _relay(conn: ClientConnection, call: Call, t: Try, head: _Head) -> tup
     relay = _Relay(conn, chunked, head.sse)
     for piece in ex.buffered:
         relay.nbytes += len(piece)
+        if relay.sse:
+            relay.count_events(piece)
         parts.append(http11.chunk(piece) if chunked else piece)
+    if relay.new_events:
+        relay.stamp()  # they came with (or just after) the head
     ex.buffered = []
     conn.write(b"".join(parts))
     loop = conn.loop
@@ -232,7 +305,8 @@ async def _relay(conn: ClientConnection, call: Call, t: Try, head: _Head) -> tup
         t.pool.release(upc)
     elif not ex.complete:
         upc.abort()
-    return relay.nbytes, _stream_outcome(conn, t.backend, ex.error, ex.status)
+    relay.outcome = _stream_outcome(conn, t.backend, ex.error, ex.status)
+    return relay
 
 
 def _stream_outcome(
