@@ -23,5 +23,10 @@ LABEL_TRACK = "llmoperator.io/track"
 #: A hash of the engine's pod template, to tell a rollout from a no-op.
 ANNOTATION_POD_TEMPLATE_HASH = "llmoperator.io/pod-template-hash"
 
+#: A request to the canary in progress: promote, abort, pause or resume. `llm-operator
+#: rollout` (or `kubectl annotate`) sets it; the operator acts on it and removes it. An
+#: annotation, not a spec field, so GitOps tools see no drift (docs/canary.md).
+ANNOTATION_ROLLOUT_COMMAND = "llmoperator.io/rollout-command"
+
 #: The label selector of everything the operator manages.
 MANAGED_BY_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"

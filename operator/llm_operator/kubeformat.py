@@ -36,6 +36,25 @@ def rfc3339_now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def rfc3339(epoch_seconds: float) -> str:
+    """A Unix time as the API writes timestamps (UTC, whole seconds)."""
+    moment = datetime.datetime.fromtimestamp(epoch_seconds, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(text: Any) -> float | None:
+    """An API timestamp as a Unix time; None when it is not one."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.timestamp()
+
+
 def owner_reference(api_version: str, kind: str, name: str, uid: str) -> dict[str, Any]:
     """The controller ownerReference a child carries."""
     return {

@@ -153,6 +153,12 @@ def crd() -> dict[str, Any]:
                         {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
                         {
+                            "name": "Canary",
+                            "type": "integer",
+                            "description": "Percent of requests the canary answers",
+                            "jsonPath": ".status.canary.weight",
+                        },
+                        {
                             "name": "Age",
                             "type": "date",
                             "jsonPath": ".metadata.creationTimestamp",

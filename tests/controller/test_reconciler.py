@@ -53,6 +53,9 @@ class FakeKube:
         self.writes.append(("status", "LLMDeployment", name))
         self.statuses.append(status)
 
+    def clear_annotation(self, namespace: str, name: str, annotation: str) -> None:
+        self.writes.append(("unannotate", "LLMDeployment", f"{name}:{annotation}"))
+
     def post_event(self, owner: dict[str, Any], type_: str, reason: str, message: str) -> None:
         self.events.append((type_, reason, message))
 

@@ -156,3 +156,34 @@ def test_a_route_the_table_cannot_express_is_left_out_alone() -> None:
 def test_timeouts_outside_what_the_gateway_takes_are_clamped() -> None:
     table, problems = render_routes([llmd("a", routing={"requestTimeout": "48h"})])
     assert problems == [] and table.models[0].timeouts.total == 86400
+
+
+CANARY_ROLLOUT = {"strategy": "Canary", "canary": {"steps": [{"weight": 20}]}}
+
+
+def with_canary_status(deployment: LLMDeployment, weight: int) -> LLMDeployment:
+    wire = deployment.model_dump(by_alias=True, exclude_none=True)
+    wire["status"] = {"canary": {"phase": "Progressing", "revision": "r2", "weight": weight}}
+    return LLMDeployment.model_validate(wire)
+
+
+def test_a_running_canary_gets_its_weight_and_its_own_pods() -> None:
+    table, _ = render_routes([with_canary_status(llmd("m", rollout=CANARY_ROLLOUT), 20)])
+    stable, canary = table.models[0].tracks
+    assert (stable.name, stable.weight, canary.name, canary.weight) == (
+        "stable",
+        80,
+        "canary",
+        20,
+    )
+    assert canary.pods is not None
+    assert canary.pods.match_labels["llmoperator.io/track"] == "canary"
+
+
+def test_weight_zero_or_no_canary_strategy_routes_only_the_stable() -> None:
+    for deployment in (
+        with_canary_status(llmd("m", rollout=CANARY_ROLLOUT), 0),
+        with_canary_status(llmd("m"), 30),  # a stale status of an earlier strategy
+    ):
+        table, _ = render_routes([deployment])
+        assert [(t.name, t.weight) for t in table.models[0].tracks] == [("stable", 100)]

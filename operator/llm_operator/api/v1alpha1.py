@@ -635,12 +635,27 @@ class CanaryAnalysisResult(ApiModel):
     """Canary/stable p95 time-to-first-token ratio."""
     requests: int | None = None
     """Canary requests in the interval."""
+    stable_error_rate: float | None = None
+    """Stable error rate in the interval, for comparison."""
+    ttft_p95_seconds: float | None = Field(default=None, alias="ttftP95Seconds")
+    """Canary p95 time to first token, seconds."""
+    stable_ttft_p95_seconds: float | None = Field(default=None, alias="stableTtftP95Seconds")
+    """Stable p95 time to first token, seconds."""
+    failed_check: Literal["error-rate", "ttft-ratio"] | None = None
+    """On a Fail, the check that failed."""
     message: str | None = None
     """Why, for a person."""
 
 
 class CanaryStatus(ApiModel):
     """Where a canary rollout stands."""
+
+    phase: (
+        Literal["Progressing", "Paused", "Promoting", "Draining", "RolledBack", "Aborted"] | None
+    ) = None
+    """Progressing (steps and analysis), Paused, Promoting (the stable takes the new
+    revision), Draining (weight 0, canary pods going), RolledBack or Aborted (the revision
+    is remembered and not retried until the spec changes)."""
 
     step: int | None = None
     """Index of the current step."""
@@ -656,6 +671,10 @@ class CanaryStatus(ApiModel):
     """Failed intervals so far."""
     last_analysis: CanaryAnalysisResult | None = None
     """The latest analysis."""
+    paused_at: str | None = None
+    """When it was paused (RFC 3339), while Paused."""
+    message: str | None = None
+    """What it is doing or waiting for, for a person."""
 
 
 class LLMDeploymentStatus(ApiModel):

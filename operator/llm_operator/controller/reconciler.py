@@ -32,8 +32,16 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from llm_operator.api import LLMDeployment
-from llm_operator.constants import FIELD_MANAGER, LABEL_DEPLOYMENT
+from llm_operator.constants import ANNOTATION_ROLLOUT_COMMAND, FIELD_MANAGER, LABEL_DEPLOYMENT
 from llm_operator.controller import metrics
+from llm_operator.controller.canary import (
+    Analyst,
+    CanaryStep,
+    canary_status,
+    clear_canary,
+    command_of,
+    plan_canary,
+)
 from llm_operator.controller.routes import RoutesWriter
 from llm_operator.engine_health import REASONS as ENGINE_REASONS
 from llm_operator.engine_health import EngineProblem, engine_problems, pod_selector
@@ -76,6 +84,8 @@ class Controller:
     client: KubeClient
     config: RenderConfig
     clock: Callable[[], str] = rfc3339_now
+    epoch: Callable[[], float] = time.time
+    """Now as a Unix time, for the canary's steps and analyses (tests move it)."""
     bodies: dict[OwnerKey, dict[str, Any]] = field(default_factory=dict)
     children: dict[OwnerKey, dict[tuple[str, str], dict[str, Any]]] = field(
         default_factory=lambda: defaultdict(dict)
@@ -94,8 +104,10 @@ class Controller:
     prometheus_url: str | None = None
     """Prometheus that canary analysis queries (the gateway's per-track metrics). None:
     every analysis is Inconclusive, so no canary is ever promoted on missing data."""
+    analyst: Analyst = field(init=False)
 
     def __post_init__(self) -> None:
+        self.analyst = Analyst(self.prometheus_url)
         if self.routes is not None:
             self.routes.bodies = self.bodies
 
@@ -147,8 +159,10 @@ class Controller:
             # managedFields is most of an object's size and nothing here reads it.
             metadata = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
             body = {**body, "metadata": metadata}
+            if previous is not None and _resource_version(body) < _resource_version(previous):
+                return owner_key  # an older copy than the one the status patch returned
             self.bodies[owner_key] = body
-            if previous is not None and previous.get("spec") == body.get("spec"):
+            if previous is not None and routing_inputs(previous) == routing_inputs(body):
                 return owner_key  # a status change: the routes stay as they are
         if self.routes is not None:
             self.routes.schedule()
@@ -191,8 +205,12 @@ class Controller:
                 self.retry_later(owner_key, outcome.problem.message, delay=SLOW_RETRY_SECONDS)
             else:
                 self.failures.pop(owner_key, None)
-            if outcome.recheck:
-                self.recheck_later(owner_key)
+            if outcome.status is not None:
+                # The next reconcile must see the state just written (a canary's step and
+                # analysis count), not wait for the watch to bring it.
+                self.remember_owner(outcome.status)
+            if outcome.recheck or outcome.wake_after is not None:
+                self.recheck_later(owner_key, outcome.wake_after if not outcome.recheck else None)
             else:
                 handle = self.rechecks.pop(owner_key, None)
                 if handle:
@@ -211,13 +229,15 @@ class Controller:
             previous.cancel()
         self.retries[owner_key] = loop.call_later(delay, self._spawn_reconcile, owner_key)
 
-    def recheck_later(self, owner_key: OwnerKey) -> None:
-        """Look again later: pods change state without an event the operator watches. Every
-        reconcile moves the timer, since each one already looked."""
+    def recheck_later(self, owner_key: OwnerKey, delay: float | None = None) -> None:
+        """Look again later: pods change state without an event the operator watches, and a
+        canary's steps and analyses come due with time alone. Every reconcile moves the
+        timer, since each one already looked."""
         previous = self.rechecks.pop(owner_key, None)
         if previous:
             previous.cancel()
-        delay = self.recheck_seconds * random.uniform(1.0, 1.2)  # spread, not secret
+        if delay is None:
+            delay = self.recheck_seconds * random.uniform(1.0, 1.2)  # spread, not secret
         loop = asyncio.get_running_loop()
         self.rechecks[owner_key] = loop.call_later(delay, self._spawn_recheck, owner_key)
 
@@ -257,6 +277,18 @@ class Controller:
                     # Being deleted (foreground): garbage collection removes the children;
                     # re-creating them would fight it.
                     return outcome
+                if llmd.spec.rollout.canary is not None:
+                    outcome.canary = plan_canary(
+                        llmd=llmd,
+                        body=body,
+                        config=self.config,
+                        sizing=sizing,
+                        desired=desired,
+                        live=live,
+                        analyst=self.analyst,
+                        now=self.epoch(),
+                    )
+                    desired = outcome.canary.desired
                 self.converge(
                     (namespace, name),
                     body["metadata"]["uid"],
@@ -287,9 +319,16 @@ class Controller:
             now=now,
             engine=engine,
         )
+        if outcome.canary is not None and outcome.problem is None:
+            status = canary_status(status, outcome.canary, generation, now)
+        elif outcome.problem is None:
+            status = clear_canary(status)
         if status_changed(previous, status):
-            self.client.patch_status(namespace, name, merge_patch(previous, status))
+            outcome.status = self.client.patch_status(
+                namespace, name, merge_patch(previous, status)
+            )
             metrics.WRITES.labels(verb="patch", kind="LLMDeployment/status").inc()
+            self.announce_canary(body, outcome)
             problem = outcome.problem
             was_degraded = _condition(previous, "Degraded")
             if problem and (not was_degraded or was_degraded.get("message") != problem.message):
@@ -307,7 +346,19 @@ class Controller:
                 reason, message = str(degraded["reason"]), str(degraded.get("message") or "")
                 self.client.post_event(body, "Warning", reason, message)
                 log.warning("%s/%s: %s: %s", namespace, name, reason, message)
+        if command_of(body) is not None and outcome.problem is None:
+            # Acted on (or not applicable): the request is spent.
+            self.client.clear_annotation(namespace, name, ANNOTATION_ROLLOUT_COMMAND)
         return outcome
+
+    def announce_canary(self, body: dict[str, Any], outcome: Outcome) -> None:
+        """The canary's Events, once per transition: they come only with a status change."""
+        if outcome.canary is None:
+            return
+        for event in outcome.canary.decision.events:
+            self.client.post_event(body, event.type, event.reason, event.message)
+            log_at = logging.WARNING if event.type == "Warning" else logging.INFO
+            log.log(log_at, "%s/%s: %s: %s", *key_of(body), event.reason, event.message)
 
     def engine_health(
         self, namespace: str, name: str, deployments: list[dict[str, Any]], now: str
@@ -387,6 +438,23 @@ class Outcome:
     deleted: list[dict[str, Any]] = field(default_factory=list)
     recheck: bool = False
     """Replicas are missing: look at the pods again in a while."""
+    canary: CanaryStep | None = None
+    status: dict[str, Any] | None = None
+    """The LLMDeployment as the status patch returned it."""
+
+    @property
+    def wake_after(self) -> float | None:
+        return None if self.canary is None else self.canary.decision.wake_after
+
+
+def key_of(body: dict[str, Any]) -> OwnerKey:
+    return body["metadata"]["namespace"], body["metadata"]["name"]
+
+
+def routing_inputs(body: dict[str, Any]) -> tuple[Any, Any]:
+    """What the routing table reads of an LLMDeployment: its spec and its canary's weight."""
+    canary = (body.get("status") or {}).get("canary") or {}
+    return body.get("spec"), canary.get("weight")
 
 
 def owns_replicas(managed_fields: list[dict[str, Any]]) -> bool:

@@ -134,12 +134,23 @@ class KubeClient:
             item.setdefault("apiVersion", POD.api_version)
         return items
 
-    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        """Replace status with a merge patch (null removes keys the new status lacks)."""
-        self._call(
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        """Replace status with a merge patch (null removes keys the new status lacks); the
+        LLMDeployment as it now is."""
+        result: dict[str, Any] = self._call(
             "PATCH",
             LLMDEPLOYMENT.object_path(namespace, name) + "/status",
             {"status": status},
+            content_type="application/merge-patch+json",
+        )
+        return result
+
+    def clear_annotation(self, namespace: str, name: str, annotation: str) -> None:
+        """Remove one annotation of an LLMDeployment (a spent rollout command)."""
+        self._call(
+            "PATCH",
+            LLMDEPLOYMENT.object_path(namespace, name),
+            {"metadata": {"annotations": {annotation: None}}},
             content_type="application/merge-patch+json",
         )
 

@@ -10,7 +10,7 @@ gateway mounts.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -73,25 +73,44 @@ def _seconds(duration: str) -> float:
     return min(max(parse_duration_seconds(duration), 0.001), MAX_TIMEOUT_SECONDS)
 
 
+def canary_weight(llmd: LLMDeployment) -> int:
+    """The canary's share as the operator last decided it (status.canary.weight): the status
+    is where the rollout's state lives, so the table follows each step as it is written."""
+    canary = llmd.status.canary if llmd.status is not None else None
+    if canary is None or not canary.weight or llmd.spec.rollout.strategy != "Canary":
+        return 0
+    return max(0, min(100, canary.weight))
+
+
+def _shares(weight: int) -> tuple[tuple[Literal["stable", "canary"], int], ...]:
+    return (("stable", 100 - weight), ("canary", weight))
+
+
+def _tracks(llmd: LLMDeployment) -> list[Track]:
+    namespace = llmd.metadata.namespace or "default"
+    weight = canary_weight(llmd)
+    tracks = [
+        Track(
+            name=track,
+            weight=share,
+            pods=PodSelectorRef(
+                namespace=namespace, match_labels=selector_labels(llmd, track), port=PORT_NAME
+            ),
+        )
+        for track, share in _shares(weight)
+        if share > 0 or track == "stable"
+    ]
+    return tracks
+
+
 def model_route(
     llmd: LLMDeployment, served: dict[tuple[str, str], str]
 ) -> tuple[ModelRoute, list[str]]:
-    namespace = llmd.metadata.namespace or "default"
     routing = llmd.spec.routing
     fallbacks, problems = _fallbacks(llmd, served)
     route = ModelRoute(
         name=llmd.spec.model.effective_served_name,
-        tracks=[
-            Track(
-                name="stable",
-                weight=100,
-                pods=PodSelectorRef(
-                    namespace=namespace,
-                    match_labels=selector_labels(llmd, "stable"),
-                    port=PORT_NAME,
-                ),
-            )
-        ],
+        tracks=_tracks(llmd),
         fallbacks=fallbacks,
         fallback_on=list(routing.fallback_on),
         timeouts=Timeouts(

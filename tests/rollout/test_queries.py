@@ -1,0 +1,49 @@
+"""The PromQL canary analysis asks, checked as text and by promtool where it is installed."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from llm_operator.rollout import analysis_queries
+
+
+def test_queries_select_one_model_and_track_over_the_interval() -> None:
+    q = analysis_queries("org/llama:8b", "canary", 30)
+    selector = 'model="org/llama:8b",track="canary"'
+    assert q.requests == (
+        f"sum(increase(llm_gateway_requests_total{{{selector},"
+        f'outcome=~"success|server_error|timeout|stream_error"}}[30s]))'
+    )
+    assert q.errors == (
+        f"sum(increase(llm_gateway_requests_total{{{selector},"
+        f'outcome=~"server_error|timeout|stream_error"}}[30s]))'
+    )
+    assert q.ttft_p95 == (
+        "histogram_quantile(0.95, sum by (le) "
+        f"(rate(llm_gateway_time_to_first_token_seconds_bucket{{{selector}}}[30s])))"
+    )
+    assert "llm_gateway_time_per_output_token_seconds_bucket" in q.tpot_p95
+
+
+def test_a_name_cannot_break_out_of_its_label() -> None:
+    q = analysis_queries('a"b\\c', "stable", 0.2)
+    assert 'model="a\\"b\\\\c"' in q.requests
+    assert "[1s]" in q.requests  # at least a second
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian prometheus)")
+def test_promtool_parses_every_query(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    q = analysis_queries("llama-8b", "canary", 30)
+    rules = tmp_path / "rules.yaml"
+    lines = ["groups:", "  - name: canary", "    rules:"]
+    for name in ("requests", "errors", "ttft_p95", "tpot_p95"):
+        expr = getattr(q, name).replace("'", "''")
+        lines += [f"      - record: canary:{name}", f"        expr: '{expr}'"]
+    rules.write_text("\n".join(lines) + "\n")
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
