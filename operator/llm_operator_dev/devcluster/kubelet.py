@@ -47,6 +47,7 @@ import aiohttp
 from aiohttp import web
 
 from llm_operator_dev.devcluster import podspec
+from llm_operator_dev.devcluster.layout import PORTS
 from llm_operator_dev.devcluster.podspec import ConfigError, Image, ImageError, Probe
 
 log = logging.getLogger("llm_operator_dev.devcluster.kubelet")
@@ -1369,7 +1370,13 @@ async def serve(args: argparse.Namespace) -> None:
         shim=shim,
         images_dir=images_dir,
         known=absolute_entrypoints(known, images_dir),
-        dnat=f"{args.service_ip}:{podspec.KUBERNETES_SERVICE_PORT}={args.apiserver}",
+        dnat=",".join(
+            (
+                f"{args.service_ip}:{podspec.KUBERNETES_SERVICE_PORT}={args.apiserver}",
+                f"{podspec.PROMETHEUS_SERVICE_IP}:{podspec.PROMETHEUS_SERVICE_PORT}"
+                f"=127.0.0.1:{PORTS['prometheus']}",
+            )
+        ),
         image_paths=tuple(
             sorted({Path(sys.prefix), Path(sys.base_prefix), Path(args.shim_source).parents[2]})
         ),

@@ -24,6 +24,11 @@ from llm_operator import kubeformat
 # A kubelet injects the `kubernetes` Service's address into every container; here the
 # pods' podnet shim DNATs that ClusterIP to the API server's loopback port.
 KUBERNETES_SERVICE_PORT = 443
+# The local Prometheus as pods reach it (the operator's canary analysis asks it): a ClusterIP
+# the shim maps to Prometheus' loopback port, as kube-proxy maps a Service's.
+PROMETHEUS_SERVICE_IP = "10.96.0.90"
+PROMETHEUS_SERVICE_PORT = 9090
+PROMETHEUS_POD_URL = f"http://{PROMETHEUS_SERVICE_IP}:{PROMETHEUS_SERVICE_PORT}"
 
 
 class ConfigError(Exception):
