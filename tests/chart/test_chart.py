@@ -597,3 +597,106 @@ def test_cluster_scoped_names_of_releases_in_similar_namespaces_do_not_collide()
         return {o["metadata"]["name"] for o in objs if o["kind"].startswith("Cluster")}
 
     assert names(first) and not names(first) & names(second)
+
+
+# -- operator settings: each chart value reaches `llm-operator run` ---------------------------
+
+
+def operator_command(objs: list[dict[str, Any]]) -> tuple[list[str], dict[str, str]]:
+    """The operator container's arguments after `run`, and its plain environment variables."""
+    [container] = deployments(objs)["operator"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert container["args"][0] == "run"
+    return container["args"][1:], env
+
+
+def _settings() -> list[Any]:
+    from llm_operator.controller.main import SETTINGS
+
+    return list(SETTINGS)
+
+
+@pytest.mark.parametrize(
+    "setting", [s for s in _settings() if s.field != "gateway_namespace"], ids=lambda s: s.field
+)
+def test_each_operator_setting_value_reaches_the_operator(setting: Any) -> None:
+    from llm_operator.controller.main import parse_args
+    from tests.controller.test_settings import EXAMPLES
+
+    text, value = EXAMPLES[setting.field]
+    objs = render(None, f"{setting.value}={text}")
+    args, env = operator_command(objs)
+    if setting.field == "keda_enabled":  # a flag: it also switches RBAC and the watch
+        assert "--keda" in args
+    else:
+        assert env[setting.env] == text
+    parsed = parse_args(args, env)
+    model = parsed.config if setting.target == "render" else parsed.controller
+    assert getattr(model, setting.field) == (text if value is None else value)
+
+
+def test_the_chart_defaults_are_the_documented_operator_settings() -> None:
+    from llm_operator.controller.main import ControllerSettings, parse_args
+    from llm_operator.render import RenderConfig
+
+    args, env = operator_command(render())
+    parsed = parse_args(args, env)
+    assert parsed.config == RenderConfig(
+        keda_enabled=False,
+        gateway_namespace=NAMESPACE,
+        gateway_queue_metric="llm_gateway_requests_held",
+    )
+    assert parsed.controller == ControllerSettings()
+    # Null and empty values are left out: the operator's own default applies.
+    assert "LLMOP_RUN_AS_USER" not in env and "LLMOP_PROMETHEUS_URL" not in env
+    assert "LLMOP_DEFAULT_ENGINE_IMAGE" not in env
+
+
+def test_the_gateway_queue_metric_and_namespace_only_with_the_gateway() -> None:
+    from llm_operator.controller.main import parse_args
+
+    args, env = operator_command(render(None, "gateway.enabled=false"))
+    parsed = parse_args(args, env)
+    assert parsed.config.gateway_queue_metric is None and parsed.config.gateway_namespace is None
+    args, env = operator_command(render(None, "operator.gatewayQueueMetric="))
+    assert parse_args(args, env).config.gateway_queue_metric is None
+
+
+def test_every_operator_variable_the_chart_sets_is_a_setting() -> None:
+    from tests.controller.test_settings import EXAMPLES
+
+    operator_values = [s for s in _settings() if s.value.startswith("operator.")]
+    sets = [f"{s.value}={EXAMPLES[s.field][0]}" for s in operator_values]
+    _, env = operator_command(render(None, *sets, "keda.enabled=true"))
+    known = {s.env for s in _settings()} | {"LLMOP_ROUTES_CONFIGMAP"}
+    assert {n for n in env if n.startswith("LLMOP_")} <= known
+    assert {s.env for s in operator_values} <= set(env)
+    for s in operator_values:
+        key = s.value.removeprefix("operator.")
+        assert key in SCHEMA["properties"]["operator"]["properties"] and key in VALUES["operator"]
+
+
+def test_large_integer_settings_are_not_written_in_exponent_form(tmp_path: Path) -> None:
+    values = tmp_path / "uid.yaml"
+    values.write_text("operator:\n  runAsUser: 1000680000\n  startupTimeoutSeconds: 86400\n")
+    _, env = operator_command(render(values))
+    assert env["LLMOP_RUN_AS_USER"] == "1000680000"
+    assert env["LLMOP_STARTUP_TIMEOUT_SECONDS"] == "86400"
+
+
+@pytest.mark.parametrize(
+    ("setting", "complaint"),
+    [
+        ("operator.runAsUser=0", "operator.runAsUser"),
+        ("operator.runAsUser=root", "operator.runAsUser"),
+        ("operator.startupTimeoutSeconds=30", "operator.startupTimeoutSeconds"),
+        ("operator.hpaEnabled=maybe", "operator.hpaEnabled"),
+        ("operator.kedaPrometheusAddress=prometheus:9090", "operator.kedaPrometheusAddress"),
+        ("operator.prometheusUrl=prometheus:9090", "operator.prometheusUrl"),
+        ("operator.modelCacheMountPath=models", "operator.modelCacheMountPath"),
+    ],
+)
+def test_values_schema_rejects_bad_operator_settings(setting: str, complaint: str) -> None:
+    with pytest.raises(chartgen.ChartgenError) as failure:
+        render(None, setting)
+    assert complaint in str(failure.value)

@@ -1,7 +1,9 @@
 """`llm-operator run`: the operator process.
 
 Settings come from flags, each with an environment variable for Deployments:
-namespaces to watch (or all), log level and format, liveness and metrics ports, peering.
+namespaces to watch (or all), log level and format, liveness and metrics ports, peering, and
+the installation settings of `SETTINGS` (every `RenderConfig` field, and the Prometheus of
+canary analysis). A flag wins over its environment variable; an empty value means the default.
 """
 
 from __future__ import annotations
@@ -13,9 +15,14 @@ import logging
 import os
 import random
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import kopf
 from prometheus_client import start_http_server
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
 
 from llm_operator.controller.reconciler import Controller
 from llm_operator.controller.routes import RoutesWriter
@@ -25,8 +32,155 @@ from llm_operator.kube.resources import CHILD_KINDS
 from llm_operator.render import RenderConfig
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    env = os.environ.get
+class ControllerSettings(BaseModel):
+    """Settings of the controller itself (not of what it renders), validated like RenderConfig."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    prometheus_url: Annotated[str, Field(pattern=r"^https?://[^\s/]+\S*$")] | None = None
+    """Prometheus that canary analysis queries (http:// or https://). Empty: no analysis."""
+
+
+Target = Literal["render", "controller"]
+_MODELS: dict[Target, type[BaseModel]] = {"render": RenderConfig, "controller": ControllerSettings}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One installation setting: a field of RenderConfig or ControllerSettings, its flag of
+    `llm-operator run`, its environment variable and its Helm chart value."""
+
+    field: str
+    """The model field, and the attribute of the parsed arguments."""
+    target: Target
+    flag: str
+    env: str
+    value: str
+    """Chart value that sets it (a dotted path of values.yaml)."""
+    default: Any
+    """The operator's default when neither the flag nor the variable is given."""
+    help: str
+
+    @property
+    def is_bool(self) -> bool:
+        return isinstance(self.default, bool)
+
+
+#: RenderConfig fields whose flag, variable, chart value, default or help differ from the rule
+#: (flag --field-name, variable LLMOP_FIELD_NAME, chart value operator.fieldName).
+_OVERRIDES: dict[str, dict[str, Any]] = {
+    # KEDA's CRDs must exist before ScaledObjects can be watched: off unless asked for.
+    "keda_enabled": {
+        "flag": "--keda",
+        "env": "LLMOP_KEDA",
+        "value": "keda.enabled",
+        "default": False,
+        "help": "KEDA's CRDs are installed: allow autoscaling.provider keda and watch "
+        "ScaledObjects.",
+    },
+    # Help differs from the field docstring, which is out of date: the renderer refuses
+    # provider hpa when off (RenderError), and render/engine.py is now render/vllm_deployment.py.
+    "hpa_enabled": {
+        "help": "Render a HorizontalPodAutoscaler for autoscaling.provider hpa (needs "
+        "prometheus-adapter). Off: LLMDeployments asking for provider hpa are refused (Degraded).",
+    },
+    "run_as_user": {
+        "help": "Run the engine as this non-root UID (also GID and fsGroup) with a writable "
+        "HOME. None: the image's user, which is root for vllm/vllm-openai.",
+    },
+    # The chart sets it to the release namespace when it deploys the gateway.
+    "gateway_namespace": {
+        "value": "gateway.enabled",
+        "help": "Write the gateway's routing table into a ConfigMap in this namespace (off "
+        "when empty; the chart sets the release namespace when gateway.enabled).",
+    },
+}
+
+
+def _settings() -> tuple[Setting, ...]:
+    out = []
+    for target, model in _MODELS.items():
+        for name, info in model.model_fields.items():
+            over = _OVERRIDES.get(name, {})
+            default = over.get("default", info.default)
+            out.append(
+                Setting(
+                    field=name,
+                    target=target,
+                    flag=over.get("flag", "--" + name.replace("_", "-")),
+                    env=over.get("env", "LLMOP_" + name.upper()),
+                    value=over.get("value", "operator." + to_camel(name)),
+                    default=default,
+                    help=over.get("help", " ".join((info.description or "").split())),
+                )
+            )
+    return tuple(out)
+
+
+SETTINGS: tuple[Setting, ...] = _settings()
+"""Every installation setting, in the order of the models' fields: drives the flags, the
+environment variables, the validation messages, and the tests of docs and chart."""
+
+
+def show(value: Any) -> str:
+    """A default as it is written on the command line and in the environment."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "" if value is None else str(value)
+
+
+def _add_settings(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    group = parser.add_argument_group(
+        "installation settings", "each also set by its environment variable; empty: the default"
+    )
+    for s in SETTINGS:
+        shown = "" if s.default is None else f", default {show(s.default)}"
+        extra: dict[str, Any] = {}
+        if s.is_bool:  # `--keda` alone means true; `--keda=false` too is accepted
+            extra = {"nargs": "?", "const": "true", "metavar": "true|false"}
+        group.add_argument(
+            s.flag,
+            dest=s.field,
+            default=env.get(s.env),
+            help=f"{s.help} (env {s.env}{shown})",
+            **extra,
+        )
+
+
+def _validate(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[RenderConfig, ControllerSettings]:
+    """The models from the raw texts; a bad value ends the program naming flag and variable."""
+    by_field = {s.field: s for s in SETTINGS}
+    built: dict[Target, BaseModel] = {}
+    for target, model in _MODELS.items():
+        raw: dict[str, Any] = {}
+        for s in SETTINGS:
+            if s.target != target:
+                continue
+            text = getattr(args, s.field)
+            if text is None or text == "":
+                if s.default != model.model_fields[s.field].default:
+                    raw[s.field] = s.default
+                continue
+            raw[s.field] = text
+        try:
+            built[target] = model.model_validate(raw)
+        except ValidationError as err:
+            problems = []
+            for e in err.errors():
+                s = by_field[str(e["loc"][0])]
+                problems.append(f"{s.flag} (env {s.env}): {e['msg']}, got {raw.get(s.field)!r}")
+            parser.error("; ".join(problems))
+    render, controller = built["render"], built["controller"]
+    assert isinstance(render, RenderConfig) and isinstance(controller, ControllerSettings)
+    return render, controller
+
+
+def parse_args(argv: list[str], environ: Mapping[str, str] | None = None) -> argparse.Namespace:
+    """The arguments; ``args.config`` is the RenderConfig and ``args.controller`` the
+    ControllerSettings, and each setting's attribute holds its validated value."""
+    env = (os.environ if environ is None else environ).get
     parser = argparse.ArgumentParser(prog="llm-operator run", description=__doc__)
     parser.add_argument(
         "--namespace",
@@ -64,24 +218,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "without it the operator runs standalone",
     )
     parser.add_argument(
-        "--keda",
-        action="store_true",
-        default=env("LLMOP_KEDA", "") == "true",
-        help="also watch KEDA ScaledObjects (KEDA's CRDs must be installed)",
-    )
-    parser.add_argument("--cluster-domain", default=env("LLMOP_CLUSTER_DOMAIN", "cluster.local"))
-    parser.add_argument(
-        "--gateway-namespace",
-        default=env("LLMOP_GATEWAY_NAMESPACE", ""),
-        help="write the gateway's routing table into a ConfigMap in this namespace "
-        "(off when empty; the Helm chart sets it)",
-    )
-    parser.add_argument(
         "--routes-configmap",
         default=env("LLMOP_ROUTES_CONFIGMAP", "llm-operator-routes"),
         help="name of the routing-table ConfigMap",
     )
-    return parser.parse_args(argv)
+    _add_settings(parser, os.environ if environ is None else environ)
+    args = parser.parse_args(argv)
+    args.config, args.controller = _validate(parser, args)
+    for s in SETTINGS:
+        setattr(
+            args,
+            s.field,
+            getattr(args.config if s.target == "render" else args.controller, s.field),
+        )
+    return args
 
 
 def main(argv: list[str]) -> int:
@@ -96,15 +246,17 @@ def main(argv: list[str]) -> int:
     if args.metrics_port:
         start_http_server(args.metrics_port)
     client = KubeClient()
-    config = RenderConfig(cluster_domain=args.cluster_domain, keda_enabled=args.keda)
+    config: RenderConfig = args.config
     routes = (
         RoutesWriter(client, args.gateway_namespace, args.routes_configmap)
         if args.gateway_namespace
         else None
     )
-    controller = Controller(client=client, config=config, routes=routes)
+    controller = Controller(
+        client=client, config=config, routes=routes, prometheus_url=args.prometheus_url
+    )
     registry = kopf.OperatorRegistry()
-    child_kinds = [k.kind for k in CHILD_KINDS if k.kind != "ScaledObject" or args.keda]
+    child_kinds = [k.kind for k in CHILD_KINDS if k.kind != "ScaledObject" or config.keda_enabled]
     namespaces = [] if args.all_namespaces else list(dict.fromkeys(args.namespace))
     register(registry, controller, namespaces, child_kinds)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None

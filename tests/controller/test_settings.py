@@ -1,0 +1,266 @@
+"""`llm-operator run` settings: every RenderConfig field (and the canary analysis Prometheus)
+has a flag and an environment variable, reaches the RenderConfig the operator renders with,
+is validated with a message naming the flag and the variable, and is in docs/install.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from llm_operator.api.v1alpha1 import LLMDeployment
+from llm_operator.controller import main as run
+from llm_operator.controller.main import SETTINGS, ControllerSettings, Setting, parse_args, show
+from llm_operator.render import RenderConfig, render_all
+
+REPO = Path(__file__).resolve().parents[2]
+VALUES = yaml.safe_load((REPO / "charts" / "llm-operator" / "values.yaml").read_text())
+
+#: A value other than the default for each setting: the text given, the value expected.
+EXAMPLES: dict[str, tuple[str, Any]] = {
+    "cluster_domain": ("corp.example", "corp.example"),
+    "gateway_namespace": ("llm-gateway", "llm-gateway"),
+    "default_engine_image": ("mirror.example/vllm@sha256:" + "a" * 64, None),
+    "model_cache_mount_path": ("/cache", "/cache"),
+    "model_source_mount_path": ("/weights", "/weights"),
+    "hpa_enabled": ("false", False),
+    "keda_enabled": ("true", True),
+    "hpa_metric_name": ("queue_depth", "queue_depth"),
+    "keda_prometheus_address": ("http://prom.mon:9090", "http://prom.mon:9090"),
+    "metric_namespace_label": ("kubernetes_namespace", "kubernetes_namespace"),
+    "metric_pod_label": ("kubernetes_pod_name", "kubernetes_pod_name"),
+    "gateway_queue_metric": ("llm_proxy_requests_held", "llm_proxy_requests_held"),
+    "startup_timeout_seconds": ("600", 600),
+    "run_as_user": ("1000", 1000),
+    "prometheus_url": ("http://127.0.0.1:9090", "http://127.0.0.1:9090"),
+}
+
+
+def expected(setting: Setting) -> Any:
+    text, value = EXAMPLES[setting.field]
+    return text if value is None else value
+
+
+def value_of(args: Any, setting: Setting) -> Any:
+    model = args.config if setting.target == "render" else args.controller
+    return getattr(model, setting.field)
+
+
+def test_every_field_of_both_models_is_a_setting_with_a_unique_flag_and_variable() -> None:
+    fields = {(s.target, s.field) for s in SETTINGS}
+    assert fields == {("render", f) for f in RenderConfig.model_fields} | {
+        ("controller", f) for f in ControllerSettings.model_fields
+    }
+    assert set(EXAMPLES) == {s.field for s in SETTINGS}
+    for attribute in ("flag", "env", "value"):
+        names = [getattr(s, attribute) for s in SETTINGS]
+        assert len(names) == len(set(names)), f"{attribute} twice: {names}"
+    assert all(s.env.startswith("LLMOP_") and s.flag.startswith("--") for s in SETTINGS)
+    assert all(s.help for s in SETTINGS)
+
+
+def test_the_defaults_are_the_models_defaults_but_keda_is_off() -> None:
+    args = parse_args([], {})
+    assert args.config == RenderConfig(keda_enabled=False)
+    assert args.controller == ControllerSettings()
+    assert args.keda_enabled is False and args.gateway_namespace is None
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.field)
+def test_each_setting_by_environment(setting: Setting) -> None:
+    text, _ = EXAMPLES[setting.field]
+    args = parse_args([], {setting.env: text})
+    assert value_of(args, setting) == expected(setting)
+    assert getattr(args, setting.field) == expected(setting)
+    # Nothing else moved.
+    for other in SETTINGS:
+        if other is not setting:
+            assert value_of(args, other) == value_of(parse_args([], {}), other), other.field
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.field)
+def test_each_setting_by_flag_and_the_flag_wins_over_the_environment(setting: Setting) -> None:
+    text, _ = EXAMPLES[setting.field]
+    assert value_of(parse_args([setting.flag, text], {}), setting) == expected(setting)
+    assert value_of(parse_args([f"{setting.flag}={text}"], {}), setting) == expected(setting)
+    default = show(setting.default)
+    if default:  # the flag given as its default overrides a different environment value
+        args = parse_args([f"{setting.flag}={default}"], {setting.env: text})
+        assert value_of(args, setting) == setting.default
+
+
+@pytest.mark.parametrize("setting", [s for s in SETTINGS if s.is_bool], ids=lambda s: s.field)
+def test_a_boolean_flag_alone_means_true(setting: Setting) -> None:
+    assert value_of(parse_args([setting.flag], {setting.env: "false"}), setting) is True
+    assert value_of(parse_args([f"{setting.flag}=false"], {}), setting) is False
+
+
+def test_an_empty_variable_means_the_default() -> None:
+    env = {s.env: "" for s in SETTINGS}
+    args = parse_args([], env)
+    assert args.config == parse_args([], {}).config
+
+
+@pytest.mark.parametrize(
+    ("env", "text", "complaint"),
+    [
+        ("LLMOP_RUN_AS_USER", "0", "greater than or equal to 1"),
+        ("LLMOP_RUN_AS_USER", "root", "valid integer"),
+        ("LLMOP_STARTUP_TIMEOUT_SECONDS", "30", "greater than or equal to 60"),
+        ("LLMOP_STARTUP_TIMEOUT_SECONDS", "100000", "less than or equal to 86400"),
+        ("LLMOP_HPA_ENABLED", "maybe", "valid boolean"),
+        ("LLMOP_KEDA", "sometimes", "valid boolean"),
+        ("LLMOP_PROMETHEUS_URL", "prometheus:9090", "pattern"),
+    ],
+)
+def test_a_bad_value_stops_the_operator_naming_flag_and_variable(
+    env: str, text: str, complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    [setting] = [s for s in SETTINGS if s.env == env]
+    with pytest.raises(SystemExit) as stopped:
+        parse_args([], {env: text})
+    assert stopped.value.code == 2
+    message = capsys.readouterr().err
+    assert setting.flag in message and env in message and complaint in message, message
+    assert repr(text) in message
+    # The same through the flag.
+    with pytest.raises(SystemExit):
+        parse_args([f"{setting.flag}={text}"], {})
+    assert setting.flag in capsys.readouterr().err
+
+
+def test_every_bad_value_is_reported_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--run-as-user=0"], {"LLMOP_STARTUP_TIMEOUT_SECONDS": "1"})
+    message = capsys.readouterr().err
+    assert "--run-as-user" in message and "--startup-timeout-seconds" in message
+
+
+# -- main() hands them on --------------------------------------------------------------------
+
+
+class Started:
+    """What `main` built, with kopf, the API client and the metrics server left out."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.child_kinds: list[str] = []
+        self.controller: Any = None
+
+        def register(registry: Any, controller: Any, namespaces: Any, kinds: list[str]) -> None:
+            self.controller, self.child_kinds = controller, kinds
+
+        def no_loop(coroutine: Any) -> None:
+            coroutine.close()
+
+        monkeypatch.setattr(run, "KubeClient", lambda: object())
+        monkeypatch.setattr(run, "register", register)
+        monkeypatch.setattr(run.asyncio, "run", no_loop)
+
+
+@pytest.mark.parametrize("keda", [False, True])
+def test_main_watches_scaled_objects_only_with_keda(
+    monkeypatch: pytest.MonkeyPatch, keda: bool
+) -> None:
+    started = Started(monkeypatch)
+    monkeypatch.setenv("LLMOP_KEDA", str(keda).lower())
+    assert run.main(["--metrics-port=0", "--liveness-port=0"]) == 0
+    assert ("ScaledObject" in started.child_kinds) is keda
+    assert "Deployment" in started.child_kinds
+    assert started.controller.config.keda_enabled is keda
+
+
+def test_main_renders_with_the_settings_and_passes_the_prometheus_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started = Started(monkeypatch)
+    for setting in SETTINGS:
+        if setting.field != "gateway_namespace":  # would write the routing table
+            monkeypatch.setenv(setting.env, EXAMPLES[setting.field][0])
+    assert run.main(["--metrics-port=0", "--liveness-port=0"]) == 0
+    for setting in SETTINGS:
+        if setting.field == "gateway_namespace":
+            continue
+        model = started.controller.config if setting.target == "render" else started.controller
+        assert getattr(model, setting.field) == expected(setting), setting.field
+    assert started.controller.prometheus_url == "http://127.0.0.1:9090"
+    assert started.controller.routes is None
+
+
+# -- what the settings do to the rendered objects -------------------------------------------
+
+SPEC: dict[str, Any] = {
+    "apiVersion": "llmoperator.io/v1alpha1",
+    "kind": "LLMDeployment",
+    "metadata": {"name": "qwen", "namespace": "team-a"},
+    "spec": {
+        "model": {"name": "Qwen/Qwen2.5-7B-Instruct"},
+        "resources": {"gpu": {"product": "NVIDIA-H100-80GB-HBM3", "memoryGiB": 80}},
+        "parallelism": {"tensor": 1},
+        "autoscaling": {"provider": "keda", "minReplicas": 0, "maxReplicas": 2},
+    },
+}
+
+
+def test_run_as_user_and_the_engine_settings_reach_the_pod() -> None:
+    env = {
+        "LLMOP_RUN_AS_USER": "1000",
+        "LLMOP_DEFAULT_ENGINE_IMAGE": "mirror.example/vllm:1",
+        "LLMOP_STARTUP_TIMEOUT_SECONDS": "600",
+        "LLMOP_KEDA": "true",
+        "LLMOP_KEDA_PROMETHEUS_ADDRESS": "http://prom.mon:9090",
+        "LLMOP_GATEWAY_QUEUE_METRIC": "llm_gateway_requests_held",
+    }
+    config = parse_args([], env).config
+    objs = {o["kind"]: o for o in render_all(LLMDeployment.model_validate(SPEC), config)}
+    pod = objs["Deployment"]["spec"]["template"]["spec"]
+    security = pod["securityContext"]
+    assert security["runAsUser"] == 1000 and security["runAsNonRoot"] is True
+    assert security["runAsGroup"] == 1000 and security["fsGroup"] == 1000
+    [container] = pod["containers"]
+    assert container["image"] == "mirror.example/vllm:1"
+    probe = container["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 600
+    trigger = objs["ScaledObject"]["spec"]["triggers"][0]["metadata"]
+    assert trigger["serverAddress"] == "http://prom.mon:9090"
+    assert 'llm_gateway_requests_held{model="' in trigger["query"]
+
+
+def test_by_default_the_engine_runs_as_the_images_user() -> None:
+    config = parse_args([], {"LLMOP_KEDA": "true"}).config
+    [deployment, *_] = render_all(LLMDeployment.model_validate(SPEC), config)
+    assert "runAsUser" not in deployment["spec"]["template"]["spec"]["securityContext"]
+
+
+# -- the documentation ---------------------------------------------------------------------------
+
+
+def chart_default(setting: Setting) -> str:
+    node: Any = VALUES
+    for key in setting.value.split("."):
+        node = node[key]
+    if setting.field == "gateway_namespace":
+        return "the release namespace"
+    return "null" if node is None else show(node) or '""'
+
+
+def settings_table() -> str:
+    """The table of docs/install.md, from SETTINGS and values.yaml."""
+    rows = [
+        "| value | flag | env | default | chart default | meaning |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in SETTINGS:
+        default = f"`{show(s.default)}`" if show(s.default) else "none"
+        rows.append(
+            f"| `{s.value}` | `{s.flag}` | `{s.env}` | {default} | `{chart_default(s)}` "
+            f"| {s.help} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def test_docs_install_has_the_settings_table() -> None:
+    docs = (REPO / "docs" / "install.md").read_text()
+    table = settings_table()
+    assert table in docs, f"docs/install.md should contain this table:\n{table}"
