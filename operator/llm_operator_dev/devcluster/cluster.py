@@ -10,7 +10,10 @@ Five plain processes on loopback, started in order, each waited for before the n
 4. kube-scheduler;
 5. kwok, keeping every node annotated ``kwok.x-k8s.io/node: fake`` alive (node stages only);
 6. the pod runner (``kubelet.py``), the kubelet of those nodes' pods: each container becomes a
-   process listening at its pod's loopback IP.
+   process listening at its pod's loopback IP;
+7. Prometheus and its pod discovery (``prometheus.py``);
+8. KEDA's operator and metrics API server (``keda.py``), prometheus-adapter (``adapter.py``):
+   the autoscalers' metrics APIs, registered with the aggregation layer.
 
 Then the fake nodes are created and ``up`` waits until they are Ready and the ``default``
 ServiceAccount exists, i.e. until a test can create a pod and see it run.
@@ -35,9 +38,9 @@ from typing import Any
 
 import yaml
 
+from llm_operator_dev.devcluster import adapter, gobuild, keda, pki, procs, prometheus
 from llm_operator_dev.devcluster import nodes as nodespec
-from llm_operator_dev.devcluster import pki, procs, prometheus
-from llm_operator_dev.devcluster.kubeapi import Api, ApiError, probe
+from llm_operator_dev.devcluster.kubeapi import Api, ApiError, condition_true, probe
 from llm_operator_dev.devcluster.layout import (
     CLUSTER_NAME,
     PORTS,
@@ -48,8 +51,8 @@ from llm_operator_dev.devcluster.layout import (
     python,
 )
 
-# Prometheus comes last: its discovery needs the API server and its RBAC; its targets are the
-# pods the runner starts.
+# Prometheus after the runner: its discovery needs the API server and its RBAC; its targets are
+# the pods the runner starts. The metrics adapters last: prometheus-adapter reads Prometheus.
 ORDER = (
     "etcd",
     "kube-apiserver",
@@ -59,6 +62,23 @@ ORDER = (
     "pod-runner",
     "prometheus-sd",
     "prometheus",
+    "keda-operator",
+    "keda-metrics-apiserver",
+    "prometheus-adapter",
+)
+
+#: The aggregated APIs that ``up`` waits for and ``status`` reports: APIService -> component.
+APISERVICES = {
+    keda.APISERVICE: "keda-metrics-apiserver",
+    adapter.APISERVICE: "prometheus-adapter",
+}
+#: Identities with a kubeconfig of their own in pki/ (see pki.CLIENTS).
+KUBECONFIG_USERS = (
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+    "keda",
+    "prometheus-adapter",
 )
 
 
@@ -78,6 +98,7 @@ class Component:
     name: str
     argv: list[str]
     health_url: str
+    env: tuple[tuple[str, str], ...] = ()  # added to the environment `up` runs in
 
 
 def components(layout: Layout) -> dict[str, Component]:
@@ -221,6 +242,17 @@ def components(layout: Layout) -> dict[str, Component]:
         ),
         Component("prometheus-sd", *prometheus.discovery_component(layout)),
         Component("prometheus", *prometheus.component(layout)),
+        Component(
+            "keda-operator",
+            *keda.operator_component(layout),
+            env=tuple(keda.env(layout).items()),
+        ),
+        Component(
+            "keda-metrics-apiserver",
+            *keda.metrics_apiserver_component(layout),
+            env=tuple(keda.env(layout).items()),
+        ),
+        Component("prometheus-adapter", *adapter.component(layout)),
     ]
     return {c.name: c for c in defs}
 
@@ -244,7 +276,8 @@ def admin_api(layout: Layout, timeout: float = 10.0) -> Api:
 
 def healthy(component: Component, layout: Layout) -> bool:
     context = None
-    if component.name == "kube-apiserver":
+    if component.name in ("kube-apiserver", *APISERVICES.values()):
+        # The aggregated API servers authenticate the admin certificate as the API server does.
         context = admin_api(layout).context
     status, body = probe(component.health_url, context=context)
     if component.name == "etcd":
@@ -280,7 +313,7 @@ def ensure_built(layout: Layout, allow_build: bool) -> bool:
         check=False,
     )
     if check.returncode == 0:
-        return False
+        return _ensure_addons_built(layout, allow_build)
     if not allow_build:
         raise ClusterError(
             f"binaries for k8s {layout.versions.k8s} are not built in {layout.cache_dir}; "
@@ -294,6 +327,27 @@ def ensure_built(layout: Layout, allow_build: bool) -> bool:
     if result.returncode != 0:
         raise ClusterError(f"{script} failed with exit code {result.returncode}")
     say(f"build finished in {time.monotonic() - started:.0f}s")
+    _ensure_addons_built(layout, allow_build)
+    return True
+
+
+def _ensure_addons_built(layout: Layout, allow_build: bool) -> bool:
+    """KEDA and prometheus-adapter (``gobuild.py``). True if it built something."""
+    if gobuild.is_built(layout):
+        return False
+    if not allow_build:
+        raise ClusterError(
+            f"KEDA {layout.versions.keda} / prometheus-adapter "
+            f"{layout.versions.prometheus_adapter} ({layout.prometheus_adapter_commit}) are not "
+            f"built in {layout.cache_dir}; run `up` without --no-build"
+        )
+    say("building KEDA and prometheus-adapter (cold: about 15 minutes on 2 cores)")
+    started = time.monotonic()
+    try:
+        gobuild.ensure_built(layout)
+    except gobuild.BuildError as err:
+        raise ClusterError(str(err)) from None
+    say(f"KEDA and prometheus-adapter built in {time.monotonic() - started:.0f}s")
     return True
 
 
@@ -346,7 +400,7 @@ def up(layout: Layout, allow_build: bool = True, timeout: float = 180.0) -> bool
     if pki.ensure_pki(layout.pki_dir):
         changed.append("generated certificates")
     wrote = pki.write_kubeconfig(layout.kubeconfig, layout.pki_dir, layout.server_url, "admin")
-    for user in ("kube-controller-manager", "kube-scheduler", "kwok"):
+    for user in KUBECONFIG_USERS:
         path = layout.pki_dir / f"{user}.kubeconfig"
         wrote |= pki.write_kubeconfig(path, layout.pki_dir, layout.server_url, user)
     if wrote:
@@ -354,10 +408,13 @@ def up(layout: Layout, allow_build: bool = True, timeout: float = 180.0) -> bool
     if write_node_stages(layout):
         changed.append("wrote kwok's node stages")
     prometheus_config_changed = prometheus.prepare(layout)
+    if keda.prepare_files(layout) | adapter.prepare_files(layout):
+        changed.append("wrote KEDA's and prometheus-adapter's files")
 
     defs = components(layout)
     for name in ORDER:
         comp = defs[name]
+        changed += _before(name, layout, timeout)
         current = procs.running(layout.run_dir, name, marker)
         if current is not None:
             if procs.cmdline(current.pid) == comp.argv:
@@ -379,7 +436,9 @@ def up(layout: Layout, allow_build: bool = True, timeout: float = 180.0) -> bool
         if name == "prometheus-sd" and prometheus.ensure_rbac(admin_api(layout)):
             changed.append("granted Prometheus' discovery its RBAC")
         log = layout.logs_dir / f"{name}.log"
-        started = procs.start(name, comp.argv, layout.run_dir, log, cwd=layout.cluster_dir)
+        started = procs.start(
+            name, comp.argv, layout.run_dir, log, cwd=layout.cluster_dir, env=dict(comp.env)
+        )
         t0 = time.monotonic()
 
         def ready(c: Component = comp, pid: int = started.pid, log: Path = log) -> bool:
@@ -406,6 +465,8 @@ def up(layout: Layout, allow_build: bool = True, timeout: float = 180.0) -> bool
         lambda: api.get("/api/v1/namespaces/default/serviceaccounts/default")[0] == 200,
         timeout,
     )
+    for name in APISERVICES:
+        wait_for(f"APIService {name} Available", _available_check(api, name), timeout)
     write_state(layout)
     if changed:
         say("cluster up: " + "; ".join(changed))
@@ -413,6 +474,33 @@ def up(layout: Layout, allow_build: bool = True, timeout: float = 180.0) -> bool
         say("cluster already up; nothing changed")
     say(f"KUBECONFIG={layout.kubeconfig}")
     return bool(changed)
+
+
+def _before(name: str, layout: Layout, timeout: float) -> list[str]:
+    """The API objects a component needs, applied (idempotently) on every ``up`` just before
+    the component is checked or started: the API server is up by then."""
+    changed: list[str] = []
+    if name == "keda-operator":
+        api = admin_api(layout)
+        if keda.ensure_objects(api, layout):
+            changed.append("applied KEDA's CRDs, RBAC and APIService")
+        # The operator watches its CRDs from the start and exits if they are not served.
+        wait_for("KEDA's CRDs Established", lambda: keda.crds_established(api, layout), timeout)
+    elif name == "prometheus-adapter" and adapter.ensure_objects(admin_api(layout), layout):
+        changed.append("applied prometheus-adapter's RBAC and APIService")
+    return changed
+
+
+def _available_check(api: Api, name: str) -> Callable[[], bool]:
+    return lambda: _apiservice_available(api, name)
+
+
+def _apiservice_available(api: Api, name: str) -> bool:
+    try:
+        status, body = api.get(f"/apis/apiregistration.k8s.io/v1/apiservices/{name}")
+    except ApiError:
+        return False
+    return status == 200 and condition_true(body, "Available")
 
 
 def write_node_stages(layout: Layout) -> bool:
@@ -540,8 +628,10 @@ def status(layout: Layout) -> dict[str, Any]:
         }
     nodes: list[dict[str, Any]] = []
     version = None
+    apiservices = {name: False for name in APISERVICES}
     if comps["kube-apiserver"]["healthy"]:
         api = admin_api(layout, timeout=5.0)
+        apiservices = {name: _apiservice_available(api, name) for name in APISERVICES}
         code, body = api.get("/version")
         version = body.get("gitVersion") if code == 200 and isinstance(body, dict) else None
         code, body = api.get("/api/v1/nodes")
@@ -555,7 +645,10 @@ def status(layout: Layout) -> dict[str, Any]:
                 }
             )
     all_up = (
-        all(c["healthy"] for c in comps.values()) and bool(nodes) and all(n["ready"] for n in nodes)
+        all(c["healthy"] for c in comps.values())
+        and bool(nodes)
+        and all(n["ready"] for n in nodes)
+        and all(apiservices.values())
     )
     return {
         "up": all_up,
@@ -564,6 +657,7 @@ def status(layout: Layout) -> dict[str, Any]:
         "kubeconfig": str(layout.kubeconfig),
         "components": comps,
         "nodes": nodes,
+        "apiservices": apiservices,
         "versions": vars(layout.versions),
     }
 
@@ -583,6 +677,10 @@ def format_status(st: dict[str, Any]) -> str:
         lines += ["", f"{'NODE':<10}{'READY':<7}{'GPUS':<6}PRODUCT"]
         for n in st["nodes"]:
             lines.append(f"{n['name']:<10}{n['ready']!s:<7}{n['gpus']:<6}{n['product']}")
+    if st.get("apiservices"):
+        lines += ["", f"{'APISERVICE':<38}AVAILABLE"]
+        for name, available in st["apiservices"].items():
+            lines.append(f"{name:<38}{available}")
     return "\n".join(lines)
 
 

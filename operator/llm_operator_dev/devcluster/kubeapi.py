@@ -89,3 +89,61 @@ class Api:
 
     def get(self, path: str) -> tuple[int, Any]:
         return self.request("GET", path)
+
+
+#: Where each kind the add-ons apply lives: (API prefix, plural, namespaced).
+KINDS: dict[str, tuple[str, str, bool]] = {
+    "Namespace": ("/api/v1", "namespaces", False),
+    "ServiceAccount": ("/api/v1", "serviceaccounts", True),
+    "Service": ("/api/v1", "services", True),
+    "ConfigMap": ("/api/v1", "configmaps", True),
+    "ClusterRole": ("/apis/rbac.authorization.k8s.io/v1", "clusterroles", False),
+    "ClusterRoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings", False),
+    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles", True),
+    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings", True),
+    "CustomResourceDefinition": (
+        "/apis/apiextensions.k8s.io/v1",
+        "customresourcedefinitions",
+        False,
+    ),
+    "APIService": ("/apis/apiregistration.k8s.io/v1", "apiservices", False),
+}
+
+FIELD_MANAGER = "llm-operator-dev"
+
+
+def object_path(obj: dict[str, Any]) -> str:
+    """The URL path of one object, from its kind, namespace and name."""
+    kind, meta = obj["kind"], obj["metadata"]
+    if kind not in KINDS:
+        raise ValueError(f"no path known for kind {kind}")
+    prefix, plural, namespaced = KINDS[kind]
+    if namespaced:
+        return f"{prefix}/namespaces/{meta['namespace']}/{plural}/{meta['name']}"
+    return f"{prefix}/{plural}/{meta['name']}"
+
+
+def apply(api: Api, obj: dict[str, Any]) -> bool:
+    """Server-side apply ``obj`` (field manager ``llm-operator-dev``, forced). True if the
+    object changed: a no-op apply keeps its resourceVersion."""
+    path = object_path(obj)
+    status, live = api.get(path)
+    before = live.get("metadata", {}).get("resourceVersion") if status == 200 else None
+    status, body = api.request(
+        "PATCH",
+        f"{path}?fieldManager={FIELD_MANAGER}&force=true",
+        obj,
+        "application/apply-patch+yaml",
+    )
+    if status not in (200, 201):
+        message = body.get("message") if isinstance(body, dict) else body
+        raise ApiError(f"apply {obj['kind']} {obj['metadata']['name']}: HTTP {status}: {message}")
+    return bool(body.get("metadata", {}).get("resourceVersion") != before)
+
+
+def condition_true(obj: dict[str, Any], kind: str) -> bool:
+    """Whether ``status.conditions`` has ``kind`` with status True."""
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == kind:
+            return bool(cond.get("status") == "True")
+    return False

@@ -7,6 +7,8 @@ Everything lives under one cache folder outside the clone
     etcd-<version>/bin/     etcd
     kwok-<version>/bin/     kwok   (and kwok-<version>/stages.yaml)
     helm-<version>/bin/     helm
+    keda-<version>/         bin/keda-operator bin/keda-adapter, config/ (CRDs and RBAC)
+    prometheus-adapter-<version>-<commit>/bin/prometheus-adapter
     cluster/                the running cluster
       kubeconfig            admin kubeconfig (cluster-admin via system:masters)
       state.json            versions, ports and pids of the last `up`
@@ -44,6 +46,14 @@ PORTS: dict[str, int] = {
     "pod-runner": 16250,
     "prometheus": 19090,
     "prometheus-sd": 19091,
+    # KEDA and prometheus-adapter (keda.py, adapter.py). KEDA's metrics API server also serves
+    # its own /metrics on a port it binds on every interface (its --port; no address flag).
+    "keda-operator": 16660,  # the operator's gRPC metrics service, which the API server asks
+    "keda-operator-health": 16661,
+    "keda-operator-metrics": 16662,
+    "keda-metrics-apiserver": 16663,  # external.metrics.k8s.io (HTTPS)
+    "keda-metrics-apiserver-metrics": 16664,
+    "prometheus-adapter": 16665,  # custom.metrics.k8s.io (HTTPS)
 }
 
 #: Service addresses: nothing routes them, except the `kubernetes` Service's, which the pods'
@@ -76,6 +86,8 @@ class Versions:
     etcd: str
     kwok: str
     helm: str
+    keda: str = ""
+    prometheus_adapter: str = ""
 
 
 def default_cache_dir() -> Path:
@@ -106,8 +118,8 @@ def find_repo_root(start: Path | None = None) -> Path:
     )
 
 
-def read_versions(path: Path) -> Versions:
-    """Parse the ``KEY=VALUE`` lines of versions.env (the shell sources the same file)."""
+def read_env(path: Path) -> dict[str, str]:
+    """The ``KEY=VALUE`` lines of versions.env (the shell sources the same file)."""
     values: dict[str, str] = {}
     for line in path.read_text().splitlines():
         line = line.strip()
@@ -115,12 +127,20 @@ def read_versions(path: Path) -> Versions:
             continue
         key, _, value = line.partition("=")
         values[key.strip()] = value.strip().strip("\"'")
+    return values
+
+
+def read_versions(path: Path) -> Versions:
+    """The release versions pinned in versions.env."""
+    values = read_env(path)
     try:
         return Versions(
             k8s=values["K8S_VERSION"],
             etcd=values["ETCD_VERSION"],
             kwok=values["KWOK_VERSION"],
             helm=values["HELM_VERSION"],
+            keda=values["KEDA_VERSION"],
+            prometheus_adapter=values["PROMETHEUS_ADAPTER_VERSION"],
         )
     except KeyError as missing:
         raise LayoutError(f"{path} does not set {missing.args[0]}") from None
@@ -165,6 +185,32 @@ class Layout:
         return self.cache_dir / f"helm-{self.versions.helm}" / "bin"
 
     @property
+    def keda_dir(self) -> Path:
+        """``bin/keda-operator``, ``bin/keda-adapter`` and ``config/`` (CRDs, RBAC) of KEDA."""
+        return self.cache_dir / f"keda-{self.versions.keda}"
+
+    @property
+    def prometheus_adapter_commit(self) -> str:
+        """The commit of prometheus-adapter that is built (``PROMETHEUS_ADAPTER_COMMIT``): the
+        copy beside the clone is newer than its last release."""
+        pins = read_env(self.repo_root / "e2e" / "cluster" / "versions.env")
+        try:
+            return pins["PROMETHEUS_ADAPTER_COMMIT"]
+        except KeyError:
+            raise LayoutError("versions.env does not set PROMETHEUS_ADAPTER_COMMIT") from None
+
+    @property
+    def prometheus_adapter_dir(self) -> Path:
+        version, commit = self.versions.prometheus_adapter, self.prometheus_adapter_commit
+        return self.cache_dir / f"prometheus-adapter-{version}-{commit}"
+
+    @property
+    def third_party_dir(self) -> Path:
+        """Sources the module proxy does not serve here, fetched beside the clone."""
+        raw = os.environ.get("LLMOP_THIRD_PARTY_DIR")
+        return Path(raw) if raw else self.repo_root.parent / "shared" / "third_party"
+
+    @property
     def kwok_stages(self) -> Path:
         return self.cache_dir / f"kwok-{self.versions.kwok}" / "stages.yaml"
 
@@ -178,6 +224,9 @@ class Layout:
             "etcd": self.etcd_bin,
             "kwok": self.kwok_bin,
             "helm": self.helm_bin,
+            "keda-operator": self.keda_dir / "bin",
+            "keda-adapter": self.keda_dir / "bin",
+            "prometheus-adapter": self.prometheus_adapter_dir / "bin",
         }.get(name, self.k8s_bin)
         return folder / name
 

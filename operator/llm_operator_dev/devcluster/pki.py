@@ -13,7 +13,10 @@ Identities follow kubeadm's, so that the built-in RBAC bindings apply unchanged:
   Node authorizer only lets a kubelet touch its own Node and pods, so kwok needs more;
 - ``prometheus``: ``CN=llm-operator-dev:prometheus``, no groups: it may only read pods, through
   the ClusterRole that ``prometheus.ensure_rbac`` binds once the API server is up. A pki
-  folder from before it existed gains it on the next ``up`` (only missing files are made).
+  folder from before it existed gains it on the next ``up`` (only missing files are made);
+- ``keda`` / ``prometheus-adapter``: the user names of the ServiceAccounts their upstream
+  manifests bind (``system:serviceaccount:keda:keda-operator``,
+  ``system:serviceaccount:monitoring:prometheus-adapter``), also serving certificates.
 """
 
 from __future__ import annotations
@@ -52,6 +55,28 @@ CLIENTS: tuple[ClientCert, ...] = (
     ClientCert("kube-scheduler", "system:kube-scheduler"),
     ClientCert("kwok", "system:kwok-controller", ("system:masters",), ("IP:127.0.0.1",)),
     ClientCert("prometheus", "llm-operator-dev:prometheus"),
+    # KEDA and prometheus-adapter act as the ServiceAccounts their upstream manifests bind (RBAC
+    # matches a ServiceAccount subject by this user name), so those bindings apply unchanged.
+    # Each certificate also serves: the aggregation layer checks it for <service>.<ns>.svc, and
+    # KEDA's operator and metrics API server use it for their mutual-TLS gRPC link.
+    ClientCert(
+        "keda",
+        "system:serviceaccount:keda:keda-operator",
+        ("system:serviceaccounts", "system:serviceaccounts:keda"),
+        (
+            "DNS:keda-metrics-apiserver.keda.svc",
+            "DNS:keda-operator.keda.svc",
+            "DNS:keda-operator.keda.svc.cluster.local",
+            "DNS:localhost",
+            "IP:127.0.0.1",
+        ),
+    ),
+    ClientCert(
+        "prometheus-adapter",
+        "system:serviceaccount:monitoring:prometheus-adapter",
+        ("system:serviceaccounts", "system:serviceaccounts:monitoring"),
+        ("DNS:prometheus-adapter.monitoring.svc", "DNS:localhost", "IP:127.0.0.1"),
+    ),
 )
 
 APISERVER_SANS: tuple[str, ...] = (

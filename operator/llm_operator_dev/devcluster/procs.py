@@ -72,11 +72,19 @@ def running(run_dir: Path, name: str, marker: str) -> Running | None:
     return Running(name, pid, argv0) if is_ours(pid, argv0, marker) else None
 
 
-def start(name: str, argv: list[str], run_dir: Path, log: Path, cwd: Path) -> Running:
+def start(
+    name: str,
+    argv: list[str],
+    run_dir: Path,
+    log: Path,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+) -> Running:
     """Start ``argv`` in its own session, detached from our terminal, logging to ``log``.
 
     Its own session means a Ctrl-C in the shell that ran ``up`` does not reach it, and the
-    process survives us: ``down`` is the way to stop it.
+    process survives us: ``down`` is the way to stop it. ``env`` adds to (or overrides) our
+    own environment.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +98,7 @@ def start(name: str, argv: list[str], run_dir: Path, log: Path, cwd: Path) -> Ru
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=cwd,
+            env={**os.environ, **env} if env else None,
             start_new_session=True,
             close_fds=True,
         )
