@@ -17,6 +17,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sim": ("llm_operator.sim.cli", "run the vLLM simulator (accepts `vllm serve` flags)"),
     "gateway": ("llm_operator.gateway.cli", "run the OpenAI-compatible gateway"),
     "dev": ("llm_operator_dev.devcluster", "a local control plane: dev cluster up|down|status|env"),
+    "rollout": (
+        "llm_operator.rolloutctl",
+        "a canary: rollout status|promote|abort|pause|resume NAME",
+    ),
     "render": ("llm_operator.render.cli", "render an LLMDeployment YAML into Kubernetes manifests"),
 }
 

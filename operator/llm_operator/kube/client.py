@@ -147,12 +147,25 @@ class KubeClient:
 
     def clear_annotation(self, namespace: str, name: str, annotation: str) -> None:
         """Remove one annotation of an LLMDeployment (a spent rollout command)."""
+        self.annotate(namespace, name, annotation, None)
+
+    def annotate(self, namespace: str, name: str, annotation: str, value: str | None) -> None:
+        """Set (or with None remove) one annotation of an LLMDeployment; nothing else."""
         self._call(
             "PATCH",
             LLMDEPLOYMENT.object_path(namespace, name),
-            {"metadata": {"annotations": {annotation: None}}},
+            {"metadata": {"annotations": {annotation: value}}},
             content_type="application/merge-patch+json",
         )
+
+    def get_llmdeployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = self._call("GET", LLMDEPLOYMENT.object_path(namespace, name))
+            return result
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
 
     def post_event(self, owner: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on the LLMDeployment, as `kubectl describe` shows them."""
