@@ -98,6 +98,11 @@ def _pods(**pods: Any) -> dict[str, Any]:
         (_pods(port="70000"), "needs a letter"),
         (_pods(port="HTTP"), "port"),
         (_pods(namespace="ML"), "namespace"),
+        (_one(hold={"maxQueue": -1}), r"hold\.maxQueue"),
+        (_one(hold={"maxQueue": 100_001}), r"hold\.maxQueue"),
+        (_one(hold={"timeout": 0}), r"hold\.timeout"),
+        (_one(hold={"timeout": 86401}), r"hold\.timeout"),
+        (_one(hold={"maxqueue": 5}), "maxqueue"),
         ({"models": [], "edge": {"apiKeys": [{"name": "a", "sha256": "abc"}]}}, "sha256"),
     ],
 )
@@ -106,6 +111,14 @@ def test_invalid_tables_are_rejected_with_a_useful_message(
 ) -> None:
     with pytest.raises(ValidationError, match=message):
         GatewayConfig.model_validate(table)
+
+
+def test_hold_defaults() -> None:
+    m = GatewayConfig.model_validate(_one()).models[0]
+    assert (m.hold.max_queue, m.hold.timeout, m.hold.fallback_while_cold) == (100, 600.0, False)
+    wire = _one(hold={"maxQueue": 5, "timeout": 30, "fallbackWhileCold": True})
+    cfg = GatewayConfig.model_validate(wire)
+    assert cfg.models[0].to_wire()["hold"] == wire["models"][0]["hold"]
 
 
 def test_loader_reads_yaml_and_json(tmp_path: Path) -> None:

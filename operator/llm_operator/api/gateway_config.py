@@ -184,6 +184,23 @@ class CircuitBreaker(ApiModel):
     """Seconds the circuit stays open before one half-open probe request is let through."""
 
 
+class Hold(ApiModel):
+    """Scale from zero: a request for a model with no ready backend (its Deployment at 0
+    replicas, or every pod still starting) waits at the gateway, in a per-model FIFO queue,
+    until a backend turns ready; then the held requests go out in arrival order."""
+
+    max_queue: Annotated[int, Field(ge=0, le=100_000)] = 100
+    """Requests held at most for this model; one more is answered at once like an expired
+    wait (503 with Retry-After, or the fallback chain). 0 holds nothing."""
+    timeout: Seconds = 600.0
+    """Longest wait for a ready backend (the cold start), in seconds; then 503 with
+    Retry-After, or the fallback chain. `timeouts.total` counts from the end of the wait."""
+    fallback_while_cold: bool = False
+    """With `fallbacks`: while the model has no ready backend, send requests down the fallback
+    chain at once instead of holding them (they still count in the held-requests gauge, so
+    the autoscaler wakes the model). Without fallbacks it has no effect."""
+
+
 class ModelRoute(ApiModel):
     """Routing for one served model name."""
 
@@ -211,6 +228,8 @@ class ModelRoute(ApiModel):
     """Bound on extra attempts."""
     circuit_breaker: CircuitBreaker = CircuitBreaker()
     """Per-backend breaker settings."""
+    hold: Hold = Hold()
+    """Holding requests while the model has no ready backend (scale from zero)."""
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(

@@ -89,4 +89,4 @@ def admit(table: RoutingTable, metrics: Metrics, req: Request) -> Call:
     model = table.models.get(sc.model)
     if model is None:
         raise Refused(unknown_model(metrics, sc.model, req.keep_alive))
-    return Call(req, sc, model, key_name)
+    return Call(req, sc, model, key_name, t0=req.start)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 import httptools
@@ -70,6 +71,8 @@ class ClientConnection(asyncio.Protocol):
         self.busy = False
         self.pending: deque[Request] = deque()
         self.upstream: UpstreamConnection | None = None
+        self.on_lost: Callable[[], None] | None = None
+        """Called once when the client goes away (a held request leaves its queue)."""
         self.paused = False
         self.peer = ""
         self._url = b""
@@ -126,6 +129,8 @@ class ClientConnection(asyncio.Protocol):
         if up is not None:
             # The client left: stop the backend's work instead of generating into the void.
             up.abort()
+        if self.on_lost is not None:
+            self.on_lost()
 
     def pause_writing(self) -> None:
         self.paused = True

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from llm_operator import http11
 from llm_operator.gateway.accesslog import AccessLog
 from llm_operator.gateway.connection import ClientConnection
+from llm_operator.gateway.hold import Held, HoldQueues
 from llm_operator.gateway.metrics import Metrics
 from llm_operator.gateway.report import report
-from llm_operator.gateway.request import Attempt, Call, Failure, Request, error_body
+from llm_operator.gateway.request import Attempt, Call, Failure, error_body
 from llm_operator.gateway.routing import Backend, ModelState
 from llm_operator.gateway.streaming import Try, respond
 from llm_operator.gateway.upstream import Exchange, Pool, UpstreamError, expire
@@ -55,9 +56,40 @@ class Proxy:
         self.metrics = metrics
         self.access_log = access_log
         self.pool = pool
+        self.holds = HoldQueues(loop, metrics)
 
     async def route(self, conn: ClientConnection, call: Call) -> bool:
-        """Answer `call`; whether the client connection stays open."""
+        """Answer `call`, held first while its model has no ready backend; whether the
+        client connection stays open."""
+        if not call.model.cold:
+            return await self._route(conn, call)
+        model = call.model
+        result = await self.holds.wait(conn, call)
+        self.metrics.inc(self.metrics.cold_requests, (model.name, result.value))
+        if result == Held.CLIENT_CLOSED:
+            report(
+                self.access_log,
+                call,
+                self.metrics.target(model.name, "none", "none"),
+                status=499,
+                outcome="client_closed",
+                backend="",
+                track="none",
+                failure="client_closed",
+            )
+            return False
+        if result == Held.RELEASED:
+            call.t0 = time.monotonic()  # timeouts count from here
+        if result != Held.FALLBACK:
+            return await self._route(conn, call)
+        self.holds.begin_fallback(model)
+        try:
+            return await self._route(conn, call)
+        finally:
+            self.holds.end_fallback(model)
+
+    async def _route(self, conn: ClientConnection, call: Call) -> bool:
+        """The model's backends, then its fallback chain."""
         model = call.model
         p = _Progress()
         for step_i in range(len(model.fallbacks) + 1):
@@ -93,7 +125,7 @@ class Proxy:
                 self.metrics.inc(self.metrics.budget_exhausted, model.name)
                 p.budget_out = True
                 return
-            if now - call.req.start >= model.total_timeout:
+            if now - call.t0 >= model.total_timeout:
                 # The request's whole time is spent: no further attempt can answer.
                 p.answered = self._answer_failure(conn, call, Attempt(Failure.TOTAL))
                 return
@@ -140,7 +172,7 @@ class Proxy:
                 if step_model.waiting < step_model.queue_depth or (
                     Failure.SATURATED not in call.model.triggers
                 ):
-                    if await self._wait_slot(step_model, call.req):
+                    if await self._wait_slot(step_model, call):
                         continue
                     p.reason = Failure.TIMEOUT
                 else:
@@ -179,7 +211,9 @@ class Proxy:
             outcome = "timeout"
         else:
             status = 503
-            msg = "no backend of this model can answer now and no fallback could either"
+            msg = call.note or (
+                "no backend of this model can answer now and no fallback could either"
+            )
             if result is not None and result.reason not in model.triggers:
                 status = 502
                 msg = "the model's backend could not be reached"
@@ -204,13 +238,13 @@ class Proxy:
         )
         return ka
 
-    async def _wait_slot(self, model: ModelState, req: Request) -> bool:
+    async def _wait_slot(self, model: ModelState, call: Call) -> bool:
         """Wait in the saturation queue for a backend slot; False after the first-byte timeout."""
         fut: asyncio.Future[None] = self.loop.create_future()
         model.waiters.append(fut)
         model.waiting += 1
         try:
-            remaining = req.start + min(model.first_byte_timeout, model.total_timeout)
+            remaining = call.t0 + min(model.first_byte_timeout, model.total_timeout)
             remaining -= time.monotonic()
             if remaining <= 0:
                 return False
@@ -249,7 +283,7 @@ class Proxy:
     ) -> Attempt | None:
         """Send the request and wait for the response head (then `t.upc`/`t.ex` are set);
         an `Attempt` if that failed."""
-        loop, req, model, limits, pool = self.loop, call.req, call.model, call.limits, t.pool
+        loop, model, limits, pool = self.loop, call.model, call.limits, t.pool
         # A pooled connection the backend closed while idle fails with no byte read;
         # that is not the backend's fault, so try once more on a fresh connection.
         for _ in range(2):
@@ -257,7 +291,7 @@ class Proxy:
             reused = upc is not None
             # This attempt's deadline: its own first-byte timeout, but never past the
             # request's total timeout (which is not the backend's fault).
-            total_left = req.start + model.total_timeout - time.monotonic()
+            total_left = call.t0 + model.total_timeout - time.monotonic()
             if total_left <= 0:
                 if upc is not None:
                     pool.release(upc)
@@ -266,11 +300,11 @@ class Proxy:
                 try:
                     upc = await pool.connect(min(limits.connect_timeout, total_left))
                 except UpstreamError as e:
-                    if time.monotonic() - req.start >= model.total_timeout:
+                    if time.monotonic() - call.t0 >= model.total_timeout:
                         return Attempt(Failure.TOTAL, "the request's total timeout passed")
                     t.backend.on_failure(time.monotonic())
                     return Attempt(e.reason, str(e))
-                total_left = req.start + model.total_timeout - time.monotonic()
+                total_left = call.t0 + model.total_timeout - time.monotonic()
             if conn.closed:
                 pool.release(upc)
                 return Attempt(Failure.CLIENT_CLOSED)

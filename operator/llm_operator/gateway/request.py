@@ -74,6 +74,12 @@ class Call:
     """The current fallback step's label ("" on the first step)."""
     body: bytes = b""
     """The request body for the current step (its `model` rewritten on fallback steps)."""
+    t0: float = 0.0
+    """When the request set out for the backends: its arrival, or its release from the hold
+    queue. Timeouts count from here; latencies the client saw count from `req.start`."""
+    note: str = ""
+    """Why the model could not answer, when the gateway knows better than "no backend"
+    (a full hold queue, an expired cold start): the message of a 503."""
 
     @property
     def limits(self) -> ModelState:

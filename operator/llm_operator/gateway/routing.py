@@ -255,6 +255,9 @@ class ModelState:
     retry_after: int = 1
     track_of: dict[str, str] = field(default_factory=dict)
     """Backend key -> track name, for labels."""
+    cold: bool = False
+    """No track with a weight above 0 has a backend (scaled to zero, or every pod still
+    starting): requests are held (`hold.py`)."""
 
     def choose_track(self) -> TrackState:
         """Smooth weighted round robin (nginx's): exact split over every total_weight picks,
@@ -488,6 +491,7 @@ def _model_state(
         total_timeout=route.timeouts.total,
         retry_after=route.retry_after,
         track_of=track_of,
+        cold=not any(t.backends for t in tracks if t.weight > 0),
     )
 
 

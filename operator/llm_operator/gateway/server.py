@@ -73,8 +73,13 @@ class Gateway:
         /readyz answer 503 while it returns False; /health (liveness) does not ask it."""
         self._sweeper: asyncio.TimerHandle | None = None
         self._proxy = Proxy(loop, metrics, access_log, self.pool)
-        metrics.circuit_source = self._circuit_states
-        metrics.generation = table.generation
+        self.holds = self._proxy.holds
+        self.holds.on_table(table)
+        if not metrics_only:
+            # The --metrics-port listener shares the metrics but not the state behind them.
+            metrics.circuit_source = self._circuit_states
+            metrics.held_source = self.holds.held
+            metrics.generation = table.generation
 
     def _circuit_states(self) -> list[tuple[str, int]]:
         now = time.monotonic()
@@ -84,6 +89,7 @@ class Gateway:
         """Swap the routing table; in-flight requests keep the objects they hold."""
         self.table = table
         self.metrics.generation = table.generation
+        self.holds.on_table(table)
         keep = table.backend_keys()
         for key in [k for k in self.pools if k not in keep]:
             pool = self.pools[key]
@@ -128,6 +134,7 @@ class Gateway:
         """SIGTERM: fail health checks, close idle connections, close each busy one after
         its current response."""
         self.draining = True
+        self.holds.expire_all()
         for c in list(self.connections):
             if c.idle:
                 c.close()

@@ -293,7 +293,7 @@ async def _relay(conn: ClientConnection, call: Call, t: Try, head: _Head) -> _Re
         relay.sink(None, ex.error)
     if conn.paused:
         upc.pause_reading()
-    left = call.req.start + call.model.total_timeout - time.monotonic()
+    left = call.t0 + call.model.total_timeout - time.monotonic()
     timer = loop.call_at(loop.time() + max(0.0, left), expire, ex, upc, "total")
     try:
         if not ex.complete and ex.error is None:
