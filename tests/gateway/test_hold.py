@@ -11,6 +11,7 @@ import asyncio
 import json
 import socket
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from llm_operator.gateway.discovery import Cluster
 from tests.gateway.conftest import GatewayProc, addr
 from tests.gateway.fake_backend import FakeBackend
 from tests.gateway.test_discovery import FakeApiServer, _pod, _token
-from tests.support.sim import SimProcess, run_sims
+from tests.support.sim import SimProcess, metric_value, run_sims
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -323,3 +324,35 @@ async def test_pod_turning_ready_releases_held_requests_and_nothing_is_left_behi
             await app.discovery.close()
         await api.stop()
         await fake.stop()
+
+
+async def test_the_metrics_port_shows_the_held_gauge_and_circuit_states(
+    gateway: GatewayProc,
+) -> None:
+    """The chart serves /metrics on --metrics-port: its listener must show the API
+    listener's state, not its own empty one."""
+    gateway.start(
+        {"models": [cold_model(), warm_model("warm", "127.0.0.1:1")]}, "--metrics-port", "0"
+    )
+    metrics_port = json.loads((gateway.root / "port.json").read_text())["metricsPort"]
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    task = asyncio.create_task(
+        asyncio.to_thread(gateway.post, "/v1/chat/completions", json.dumps(chat()).encode())
+    )
+    await until(
+        lambda: metric_value(scrape(), "llm_gateway_requests_held", {"model": "llama"}) == 1,
+        "1 held",
+    )
+    assert 'llm_gateway_requests_held{model="warm"} 0' in scrape()
+    status, _, _ = await asyncio.to_thread(
+        gateway.post, "/v1/chat/completions", json.dumps({**chat(), "model": "warm"}).encode()
+    )
+    assert status == 503  # nothing listens on port 1
+    assert 'llm_gateway_circuit_state{backend="127.0.0.1:1"} 0' in scrape()
+    gateway.write({"models": [cold_model("warm")]})  # not `update`: no /metrics on --port
+    assert (await asyncio.wait_for(task, 5))[0] == 503
+    await until(lambda: metric_value(scrape(), "llm_gateway_config_generation") == 2, "reload")
