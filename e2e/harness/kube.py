@@ -6,6 +6,7 @@ operator itself applies them (one field manager, conflicts forced).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -19,6 +20,10 @@ from kubernetes.dynamic import DynamicClient
 
 FIELD_MANAGER = "llm-operator-e2e"
 E2E_LABEL = "llmoperator.io/e2e"
+#: The pid of the pytest session that made a namespace: sessions running side by side (a
+#: person's and an agent's on one cluster) reap only their own and those of dead sessions.
+E2E_SESSION_LABEL = "llmoperator.io/e2e-session"
+SESSION = str(os.getpid())
 
 T = TypeVar("T")
 
@@ -110,7 +115,8 @@ def _established(api: client.ApiClient, name: str) -> Callable[[], bool]:
 
 
 def create_namespace(api: client.ApiClient, name: str) -> None:
-    body = client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels={E2E_LABEL: "true"}))
+    labels = {E2E_LABEL: "true", E2E_SESSION_LABEL: SESSION}
+    body = client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels=labels))
     client.CoreV1Api(api).create_namespace(body)
     # Pods need the namespace's `default` ServiceAccount (ServiceAccount admission).
     wait_until(
@@ -172,8 +178,11 @@ def reap_namespaces(api: client.ApiClient, crds: list[str], timeout: float = 90.
     selector = f"{E2E_LABEL}=true"
 
     def remaining() -> list[str]:
-        items = core.list_namespace(label_selector=selector).items
-        return [as_dict(api, ns)["metadata"]["name"] for ns in items]
+        items = [
+            as_dict(api, ns)["metadata"]
+            for ns in core.list_namespace(label_selector=selector).items
+        ]
+        return [m["name"] for m in items if not _live_other_session(m.get("labels") or {})]
 
     for name in remaining():
         delete_namespace(api, name)
@@ -186,6 +195,13 @@ def reap_namespaces(api: client.ApiClient, crds: list[str], timeout: float = 90.
             stripped = True
         time.sleep(1.0)
     return remaining()
+
+
+def _live_other_session(labels: dict[str, str]) -> bool:
+    session = labels.get(E2E_SESSION_LABEL, "")
+    if session == SESSION or not session.isdigit():
+        return False
+    return Path(f"/proc/{session}").exists()
 
 
 def events_for(api: client.ApiClient, namespace: str, name: str, kind: str = "Pod") -> list[Any]:

@@ -8,7 +8,9 @@ reaches a pod directly. On kind or another cluster a pod IP is not reachable fro
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import secrets
 import subprocess
 import threading
 import time
@@ -18,10 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from kubernetes import client
+from openai import OpenAI
 
 from harness import kube
 from harness.providers import Cluster
+from llm_operator.constants import LABEL_DEPLOYMENT
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "llm-operator"
@@ -171,3 +176,118 @@ class Load:
             timeout=timeout,
             interval=0.2,
         )
+
+
+GROUP, VERSION, PLURAL = "llmoperator.io", "v1alpha1", "llmdeployments"
+GATEWAY_PORT = 8080
+# The local cluster's Prometheus as pods reach it (devcluster/podspec.py PROMETHEUS_POD_URL).
+LOCAL_PROMETHEUS_POD_URL = "http://10.96.0.90:9090"
+
+
+def llmd(name: str, replicas: int = 1, **engine: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LLMDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "servedName": name},
+            "engine": {"maxModelLen": 4096, **engine},
+            "resources": {"gpu": {"product": "NVIDIA-H100-80GB-HBM3", "memoryGiB": 80}},
+            "replicas": replicas,
+        },
+    }
+
+
+class Serving:
+    """One installed release and the namespace it serves."""
+
+    def __init__(self, cluster: Cluster, api: client.ApiClient, namespace: str, release: str):
+        self.cluster = cluster
+        self.api = api
+        self.namespace = namespace
+        self.release = release
+        self.fullname = f"{release}-llm-operator"
+
+    def objects(self) -> Any:
+        return client.CustomObjectsApi(self.api)
+
+    def apply(self, body: dict[str, Any]) -> None:
+        kube.apply(self.api, body, self.namespace)
+
+    def get(self, name: str) -> dict[str, Any]:
+        obj: dict[str, Any] = self.objects().get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name
+        )
+        return obj
+
+    def wait_ready(self, name: str, timeout: float = 120) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            obj = self.get(name)
+            status = obj.get("status") or {}
+            fresh = status.get("observedGeneration") == obj["metadata"]["generation"]
+            return obj if fresh and status.get("phase") == "Ready" else None
+
+        return kube.wait_until(f"{name} Ready", ready, timeout=timeout)
+
+    def engines(self, name: str) -> list[Any]:
+        return ready_pods(self.api, self.namespace, f"{LABEL_DEPLOYMENT}={name}")
+
+    def gateway_pod(self) -> Any:
+        selector = f"app.kubernetes.io/instance={self.release},app.kubernetes.io/component=gateway"
+        pods = kube.wait_until(
+            "a ready gateway pod", lambda: ready_pods(self.api, self.namespace, selector), 60
+        )
+        return pods[0]
+
+    def wait_routed(self, base_url: str, model: str, timeout: float = 60) -> None:
+        """Until the gateway lists the model (it reads the operator's table by polling)."""
+        sdk = OpenAI(base_url=f"{base_url}/v1", api_key="e2e", max_retries=0, timeout=10)
+
+        def listed() -> bool:
+            try:
+                return model in {m.id for m in sdk.models.list()}
+            except Exception:
+                return False
+
+        kube.wait_until(f"the gateway to list {model}", listed, timeout=timeout)
+
+
+@contextlib.contextmanager
+def installed(
+    cluster: Cluster, api: client.ApiClient, helm_home: Path, prefix: str, *values: str
+) -> Iterator[Serving]:
+    """The chart installed (operator and gateway as pods) watching a fresh namespace, with an
+    hf-token Secret; uninstalled and the namespace deleted after. `values` are more --set."""
+    gpus = [
+        n
+        for n in client.CoreV1Api(api).list_node().items
+        if int((n.status.allocatable or {}).get("nvidia.com/gpu", "0")) > 0
+    ]
+    if cluster.provider != "local" and (not gpus or not os.environ.get("LLMOP_E2E_IMAGE")):
+        pytest.skip(
+            "serving tests need nodes that advertise nvidia.com/gpu (real vLLM engines) and the "
+            "llm-operator image in LLMOP_E2E_IMAGE (repository:tag the nodes can pull); "
+            "LLMOP_CLUSTER=local runs both as processes"
+        )
+    namespace = f"e2e-{prefix}-{secrets.token_hex(3)}"
+    kube.create_namespace(api, namespace)
+    release = f"{prefix[:6]}-{secrets.token_hex(2)}"
+    helm = Helm(cluster, helm_home)
+    args = ["--set", f"watchNamespaces={{{namespace}}}", "--set", "crds.enabled=false"]
+    for value in values:
+        args += ["--set", value]
+    if os.environ.get("LLMOP_E2E_IMAGE"):
+        repo, _, tag = os.environ["LLMOP_E2E_IMAGE"].rpartition(":")
+        args += ["--set", f"image.repository={repo}", "--set", f"image.tag={tag}"]
+    helm("install", release, str(CHART), "--namespace", namespace, "--wait", "--timeout",
+         "180s", *args)  # fmt: skip
+    client.CoreV1Api(api).create_namespaced_secret(
+        namespace,
+        {"metadata": {"name": "hf-token"}, "stringData": {"token": "hf_e2e_not_a_real_token"}},
+    )
+    try:
+        yield Serving(cluster, api, namespace, release)
+    finally:
+        kube.run([helm.binary, "uninstall", release, "--namespace", namespace, "--wait"],
+                 helm.env, 180)  # fmt: skip
+        kube.delete_namespace(api, namespace)
