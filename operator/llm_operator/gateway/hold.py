@@ -98,6 +98,8 @@ class HoldQueues:
             call.note = (
                 f"the model {model.name!r} has no ready backend and its hold queue is full "
                 f"({hold.max_queue} requests are waiting for it to start)"
+                if hold.max_queue
+                else f"the model {model.name!r} has no ready backend (it holds no requests)"
             )
             return Held.FULL
         if queue is None:
