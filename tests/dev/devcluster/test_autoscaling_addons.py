@@ -179,6 +179,7 @@ def test_keda_objects(layout: Layout) -> None:
     assert base64.b64decode(apiservice["spec"]["caBundle"]) == b"CA"
     for obj in objs:
         assert object_path(obj).endswith("/" + obj["metadata"]["name"])
+    assert keda.crd_names(layout) == ["scaledobjects.keda.sh"]
 
 
 def test_adapter_objects_register_custom_metrics(layout: Layout) -> None:
