@@ -543,3 +543,28 @@ async def test_starts_without_a_table_and_serves_it_once_the_operator_writes_it(
         model="small", messages=MSG, max_tokens=4
     )
     assert answer.choices[0].message.content
+
+
+async def test_a_canary_error_that_a_retry_hides_still_counts_against_the_canary(
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess]
+) -> None:
+    """Canary analysis reads failed attempts by track: the client got the stable's answer,
+    the canary's 500 is still on the canary's books."""
+    llama, _ = sims
+    stable, canary = llama[0], llama[1]
+    gateway.start(
+        {
+            "models": [
+                model("llama", [("stable", 50, [addr(stable)]), ("canary", 50, [addr(canary)])])
+            ]
+        }
+    )
+    canary.admin(error_rate_500=1.0)
+    answers = await run_load(client(gateway), "llama", 10, 1)
+    assert len(answers) == 10  # every one answered, by the stable
+    failed = gateway.metric(
+        "llm_gateway_attempt_failures_total", track="canary", backend=addr(canary), reason="5xx"
+    )
+    assert failed >= 1
+    assert gateway.metric("llm_gateway_attempt_failures_total", track="stable") == 0
+    assert gateway.metric("llm_gateway_requests_total", track="canary", outcome="success") == 0

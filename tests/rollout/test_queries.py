@@ -13,14 +13,20 @@ from llm_operator.rollout import analysis_queries
 def test_queries_select_one_model_and_track_over_the_interval() -> None:
     q = analysis_queries("org/llama:8b", "canary", 30)
     selector = 'model="org/llama:8b",track="canary"'
-    assert q.requests == (
-        f"sum(increase(llm_gateway_requests_total{{{selector},"
-        f'outcome=~"success|server_error|timeout|stream_error"}}[30s]))'
+    failed = (
+        f"(sum(increase(llm_gateway_attempt_failures_total{{{selector},"
+        f'reason=~"5xx|timeout|connectError"}}[30s])) or vector(0))'
     )
-    assert q.errors == (
-        f"sum(increase(llm_gateway_requests_total{{{selector},"
-        f'outcome=~"server_error|timeout|stream_error"}}[30s]))'
+    broken = (
+        f"(sum(increase(llm_gateway_requests_total{{{selector},"
+        f'outcome="stream_error"}}[30s])) or vector(0))'
     )
+    success = (
+        f"(sum(increase(llm_gateway_requests_total{{{selector},"
+        f'outcome="success"}}[30s])) or vector(0))'
+    )
+    assert q.errors == f"{failed} + {broken}"
+    assert q.requests == f"{success} + {failed} + {broken}"
     assert q.ttft_p95 == (
         "histogram_quantile(0.95, sum by (le) "
         f"(rate(llm_gateway_time_to_first_token_seconds_bucket{{{selector}}}[30s])))"

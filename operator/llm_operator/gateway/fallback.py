@@ -143,7 +143,9 @@ class Proxy:
             p.reason = result.reason
             if result.complete_error is not None:
                 p.last = result
-            self.metrics.inc(self.metrics.attempt_failures, (model.name, backend.key, p.reason))
+            self.metrics.inc(
+                self.metrics.attempt_failures, (model.name, backend.key, track, p.reason)
+            )
             if result.reason.value not in model.triggers:
                 # Not a trigger: this failure is the answer.
                 p.answered = self._answer_failure(conn, call, result, backend=backend, track=track)

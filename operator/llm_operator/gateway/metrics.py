@@ -159,8 +159,9 @@ class Metrics:
         self.series: dict[tuple[str, str, str], Series] = {}
         # (model, target, reason) -> count
         self.fallbacks: dict[tuple[str, str, str], int] = {}
-        # (model, backend, reason) -> count
-        self.attempt_failures: dict[tuple[str, str, str], int] = {}
+        # (model, backend, track, reason) -> count. The track matters to canary analysis: a
+        # canary's 5xx that a retry hid from the client still counts against the canary.
+        self.attempt_failures: dict[tuple[str, str, str, str], int] = {}
         self.retries: dict[str, int] = {}
         self.budget_exhausted: dict[str, int] = {}
         self.edge_rejections: dict[str, int] = {}
@@ -263,10 +264,12 @@ class Metrics:
         for (model, target, reason), n in self.fallbacks.items():
             lbl = labels(model=model, target=target, reason=reason)
             out.append(f"{p}fallbacks_total{{{lbl}}} {n}")
-        out.append(f"# HELP {p}attempt_failures_total Failed attempts, by backend and reason.")
+        out.append(
+            f"# HELP {p}attempt_failures_total Failed attempts, by backend, track and reason."
+        )
         out.append(f"# TYPE {p}attempt_failures_total counter")
-        for (model, backend, reason), n in self.attempt_failures.items():
-            lbl = labels(model=model, backend=backend, reason=reason)
+        for (model, backend, track, reason), n in self.attempt_failures.items():
+            lbl = labels(model=model, backend=backend, track=track, reason=reason)
             out.append(f"{p}attempt_failures_total{{{lbl}}} {n}")
         out.append(f"# HELP {p}retries_total Retries to another backend of the same model.")
         out.append(f"# TYPE {p}retries_total counter")
