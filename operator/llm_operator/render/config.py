@@ -43,8 +43,8 @@ class RenderConfig(BaseModel):
     model_source_mount_path: str = "/mnt/model"
     """Where a pvc:// model's claim is mounted (read-only)."""
     hpa_enabled: bool = True
-    """Render a HorizontalPodAutoscaler for provider hpa (needs prometheus-adapter). Off:
-    no autoscaler is rendered and the Deployment runs minReplicas."""
+    """Render a HorizontalPodAutoscaler for provider hpa (needs prometheus-adapter). Off: an
+    LLMDeployment asking for provider hpa is refused (Degraded, CannotPlan) with what to do."""
     keda_enabled: bool = True
     """KEDA's CRDs are installed: provider keda is allowed."""
     hpa_metric_name: str = DEFAULT_HPA_METRIC
@@ -63,7 +63,7 @@ class RenderConfig(BaseModel):
     15 to 60 minutes."""
     run_as_user: Annotated[int, Field(ge=1)] | None = None
     """Run the engine as this non-root UID with a writable HOME. None: the image's user
-    (root for vllm/vllm-openai); the module docstring of render/engine.py says why."""
+    (root for vllm/vllm-openai); the module docstring of render/vllm_deployment.py says why."""
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any] | None) -> RenderConfig:
