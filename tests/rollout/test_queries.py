@@ -53,3 +53,12 @@ def test_promtool_parses_every_query(tmp_path) -> None:  # type: ignore[no-untyp
         ["promtool", "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_docs_print_the_queries_the_operator_asks() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "canary.md").read_text()
+    q = analysis_queries("MODEL", "canary", 30)
+    for name in ("requests", "errors", "ttft_p95", "tpot_p95"):
+        assert f"# {name}\n{getattr(q, name)}\n" in doc, name
