@@ -227,3 +227,17 @@ def test_leaving_the_canary_strategy_clears_its_status(
     assert ("Deployment", "m-canary") not in fake.objects
     assert image(fake.objects[("Deployment", "m")]).endswith("v0.11.0")
     assert not [c for c in llmd["status"]["conditions"] if c["type"] == "CanaryProgressing"]
+
+
+def test_a_canary_between_analyses_writes_nothing(
+    controller: Controller, fake: FakeKube, clock: Clock, analyst: FakeAnalyst
+) -> None:
+    """Status changes only with the state: reconciles within a step (child events, wakes
+    before the next analysis) write nothing and ask Prometheus nothing."""
+    llmd = started(controller, fake)
+    fake.writes.clear()
+    for at in (1, 5, 12, 29):
+        clock.now = T0 + at
+        llmd = run(controller, fake, llmd)
+    assert fake.writes == []
+    assert analyst.asked == []

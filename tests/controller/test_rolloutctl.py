@@ -29,7 +29,7 @@ def body(phase: str | None) -> dict[str, Any]:
             "step": 1,
             "weight": 50,
             "failedAnalyses": 1,
-            "message": "step 2/3 at weight 50%: 20s of the pause left",
+            "message": "step 2/3 at weight 50%: paused until 2026-12-02T01:00:00Z",
             "lastAnalysis": {"time": "t", "verdict": "Pass", "message": "error rate 0.00%"},
         }
     spec = {"rollout": {"strategy": "Canary", "canary": {"steps": [{}, {}, {}]}}}

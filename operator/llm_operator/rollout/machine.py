@@ -457,9 +457,10 @@ def _hold_reason(spec: CanarySpec, state: CanaryState, now: float, step_ends: fl
     base = _step_message(spec, state)
     verdict = state.verdict_in_step()
     if now < step_ends:
-        left = math.ceil(step_ends - now)
+        # A fixed time, not a countdown: the message (and so status) changes only when the
+        # state does, not at every reconcile.
         tail = f"; last analysis {verdict}" if verdict else ""
-        return f"{base}: {left}s of the pause left{tail}"
+        return f"{base}: paused until {rfc3339(step_ends)}{tail}"
     if verdict is None:
         return f"{base}: pause over, waiting for a passing analysis"
     message = (state.last_analysis or {}).get("message", "")
