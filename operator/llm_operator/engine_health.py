@@ -47,6 +47,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from llm_operator import kubeformat
 from llm_operator.constants import LABEL_COMPONENT, LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY
 from llm_operator.render.names import label_value
 
@@ -103,16 +104,6 @@ def pod_selector(llmd_name: str) -> str:
             f"{LABEL_COMPONENT}=engine",
         ]
     )
-
-
-def _time(value: Any) -> datetime.datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
 
 
 def _condition(conditions: Any, type_: str) -> Mapping[str, Any] | None:
@@ -243,7 +234,9 @@ def _pod_problems(
         return []
     # The deadline runs from when the pod last became unready (or was created).
     since_text = str((ready or {}).get("lastTransitionTime") or "")
-    since = _time(since_text) or _time(metadata.get("creationTimestamp"))
+    since = kubeformat.parse_time(since_text) or kubeformat.parse_time(
+        metadata.get("creationTimestamp")
+    )
     overdue = timed_out or (
         now is not None
         and since is not None
@@ -286,7 +279,7 @@ def engine_problems(
 ) -> list[EngineProblem]:
     """What keeps the engine replicas from turning ready, most telling first (Degraded ones,
     then by kind, then by pod name). `now` is RFC 3339, like the conditions' times."""
-    current = _time(now)
+    current = kubeformat.parse_time(now)
     problems: list[EngineProblem] = []
     timed_out: set[str] = set()
     for deployment in deployments:

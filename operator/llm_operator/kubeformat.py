@@ -42,17 +42,21 @@ def rfc3339(epoch_seconds: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def parse_rfc3339(text: Any) -> float | None:
-    """An API timestamp as a Unix time; None when it is not one."""
+def parse_time(text: Any) -> datetime.datetime | None:
+    """An API timestamp (RFC 3339) as an aware datetime; None when it is not one."""
     if not isinstance(text, str) or not text:
         return None
     try:
         moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.UTC)
-    return moment.timestamp()
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
+
+
+def parse_rfc3339(text: Any) -> float | None:
+    """An API timestamp as a Unix time; None when it is not one."""
+    moment = parse_time(text)
+    return None if moment is None else moment.timestamp()
 
 
 def owner_reference(api_version: str, kind: str, name: str, uid: str) -> dict[str, Any]:
