@@ -7,6 +7,7 @@ operator does from status, the cluster and the gateway's own counters.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -132,6 +133,18 @@ class Watch:
         return shares
 
 
+@contextlib.contextmanager
+def under_load(
+    serving: Serving, name: str, clients: int = 4, streams: bool | None = None
+) -> Iterator[tuple[Load, Watch]]:
+    """Continuous OpenAI SDK load on `name` through the gateway, and a Watch of it."""
+    with reach(serving.cluster, serving.gateway_pod(), GATEWAY_PORT) as base:
+        serving.wait_routed(base, name)
+        with Load(base, name, clients=clients, streams=streams) as load:
+            load.wait_for_requests(10)
+            yield load, Watch(serving, name, base)
+
+
 def canary_pods(serving: Serving, name: str) -> list[Any]:
     core = client.CoreV1Api(serving.api)
     return core.list_namespaced_pod(
@@ -165,20 +178,16 @@ def test_a_good_revision_steps_through_and_is_promoted_with_no_failed_request(
 ) -> None:
     name = "canary-good"
     old = start(serving, name)
-    with reach(serving.cluster, serving.gateway_pod(), GATEWAY_PORT) as base:
-        serving.wait_routed(base, name)
-        with Load(base, name, clients=4) as load:
-            load.wait_for_requests(20)
-            watch = Watch(serving, name, base)
-            edit_env(serving, name, NEXT_REVISION)
-            started = watch.until("a canary", lambda e: e["canary"].get("phase"), 60)
-            new = started["canary"]["revision"]
-            assert new != old and started["canary"]["stableRevision"] == old
-            watch.until("the last step", lambda e: e["canary"].get("step") == 1, 120)
-            watch.until("promotion", lambda e: e["canary"].get("phase") == "Promoting", 120)
-            done = watch.until("the canary to finish", lambda e: not e["canary"], 240)
-            load.wait_for_requests(20)
-        assert load.failures == [], load.failures[:5]
+    with under_load(serving, name, clients=4) as (load, watch):
+        edit_env(serving, name, NEXT_REVISION)
+        started = watch.until("a canary", lambda e: e["canary"].get("phase"), 60)
+        new = started["canary"]["revision"]
+        assert new != old and started["canary"]["stableRevision"] == old
+        watch.until("the last step", lambda e: e["canary"].get("step") == 1, 120)
+        watch.until("promotion", lambda e: e["canary"].get("phase") == "Promoting", 120)
+        done = watch.until("the canary to finish", lambda e: not e["canary"], 240)
+        load.wait_for_requests(20)
+    assert load.failures == [], load.failures[:5]
     status = done["obj"]["status"]
     assert status["revision"] == new
     condition = next(c for c in status["conditions"] if c["type"] == "CanaryProgressing")
@@ -212,18 +221,12 @@ def test_a_bad_revision_is_rolled_back_with_the_numbers(
 ) -> None:
     old = start(serving, name)
     interval = 10.0
-    with reach(serving.cluster, serving.gateway_pod(), GATEWAY_PORT) as base:
-        serving.wait_routed(base, name)
-        with Load(base, name, clients=4, streams=streams) as load:
-            load.wait_for_requests(20)
-            watch = Watch(serving, name, base)
-            edit_env(serving, name, bad_env)
-            first = watch.until(
-                "the canary's first traffic", lambda e: e["canary"].get("stepStartedAt"), 120
-            )
-            rolled = watch.until(
-                "a rollback", lambda e: e["canary"].get("phase") == "RolledBack", 120
-            )
+    with under_load(serving, name, clients=4, streams=streams) as (_load, watch):
+        edit_env(serving, name, bad_env)
+        first = watch.until(
+            "the canary's first traffic", lambda e: e["canary"].get("stepStartedAt"), 120
+        )
+        rolled = watch.until("a rollback", lambda e: e["canary"].get("phase") == "RolledBack", 120)
     elapsed = rolled["t"] - first["t"]
     limit = ANALYSIS["failureLimit"]
     assert elapsed <= (limit + 1) * interval + 5, elapsed  # + the status' way back to us
@@ -261,27 +264,21 @@ def test_without_prometheus_nothing_is_promoted_and_status_says_why(serving: Ser
 
     name = "canary-blind"
     start(serving, name)
-    with reach(serving.cluster, serving.gateway_pod(), GATEWAY_PORT) as base:
-        serving.wait_routed(base, name)
-        with Load(base, name, clients=2) as load:
-            load.wait_for_requests(10)
-            os.kill(_prometheus_pid(serving.cluster), signal.SIGTERM)
-            try:
-                watch = Watch(serving, name, base)
-                edit_env(serving, name, NEXT_REVISION)
-                watch.until(
-                    "an inconclusive analysis",
-                    lambda e: (
-                        (e["canary"].get("lastAnalysis") or {}).get("verdict") == "Inconclusive"
-                    ),
-                    90,
-                )
-                # Well past the first step's pause: still at step 1, weight 20.
-                time.sleep(30)
-                entry = watch.sample()
-            finally:
-                _devcluster("up")  # Prometheus back for everyone else
-        assert load.failures == [], load.failures[:5]
+    with under_load(serving, name, clients=2) as (load, watch):
+        os.kill(_prometheus_pid(serving.cluster), signal.SIGTERM)
+        try:
+            edit_env(serving, name, NEXT_REVISION)
+            watch.until(
+                "an inconclusive analysis",
+                lambda e: (e["canary"].get("lastAnalysis") or {}).get("verdict") == "Inconclusive",
+                90,
+            )
+            # Well past the first step's pause: still at step 1, weight 20.
+            time.sleep(30)
+            entry = watch.sample()
+        finally:
+            _devcluster("up")  # Prometheus back for everyone else
+    assert load.failures == [], load.failures[:5]
     canary = entry["canary"]
     assert (canary["phase"], canary["step"], canary["weight"]) == ("Progressing", 0, 20)
     assert "did not answer" in canary["lastAnalysis"]["message"]
@@ -306,26 +303,22 @@ def test_abort_and_promote_by_command_leave_the_spec_untouched(serving: Serving)
         ("canary-promote", "promote", None),
     ):
         start(serving, name)
-        with reach(serving.cluster, serving.gateway_pod(), GATEWAY_PORT) as base:
-            serving.wait_routed(base, name)
-            with Load(base, name, clients=2) as load:
-                load.wait_for_requests(10)
-                watch = Watch(serving, name, base)
-                edit_env(serving, name, NEXT_REVISION)
-                running = watch.until("a canary", lambda e: e["canary"].get("stepStartedAt"), 120)
-                spec_before = serving.get(name)["spec"]
-                generation = serving.get(name)["metadata"]["generation"]
-                done = rollout(action, name)
-                assert done.returncode == 0, done.stderr
-                if expected:
-                    entry = watch.until(
-                        expected, lambda e, want=expected: e["canary"].get("phase") == want, 60
-                    )
-                    assert entry["canary"]["weight"] == 0
-                else:
-                    entry = watch.until("promoted", lambda e: not e["canary"], 180)
-                    assert entry["obj"]["status"]["revision"] == running["canary"]["revision"]
-            assert load.failures == [], load.failures[:5]
+        with under_load(serving, name, clients=2) as (load, watch):
+            edit_env(serving, name, NEXT_REVISION)
+            running = watch.until("a canary", lambda e: e["canary"].get("stepStartedAt"), 120)
+            spec_before = serving.get(name)["spec"]
+            generation = serving.get(name)["metadata"]["generation"]
+            done = rollout(action, name)
+            assert done.returncode == 0, done.stderr
+            if expected:
+                entry = watch.until(
+                    expected, lambda e, want=expected: e["canary"].get("phase") == want, 60
+                )
+                assert entry["canary"]["weight"] == 0
+            else:
+                entry = watch.until("promoted", lambda e: not e["canary"], 180)
+                assert entry["obj"]["status"]["revision"] == running["canary"]["revision"]
+        assert load.failures == [], load.failures[:5]
         after = serving.get(name)
         assert after["spec"] == spec_before
         assert after["metadata"]["generation"] == generation
