@@ -170,6 +170,115 @@ def deployment_counts(deployments: Iterable[Mapping[str, Any]]) -> tuple[int, in
     return replicas, ready, settled
 
 
+@dataclass(frozen=True)
+class Scaling:
+    """The autoscaler the spec asks for: provider (hpa or keda) and the name of its object
+    (the stable Deployment's name; KEDA's own HPA is keda-hpa-<name>)."""
+
+    provider: str
+    name: str
+
+
+def _conditions_of(obj: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
+    return {
+        str(c.get("type")): c
+        for c in ((obj or {}).get("status") or {}).get("conditions") or []
+        if isinstance(c, Mapping)
+    }
+
+
+def _said(condition: Mapping[str, Any]) -> str:
+    reason, message = condition.get("reason") or "", condition.get("message") or ""
+    return f"{condition.get('type')} {condition.get('status')} ({reason}): {message}".rstrip(": ")
+
+
+def _find(
+    autoscalers: Iterable[Mapping[str, Any]], kind: str, name: str
+) -> Mapping[str, Any] | None:
+    return next(
+        (
+            obj
+            for obj in autoscalers
+            if obj.get("kind") == kind and (obj.get("metadata") or {}).get("name") == name
+        ),
+        None,
+    )
+
+
+def _hpa_verdict(hpa: Mapping[str, Any], name: str) -> tuple[bool, str, str] | None:
+    """From an HPA's own conditions: None while it has not written any yet."""
+    conditions = _conditions_of(hpa)
+    able, active = conditions.get("AbleToScale"), conditions.get("ScalingActive")
+    if able is None and active is None:
+        return None
+    if able is not None and able.get("status") != "True":
+        return False, str(able.get("reason") or "HPANotAbleToScale"), f"HPA {name}: {_said(able)}"
+    if active is not None and active.get("status") != "True":
+        if active.get("reason") == "ScalingDisabled":
+            # The target is at 0 replicas: for KEDA that is scale to zero, which KEDA itself
+            # watches; for a plain HPA someone set the Deployment to 0 by hand.
+            return False, "ScalingDisabled", f"HPA {name}: {_said(active)}"
+        return (
+            False,
+            str(active.get("reason") or "MetricUnavailable"),
+            f"HPA {name} cannot read its metric: {_said(active)}",
+        )
+    return True, "MetricRead", f"HPA {name}: {_said(active)}" if active else f"HPA {name}"
+
+
+def scaling_ready(
+    scaling: Scaling, autoscalers: Sequence[Mapping[str, Any]]
+) -> tuple[bool, str, str]:
+    """ScalingReady: the autoscaler exists and reads its metric, or why not. An HPA says so
+    in AbleToScale and ScalingActive; a ScaledObject in Ready (KEDA reached Prometheus and
+    the trigger parsed), and the HPA KEDA made in its own conditions while replicas run."""
+    if scaling.provider == "keda":
+        scaled_object = _find(autoscalers, "ScaledObject", scaling.name)
+        if scaled_object is None:
+            return False, "AutoscalerMissing", f"ScaledObject {scaling.name} does not exist yet"
+        ready = _conditions_of(scaled_object).get("Ready")
+        if ready is None:
+            return (
+                False,
+                "AwaitingAutoscaler",
+                f"ScaledObject {scaling.name} has no Ready condition yet (is KEDA running?)",
+            )
+        if ready.get("status") != "True":
+            return (
+                False,
+                str(ready.get("reason") or "ScaledObjectNotReady"),
+                f"ScaledObject {scaling.name}: {_said(ready)}",
+            )
+        active = _conditions_of(scaled_object).get("Active")
+        state = (
+            "active (the trigger is above its activation threshold)"
+            if active is not None and active.get("status") == "True"
+            else "idle (the trigger is at or below its activation threshold)"
+        )
+        hpa_name = f"keda-hpa-{scaling.name}"
+        hpa = _find(autoscalers, "HorizontalPodAutoscaler", hpa_name)
+        verdict = _hpa_verdict(hpa, hpa_name) if hpa is not None else None
+        if verdict is not None and not verdict[0] and verdict[1] != "ScalingDisabled":
+            return verdict
+        return True, "MetricRead", f"ScaledObject {scaling.name} is Ready and {state}"
+    hpa = _find(autoscalers, "HorizontalPodAutoscaler", scaling.name)
+    if hpa is None:
+        return False, "AutoscalerMissing", f"HPA {scaling.name} does not exist yet"
+    verdict = _hpa_verdict(hpa, scaling.name)
+    if verdict is None:
+        return (
+            False,
+            "AwaitingAutoscaler",
+            f"HPA {scaling.name} has not been evaluated yet (no conditions)",
+        )
+    return verdict
+
+
+def desired_replicas(deployments: Iterable[Mapping[str, Any]]) -> int:
+    """What the Deployments ask for (spec.replicas; the autoscaler sets it when it owns it)."""
+    return sum(int((d.get("spec") or {}).get("replicas", 1)) for d in deployments)
+
+
 def compute_status(
     *,
     previous: Mapping[str, Any] | None,
@@ -179,6 +288,8 @@ def compute_status(
     extra: Mapping[str, Any],
     now: str,
     engine: Sequence[EngineProblem] = (),
+    scaling: Scaling | None = None,
+    autoscalers: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The status to write. `extra` carries plan, endpoint and the like; with a problem the
     previous values stay (they still describe what is running).
@@ -186,14 +297,26 @@ def compute_status(
     `engine` is what the pods show (engine_health): a Degraded one makes the phase Degraded
     and Ready False with its reason, one that may pass by itself (a pod waiting for a node)
     only explains Progressing. A spec problem wins over both: it is what a person must fix
-    first, and the spec is not applied until then."""
+    first, and the spec is not applied until then.
+
+    `scaling` is the autoscaler the spec asks for and `autoscalers` the live HPAs and
+    ScaledObjects: ScalingReady says whether it reads its metric (scaling_ready); without
+    autoscaling the condition is left out."""
     previous = previous or {}
     conditions = [dict(c) for c in previous.get("conditions") or []]
     replicas, ready, settled = deployment_counts(deployments)
     status: dict[str, Any] = {
         key_: value
         for key_, value in previous.items()
-        if key_ not in {"conditions", "phase", "observedGeneration", "replicas", "readyReplicas"}
+        if key_
+        not in {
+            "conditions",
+            "phase",
+            "observedGeneration",
+            "replicas",
+            "readyReplicas",
+            "desiredReplicas",
+        }
     }
     if problem is None:
         for key_, value in extra.items():
@@ -204,6 +327,8 @@ def compute_status(
     status["observedGeneration"] = generation
     status["replicas"] = replicas
     status["readyReplicas"] = ready
+    if deployments:
+        status["desiredReplicas"] = desired_replicas(deployments)
 
     health = summarize(engine) if problem is None else None
     broken = health if health is not None and health.degraded else None
@@ -267,6 +392,12 @@ def compute_status(
     else:
         degraded = (False, "AsExpected", "")
     conditions = set_condition(conditions, "Degraded", *degraded, generation, now)
+    if scaling is not None:
+        conditions = set_condition(
+            conditions, "ScalingReady", *scaling_ready(scaling, autoscalers), generation, now
+        )
+    elif problem is None:
+        conditions = [c for c in conditions if c.get("type") != "ScalingReady"]
     status["conditions"] = sorted(conditions, key=lambda c: str(c["type"]))
     status["phase"] = phase
     return status

@@ -149,6 +149,11 @@ def crd() -> dict[str, Any]:
                             "type": "integer",
                             "jsonPath": ".status.plan.tensorParallelSize",
                         },
+                        {
+                            "name": "Desired",
+                            "type": "integer",
+                            "jsonPath": ".status.desiredReplicas",
+                        },
                         {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
                         {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},

@@ -7,6 +7,7 @@ from typing import Any
 from llm_operator.engine_health import EngineProblem
 from llm_operator.reconcile import (
     Problem,
+    Scaling,
     compute_status,
     drifted,
     owned,
@@ -308,3 +309,135 @@ def test_a_spec_problem_wins_over_what_the_pods_show() -> None:
         now="t", engine=[CRASH_LOOP],
     )  # fmt: skip
     assert conditions_of(status)["Degraded"]["reason"] == "CannotPlan"
+
+
+def condition(type_: str, status: str, reason: str = "", message: str = "") -> dict[str, Any]:
+    return {"type": type_, "status": status, "reason": reason, "message": message}
+
+
+def hpa(name: str = "m", *conditions: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": name},
+        "status": {"desiredReplicas": 2, "conditions": list(conditions)},
+    }
+
+
+def scaled_object(*conditions: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": "m"},
+        "status": {"conditions": list(conditions)},
+    }
+
+
+ABLE = condition("AbleToScale", "True", "ReadyForNewScale", "recommended size matches")
+ACTIVE = condition("ScalingActive", "True", "ValidMetricFound", "the HPA was able to ...")
+
+
+def scaling_condition(
+    scaling: Scaling | None, autoscalers: list[dict[str, Any]], previous: Any = None
+) -> dict[str, Any] | None:
+    status = compute_status(
+        previous=previous, generation=3, deployments=[settled()], problem=None, extra={},
+        now="t", scaling=scaling, autoscalers=autoscalers,
+    )  # fmt: skip
+    return next((c for c in status["conditions"] if c["type"] == "ScalingReady"), None)
+
+
+def test_scaling_ready_when_the_hpa_reads_its_metric() -> None:
+    found = scaling_condition(Scaling("hpa", "m"), [hpa("m", ABLE, ACTIVE)])
+    assert found is not None
+    assert (found["status"], found["reason"]) == ("True", "MetricRead")
+    assert "ValidMetricFound" in found["message"]
+
+
+def test_scaling_not_ready_says_why_the_hpa_cannot_read_its_metric() -> None:
+    failing = condition(
+        "ScalingActive", "False", "FailedGetPodsMetric",
+        'unable to get metric vllm_num_requests_waiting: no metrics returned',
+    )  # fmt: skip
+    found = scaling_condition(Scaling("hpa", "m"), [hpa("m", ABLE, failing)])
+    assert found is not None
+    assert (found["status"], found["reason"]) == ("False", "FailedGetPodsMetric")
+    assert "cannot read its metric" in found["message"]
+    assert "vllm_num_requests_waiting" in found["message"]
+    stuck = condition("AbleToScale", "False", "FailedGetScale", "no scale subresource")
+    found = scaling_condition(Scaling("hpa", "m"), [hpa("m", stuck, ACTIVE)])
+    assert found is not None and (found["status"], found["reason"]) == ("False", "FailedGetScale")
+
+
+def test_scaling_not_ready_while_the_autoscaler_is_missing_or_unevaluated() -> None:
+    missing = scaling_condition(Scaling("hpa", "m"), [hpa("other", ABLE, ACTIVE)])
+    assert missing is not None
+    assert (missing["status"], missing["reason"]) == ("False", "AutoscalerMissing")
+    fresh = scaling_condition(Scaling("hpa", "m"), [hpa("m")])
+    assert fresh is not None
+    assert (fresh["status"], fresh["reason"]) == ("False", "AwaitingAutoscaler")
+    keda = scaling_condition(Scaling("keda", "m"), [])
+    assert keda is not None and keda["reason"] == "AutoscalerMissing"
+    assert "ScaledObject m" in keda["message"]
+
+
+def test_scaling_ready_for_keda_follows_the_scaled_objects_ready_condition() -> None:
+    ready = condition("Ready", "True", "ScaledObjectReady", "ScaledObject is defined correctly")
+    idle = condition("Active", "False", "ScalerNotActive", "triggers are not active")
+    # Scaled to zero: KEDA's HPA says ScalingDisabled, which is what scale to zero looks like.
+    disabled = condition("ScalingActive", "False", "ScalingDisabled", "replica count is zero")
+    found = scaling_condition(
+        Scaling("keda", "m"), [scaled_object(ready, idle), hpa("keda-hpa-m", ABLE, disabled)]
+    )
+    assert found is not None
+    assert (found["status"], found["reason"]) == ("True", "MetricRead")
+    assert "idle" in found["message"]
+    active = condition("Active", "True", "ScalerActive", "triggers are active")
+    found = scaling_condition(Scaling("keda", "m"), [scaled_object(ready, active)])
+    assert found is not None and "active" in found["message"]
+    broken = condition(
+        "Ready", "False", "TriggerError", "Triggers defined in ScaledObject are not working"
+    )
+    found = scaling_condition(Scaling("keda", "m"), [scaled_object(broken, idle)])
+    assert found is not None
+    assert (found["status"], found["reason"]) == ("False", "TriggerError")
+    # KEDA ready, but the HPA it made cannot read KEDA's metrics API.
+    failing = condition("ScalingActive", "False", "FailedGetExternalMetric", "no metrics API")
+    found = scaling_condition(
+        Scaling("keda", "m"), [scaled_object(ready, active), hpa("keda-hpa-m", ABLE, failing)]
+    )
+    assert found is not None
+    assert (found["status"], found["reason"]) == ("False", "FailedGetExternalMetric")
+    unset = scaling_condition(Scaling("keda", "m"), [scaled_object()])
+    assert unset is not None and unset["reason"] == "AwaitingAutoscaler"
+
+
+def test_without_autoscaling_there_is_no_scaling_ready_condition() -> None:
+    with_it = compute_status(
+        previous=None, generation=3, deployments=[settled()], problem=None, extra={},
+        now="t", scaling=Scaling("hpa", "m"), autoscalers=[hpa("m", ABLE, ACTIVE)],
+    )  # fmt: skip
+    assert scaling_condition(None, [], previous=with_it) is None
+
+
+def test_desired_replicas_is_what_the_deployments_ask_for() -> None:
+    asked = settled()
+    asked["spec"]["replicas"] = 3  # the autoscaler asked for one more; it is not there yet
+    status = compute_status(
+        previous=None, generation=3, deployments=[asked], problem=None, extra={}, now="t"
+    )
+    assert (status["desiredReplicas"], status["replicas"]) == (3, 2)
+    none = compute_status(
+        previous=None, generation=3, deployments=[], problem=None, extra={}, now="t"
+    )
+    assert "desiredReplicas" not in none
+
+
+def test_an_unchanged_scaling_condition_changes_nothing() -> None:
+    kwargs: dict[str, Any] = {
+        "generation": 3, "deployments": [settled()], "problem": None, "extra": {},
+        "scaling": Scaling("hpa", "m"), "autoscalers": [hpa("m", ABLE, ACTIVE)],
+    }  # fmt: skip
+    first = compute_status(previous=None, now="t1", **kwargs)
+    again = compute_status(previous=first, now="t2", **kwargs)
+    assert not status_changed(first, again)

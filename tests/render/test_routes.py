@@ -187,3 +187,27 @@ def test_weight_zero_or_no_canary_strategy_routes_only_the_stable() -> None:
     ):
         table, _ = render_routes([deployment])
         assert [(t.name, t.weight) for t in table.models[0].tracks] == [("stable", 100)]
+
+
+def test_hold_settings_reach_the_table() -> None:
+    hold = {"maxQueue": 5, "coldStartTimeout": "90s", "fallbackWhileCold": True}
+    table, problems = render_routes([llmd("a", routing={"hold": hold})])
+    assert problems == []
+    route = table.models[0]
+    assert (route.hold.max_queue, route.hold.timeout, route.hold.fallback_while_cold) == (
+        5,
+        90.0,
+        True,
+    )
+    wire = yaml.safe_load(render_routes_configmap(table, "ns", "r")["data"][ROUTES_KEY])
+    assert wire["models"][0]["hold"] == {"maxQueue": 5, "timeout": 90.0, "fallbackWhileCold": True}
+
+
+def test_hold_defaults_are_the_gateways_and_zero_holds_nothing() -> None:
+    table, _ = render_routes([llmd("a"), llmd("b", routing={"hold": {"maxQueue": 0}})])
+    a, b = table.models
+    assert (a.hold.max_queue, a.hold.timeout, a.hold.fallback_while_cold) == (100, 600.0, False)
+    assert b.hold.max_queue == 0
+    # A cold start longer than the gateway takes is clamped, like the other timeouts.
+    table, problems = render_routes([llmd("c", routing={"hold": {"coldStartTimeout": "48h"}})])
+    assert problems == [] and table.models[0].hold.timeout == 86400

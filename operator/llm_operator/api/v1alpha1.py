@@ -456,6 +456,21 @@ class Fallback(ApiModel):
     )
 
 
+class RoutingHold(ApiModel):
+    """Scale from zero: while this model has no ready replica (scaled to 0, or every pod
+    still starting), the gateway holds its requests in arrival order until one turns ready."""
+
+    max_queue: Annotated[int, Field(ge=0, le=100000)] = 100
+    """Requests held at most; one more is answered at once with 503 and Retry-After (or goes
+    down the fallback chain). 0 holds nothing."""
+    cold_start_timeout: Duration = "10m"
+    """Longest a request waits for a ready replica; then 503 with Retry-After, or the fallback
+    chain. requestTimeout counts from the end of the wait."""
+    fallback_while_cold: bool = False
+    """With fallbacks: while no replica is ready, send requests down the fallback chain at once
+    instead of holding them (they still wake the model up)."""
+
+
 class RoutingSpec(ApiModel):
     """Gateway routing for this model: timeouts and fallback routes."""
 
@@ -475,6 +490,8 @@ class RoutingSpec(ApiModel):
     """Longest wait for the first byte before a request counts as timed out (and may fall back)."""
     saturation_queue_depth: Annotated[int, Field(ge=1, le=100000)] | None = None
     """Waiting requests per replica above which the model counts as saturated."""
+    hold: RoutingHold = RoutingHold()
+    """Holding requests while no replica is ready (scale from zero, cold starts)."""
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -690,6 +707,9 @@ class LLMDeploymentStatus(ApiModel):
     """Replicas of all tracks."""
     ready_replicas: int | None = None
     """Ready replicas of all tracks."""
+    desired_replicas: int | None = None
+    """Replicas the Deployments of all tracks ask for (with autoscaling: what the autoscaler
+    set)."""
     gpus_per_replica: int | None = None
     """GPUs one replica uses."""
     endpoint: str | None = None

@@ -50,6 +50,7 @@ from llm_operator.kubeformat import rfc3339_now
 from llm_operator.planner import plan
 from llm_operator.reconcile import (
     Problem,
+    Scaling,
     compute_status,
     deployment_counts,
     key,
@@ -58,6 +59,7 @@ from llm_operator.reconcile import (
     status_changed,
 )
 from llm_operator.render import RenderConfig, render_all, status_extras
+from llm_operator.render.names import object_name
 
 log = logging.getLogger("llm_operator.controller")
 
@@ -261,11 +263,14 @@ class Controller:
         generation = body["metadata"].get("generation")
         outcome = Outcome()
         extra: dict[str, Any] = {}
+        scaling: Scaling | None = None
         try:
             llmd = LLMDeployment.model_validate(body)
         except ValidationError as error:
             outcome.problem = Problem("InvalidSpec", describe_validation_error(error))
         else:
+            if llmd.spec.autoscaling is not None:
+                scaling = Scaling(llmd.spec.autoscaling.provider, object_name(llmd))
             try:
                 sizing = plan(llmd.spec)
                 desired = owned(render_all(llmd, self.config, sizing=sizing), body)
@@ -318,6 +323,12 @@ class Controller:
             extra=extra,
             now=now,
             engine=engine,
+            scaling=scaling,
+            autoscalers=[
+                obj
+                for (kind, _), obj in current.items()
+                if kind in {"HorizontalPodAutoscaler", "ScaledObject"}
+            ],
         )
         if outcome.canary is not None and outcome.problem is None:
             status = canary_status(status, outcome.canary, generation, now)

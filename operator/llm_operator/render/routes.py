@@ -3,8 +3,8 @@
 One table for the whole installation: each LLMDeployment becomes a model route named by its
 served name, whose stable track is its stable engine pods (picked by the same labels as the
 Deployment's selector; the gateway watches them and sends to the ready ones), with its
-fallback chain, triggers and timeouts. The operator writes the table into the ConfigMap the
-gateway mounts.
+fallback chain, triggers, timeouts and hold settings (scale from zero). The operator writes
+the table into the ConfigMap the gateway mounts.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import yaml
 from llm_operator.api.gateway_config import (
     Fallback,
     GatewayConfig,
+    Hold,
     ModelRoute,
     PodSelectorRef,
     Timeouts,
@@ -119,6 +120,11 @@ def model_route(
         ),
         max_concurrency=llmd.spec.engine.max_num_seqs,
         saturation_queue_depth=routing.saturation_queue_depth or 0,
+        hold=Hold(
+            max_queue=routing.hold.max_queue,
+            timeout=_seconds(routing.hold.cold_start_timeout),
+            fallback_while_cold=routing.hold.fallback_while_cold,
+        ),
     )
     return route, problems
 
