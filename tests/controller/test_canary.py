@@ -241,3 +241,23 @@ def test_a_canary_between_analyses_writes_nothing(
         llmd = run(controller, fake, llmd)
     assert fake.writes == []
     assert analyst.asked == []
+
+
+def test_with_autoscaling_the_canary_follows_the_stable_the_autoscaler_sized(
+    controller: Controller, fake: FakeKube
+) -> None:
+    spec = {
+        **{k: v for k, v in with_image("v0.10.0").items() if k != "replicas"},
+        "autoscaling": {"minReplicas": 2, "maxReplicas": 8},
+    }
+    llmd = run(controller, fake, body(spec))
+    stable = fake.objects[("Deployment", "m")]
+    assert "replicas" not in stable["spec"]  # the HPA's
+    stable["spec"]["replicas"] = 6  # what the HPA asked for
+    make_ready(fake, controller)
+    llmd = run(controller, fake, llmd)
+    edited = {**spec, "engine": {**spec["engine"], "image": "vllm/vllm-openai:v0.11.0"}}
+    llmd = run(controller, fake, edit(llmd, edited, 2))
+    assert fake.objects[("Deployment", "m-canary")]["spec"]["replicas"] == 2  # ceil(25% of 6)
+    assert image(fake.objects[("Deployment", "m")]).endswith("v0.10.0")  # stable untouched
+    assert ("HorizontalPodAutoscaler", "m") in fake.objects
