@@ -51,7 +51,15 @@ OPERATOR_NAMESPACED: set[Rule] = (
     | {(g, "events", v, "") for g in ("", "events.k8s.io") for v in ("create", "patch")}
     # The engine pods, listed while replicas are not ready to say why: read only, no watch.
     | {("", "pods", "list", "")}
+    # The Secrets external fallbacks name, read one by one: get, never list or watch.
+    | {("", "secrets", "get", "")}
 )
+#: The gateway's keys Secret beside the gateway: the operator creates it, then only it.
+KEYS_SECRET: set[Rule] = {
+    ("", "secrets", "create", ""),
+    ("", "secrets", "get", "llm-operator-routes-keys"),
+    ("", "secrets", "patch", "llm-operator-routes-keys"),
+}
 KEDA: set[Rule] = {("keda.sh", "scaledobjects", v, "") for v in CHILD_VERBS}
 #: kopf's own cluster-wide reads: CRDs to discover resources, namespaces to match its list.
 KOPF_CRDS: set[Rule] = {
@@ -229,15 +237,21 @@ def test_rbac_has_no_wildcards_no_secrets_and_no_escalation(values: Path | None)
             for key in ("apiGroups", "resources", "verbs", "resourceNames"):
                 assert "*" not in rule.get(key, []), f"{role['metadata']['name']}: {rule}"
             assert "nonResourceURLs" not in rule
-            assert not {"secrets", "pods/exec", "serviceaccounts/token"} & set(rule["resources"])
+            assert not {"pods/exec", "serviceaccounts/token"} & set(rule["resources"])
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
+            if "secrets" in rule["resources"]:
+                # Only the operator's named reads and its one keys Secret: never a list or
+                # watch of Secrets, never a Secret write beyond that one.
+                assert set(rule["verbs"]) <= {"get", "create", "patch"}, rule
+                assert set(rule["verbs"]) == {"get"} or "keys" in role["metadata"]["name"], rule
 
 
 def test_cluster_wide_operator_rbac_is_exactly_what_it_calls() -> None:
     objs = render()
-    assert granted(objs, "llm-operator") == {None: OPERATOR_NAMESPACED | KOPF_CRDS}
+    cluster_wide = OPERATOR_NAMESPACED | KOPF_CRDS
+    assert granted(objs, "llm-operator") == {None: cluster_wide, NAMESPACE: KEYS_SECRET}
     keda = render(None, "keda.enabled=true")
-    assert granted(keda, "llm-operator") == {None: OPERATOR_NAMESPACED | KOPF_CRDS | KEDA}
+    assert granted(keda, "llm-operator") == {None: cluster_wide | KEDA, NAMESPACE: KEYS_SECRET}
     assert "--keda" in args_of(deployments(keda)["operator"])
     assert "--keda" not in args_of(deployments(objs)["operator"])
 
@@ -249,11 +263,15 @@ def test_namespaced_operator_rbac_is_per_namespace_with_read_only_discovery() ->
     rights = granted(objs, "llm-operator")
     assert rights.pop(None) == KOPF_CRDS | KOPF_NAMESPACES  # nothing else cluster-wide
     routes = rights.pop(NAMESPACE)  # the gateway's routing table beside the gateway
-    assert routes == {
-        ("", "configmaps", "create", ""),
-        ("", "configmaps", "get", "llm-operator-routes"),
-        ("", "configmaps", "patch", "llm-operator-routes"),
-    }
+    assert (
+        routes
+        == {
+            ("", "configmaps", "create", ""),
+            ("", "configmaps", "get", "llm-operator-routes"),
+            ("", "configmaps", "patch", "llm-operator-routes"),
+        }
+        | KEYS_SECRET
+    )
     assert rights == {ns: OPERATOR_NAMESPACED for ns in watched}
     args = args_of(deployments(objs)["operator"])
     assert [a for a in args if a.startswith("--namespace")] == [f"--namespace={n}" for n in watched]
@@ -272,7 +290,9 @@ def test_ha_rbac_adds_only_the_peering() -> None:
         render(CHART / "ci" / "ha-namespaced-values.yaml"), "llm-operator-existing"
     )
     for ns in ("llm-operator", "ml"):
-        assert namespaced[ns] - OPERATOR_NAMESPACED == {
+        # The release namespace also holds the gateway and so its keys Secret.
+        keys = KEYS_SECRET if ns == NAMESPACE else set()
+        assert namespaced[ns] - OPERATOR_NAMESPACED - keys == {
             ("kopf.dev", "kopfpeerings", "list", ""),
             ("kopf.dev", "kopfpeerings", "watch", ""),
             ("kopf.dev", "kopfpeerings", "get", "llm-operator"),
@@ -700,3 +720,17 @@ def test_values_schema_rejects_bad_operator_settings(setting: str, complaint: st
     with pytest.raises(chartgen.ChartgenError) as failure:
         render(None, setting)
     assert complaint in str(failure.value)
+
+
+def test_the_gateway_mounts_the_operators_copy_of_the_fallback_keys() -> None:
+    from llm_operator.render.routes import API_KEY_DIR, KEYS_SECRET_SUFFIX
+
+    gateway = deployments(render())["gateway"]["spec"]["template"]["spec"]
+    [volume] = [v for v in gateway["volumes"] if v["name"] == "fallback-keys"]
+    assert volume["secret"] == {
+        "secretName": "llm-operator-routes" + KEYS_SECRET_SUFFIX,
+        "optional": True,  # the gateway starts before any key is referenced
+    }
+    [container] = gateway["containers"]
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == "fallback-keys"]
+    assert (mount["mountPath"], mount["readOnly"]) == (API_KEY_DIR, True)

@@ -78,7 +78,7 @@ def test_fallbacks_become_a_chain_of_models_and_external_urls() -> None:
     assert [f.model for f in route.fallbacks] == ["org/small", None]
     external = route.fallbacks[1]
     assert (external.url, external.target_model) == ("https://api.example.com/v1", "gpt-x")
-    assert external.api_key_file == "/etc/llm-gateway/keys/ml.ext/token"
+    assert external.api_key_file == "/etc/llm-gateway-keys/ml_ext_token"
     assert route.fallback_on == ["429", "5xx"]
     assert (route.timeouts.first_byte, route.timeouts.total) == (15, 120)
     assert route.max_concurrency == 64

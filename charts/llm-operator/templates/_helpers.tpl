@@ -117,6 +117,11 @@ Exactly the calls the operator makes; no "*", no Secrets (pods reference Secrets
 - apiGroups: ["llmoperator.io"]
   resources: ["llmdeployments/status"]
   verbs: ["get", "patch"]
+# The Secrets external fallbacks name (routing.fallbacks[].apiKeySecretRef), read one by one
+# by name and copied for the gateway: get only, never list or watch.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
 # The children it owns: server-side apply (create + patch), watches for drift, prunes.
 - apiGroups: ["apps"]
   resources: ["deployments"]

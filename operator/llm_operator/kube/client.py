@@ -200,6 +200,18 @@ class KubeClient:
         except ApiException as error:  # an Event is best effort; never fail a reconcile on it
             log.warning("could not post event %s on %s: %s", reason, metadata["name"], error.status)
 
+    def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """One named Secret (GET only: the operator never lists or watches Secrets)."""
+        try:
+            result: dict[str, Any] = self._call(
+                "GET", f"/api/v1/namespaces/{namespace}/secrets/{name}"
+            )
+            return result
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
     def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             result: dict[str, Any] = self._call(

@@ -42,7 +42,9 @@ CHILD_KINDS: tuple[Kind, ...] = (
     Kind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers"),
     Kind("keda.sh/v1alpha1", "ScaledObject", "scaledobjects"),
 )
-BY_KIND = {k.kind: k for k in CHILD_KINDS}
+# Written, never watched: the gateway's copy of the fallback keys LLMDeployments reference.
+SECRET = Kind("v1", "Secret", "secrets")
+BY_KIND = {k.kind: k for k in (*CHILD_KINDS, SECRET)}
 # Read only, never owned: the engine pods, listed to say why replicas are not turning ready.
 POD = Kind("v1", "Pod", "pods")
 

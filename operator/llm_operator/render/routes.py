@@ -29,14 +29,54 @@ from llm_operator.render.names import selector_labels
 from llm_operator.render.vllm_deployment import PORT_NAME
 
 ROUTES_KEY = "routes.yaml"
-# Where the gateway finds an external fallback's API key: the platform team mounts the Secret
-# there (the operator itself never reads Secrets).
-API_KEY_DIR = "/etc/llm-gateway/keys"
+# Where the gateway finds an external fallback's API key: the chart mounts the keys Secret
+# there, the operator's copy of exactly the keys LLMDeployments reference.
+API_KEY_DIR = "/etc/llm-gateway-keys"
 MAX_TIMEOUT_SECONDS = 86400.0
 
 
+KEYS_SECRET_SUFFIX = "-keys"
+
+
+def api_key_file(namespace: str, secret: str, key: str) -> str:
+    """The key's name in the gateway's keys Secret (and so its file). Namespaces and Secret
+    names never hold `_`, so the name maps back to one (namespace, secret, key)."""
+    return f"{namespace}_{secret}_{key}"
+
+
 def api_key_path(namespace: str, secret: str, key: str) -> str:
-    return f"{API_KEY_DIR}/{namespace}.{secret}/{key}"
+    return f"{API_KEY_DIR}/{api_key_file(namespace, secret, key)}"
+
+
+def key_references(llmds: Sequence[LLMDeployment]) -> set[tuple[str, str, str]]:
+    """Every (namespace, Secret, key) an external fallback of these LLMDeployments names."""
+    refs = set()
+    for llmd in llmds:
+        for step in llmd.spec.routing.fallbacks:
+            ref = step.api_key_secret_ref
+            if ref is not None:
+                refs.add((llmd.metadata.namespace or "default", ref.name, ref.key))
+    return refs
+
+
+def render_keys_secret(data: dict[str, str], namespace: str, name: str) -> dict[str, Any]:
+    """The one Secret the gateway mounts at API_KEY_DIR: a copy of exactly the keys that
+    LLMDeployments reference (`data` as the API holds it: base64), nothing else."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {
+                LABEL_NAME: "llm-operator",
+                LABEL_COMPONENT: "gateway-keys",
+                LABEL_MANAGED_BY: MANAGED_BY,
+            },
+        },
+        "data": dict(sorted(data.items())),
+    }
 
 
 def _fallbacks(
