@@ -37,7 +37,14 @@ SIM_ARGS = [
     "--max-num-seqs",
     "64",
 ]
-SIM_DEFAULTS = {"error_rate_500": 0.0, "error_rate_429": 0.0, "hang": False, "retry_after": 1}
+SIM_DEFAULTS = {
+    "error_rate_500": 0.0,
+    "error_rate_429": 0.0,
+    "hang": False,
+    "retry_after": 1,
+    "disconnect_after": None,
+    "output_tokens": 8,
+}
 EXT_KEY = "sk-external-test-key"
 
 

@@ -92,6 +92,17 @@ def test_concurrency_limit_reports_saturation() -> None:
     assert m.pick(0.0)[0] is m.tracks[0].backends[0]
 
 
+def test_the_saturation_queue_holds_its_depth_per_backend_that_takes_traffic() -> None:
+    # saturationQueueDepth is per replica: 3 stable backends count, the 0-weight canary not.
+    table = _table(
+        [_model({"stable": 1, "canary": 0}, per_track=3, maxConcurrency=4, saturationQueueDepth=5)]
+    )
+    assert table.models["m"].queue_depth == 15
+    alone = _table([_model({"stable": 1}, per_track=1, saturationQueueDepth=5)]).models["m"]
+    assert alone.queue_depth == 5
+    assert _table([_model({"stable": 1}, per_track=2)]).models["m"].queue_depth == 0
+
+
 def test_circuit_opens_after_consecutive_failures_and_half_opens_after_cooldown() -> None:
     b = Backend("x:1", "x", 1)
     b.failure_threshold, b.cooldown = 3, 5.0

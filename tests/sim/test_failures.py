@@ -193,6 +193,106 @@ def test_failures_configured_by_environment() -> None:
         assert sim.admin()["error_rate_429"] == 1.0
 
 
+def _stream_events(sim: SimProcess, path: str, body: dict[str, Any]) -> tuple[list[Any], bool]:
+    """The data events of a stream, and whether it ended properly."""
+    got: list[Any] = []
+    with (
+        httpx.Client(timeout=5) as http,
+        http.stream("POST", sim.openai_url + path, json=body) as resp,
+    ):
+        assert resp.status_code == 200
+        try:
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    data = line[6:]
+                    got.append(data if data == "[DONE]" else json.loads(data))
+        except httpx.RemoteProtocolError:
+            return got, False
+    return got, True
+
+
+def test_disconnect_after_by_admin_and_environment(fresh_sim: SimProcess) -> None:
+    body = {"model": "sim-llama", "messages": MESSAGES, "stream": True, "max_tokens": 20}
+    assert fresh_sim.admin(disconnect_after=3)["disconnect_after"] == 3
+    try:
+        got, ended = _stream_events(fresh_sim, "/chat/completions", body)
+        assert (len(got), ended) == (3, False)
+    finally:
+        assert fresh_sim.admin(disconnect_after=None)["disconnect_after"] is None
+    got, ended = _stream_events(fresh_sim, "/chat/completions", body)
+    assert ended and got[-1] == "[DONE]"
+    assert _admin_raw(fresh_sim, {"disconnect_after": -1})[0] == 400
+    env = {"LLMOP_SIM_DISCONNECT_AFTER": "2"}
+    with run_sims(1, MODEL, served_name="m", args=FAST_ARGS, env=env) as (sim,):
+        prompt = {"model": "m", "prompt": "x", "stream": True, "max_tokens": 9}
+        got, ended = _stream_events(sim, "/completions", prompt)
+        assert (len(got), ended) == (2, False)
+
+
+def test_a_seeded_answer_continues_where_it_was_cut(sim: SimProcess) -> None:
+    # Long answers; the same seed gives the same answer, and a continuation of its first
+    # k tokens (max_tokens lowered by k, as the gateway does) is the rest of it.
+    sim.admin(output_tokens=30)
+    try:
+        for seed in (1, 2, 3):
+            whole = {"model": "sim-llama", "messages": MESSAGES, "stream": True, "seed": seed}
+            ref, _ = _stream_events(sim, "/chat/completions", whole)
+            tokens = [c["choices"][0]["delta"].get("content", "") for c in ref if c != "[DONE]"]
+            finish = ref[-2]["choices"][0]["finish_reason"]
+            assert finish == "stop" and len(tokens) > 10
+            k = 6  # the role chunk and 5 tokens went out
+            text = "".join(tokens[:k])
+            rest = {
+                **whole,
+                "messages": [*MESSAGES, {"role": "assistant", "content": text}],
+                "continue_final_message": True,
+                "add_generation_prompt": False,
+            }
+            got, _ = _stream_events(sim, "/chat/completions", rest)
+            more = [c["choices"][0]["delta"].get("content", "") for c in got[1:] if c != "[DONE]"]
+            assert more == tokens[k:]
+            assert got[-2]["choices"][0]["finish_reason"] == "stop"
+        prompt = {"model": "sim-llama", "prompt": "Go", "stream": True, "seed": 4, "max_tokens": 12}
+        ref, _ = _stream_events(sim, "/completions", prompt)
+        pieces = [c["choices"][0]["text"] for c in ref if c != "[DONE]"]
+        cont = {**prompt, "prompt": "Go" + "".join(pieces[:5]), "max_tokens": 7}
+        got, _ = _stream_events(sim, "/completions", cont)
+        assert [c["choices"][0]["text"] for c in got if c != "[DONE]"] == pieces[5:]
+        assert got[-2]["choices"][0]["finish_reason"] == ref[-2]["choices"][0]["finish_reason"]
+    finally:
+        sim.admin(output_tokens=8)
+
+
+def test_continuous_usage_stats_count_every_chunk(sim: SimProcess) -> None:
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    body = {
+        "model": "sim-llama",
+        "prompt": "hello",
+        "stream": True,
+        "max_tokens": 4,
+        "stream_options": options,
+    }
+    got, _ = _stream_events(sim, "/completions", body)
+    counts = [c["usage"]["completion_tokens"] for c in got if c != "[DONE]"]
+    assert counts == [1, 2, 3, 4, 4]  # each token, then the final usage block
+    chat = {**body, "messages": MESSAGES}
+    del chat["prompt"]
+    got, _ = _stream_events(sim, "/chat/completions", chat)
+    counts = [c["usage"]["completion_tokens"] for c in got if c != "[DONE]"]
+    assert counts == [0, 1, 2, 3, 4, 4]  # the role chunk says 0
+
+
+def test_continue_final_message_needs_a_final_assistant_message(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="final assistant"):
+        _chat(client, extra_body={"continue_final_message": True})
+    with pytest.raises(openai.BadRequestError, match="Cannot set both"):
+        client.chat.completions.create(
+            model="sim-llama",
+            messages=[*MESSAGES, {"role": "assistant", "content": "x"}],
+            extra_body={"continue_final_message": True, "add_generation_prompt": True},
+        )
+
+
 def _admin_raw(sim: SimProcess, payload: object) -> tuple[int, bytes]:
     with httpx.Client(timeout=5) as http:
         resp = http.post(f"{sim.base_url}/sim/admin", json=payload)

@@ -219,8 +219,9 @@ class ModelRoute(ApiModel):
     """Outstanding requests per backend at most (typically vLLM's --max-num-seqs); unset: no
     limit. A backend at its limit is skipped."""
     saturation_queue_depth: Annotated[int, Field(ge=0, le=1_000_000)] = 0
-    """Requests that may wait at the gateway for a free backend slot when every backend is at
-    maxConcurrency; one more than this counts as `saturated`."""
+    """Requests per backend that may wait at the gateway for a free backend slot when every
+    backend is at maxConcurrency (the queue holds this times the model's backends, those of
+    tracks with a weight above 0); one more counts as `saturated`."""
     retry_after: Annotated[int, Field(ge=1, le=3600)] = 1
     """Retry-After seconds sent with a 503 when nothing can answer; also the default time a
     backend that answered 429 without Retry-After is avoided."""
@@ -230,6 +231,13 @@ class ModelRoute(ApiModel):
     """Per-backend breaker settings."""
     hold: Hold = Hold()
     """Holding requests while the model has no ready backend (scale from zero)."""
+    resume_streams: bool = False
+    """A streamed chat or text completion whose backend fails after the first byte goes on
+    from the next route (another backend, then the fallback chain): the request is sent
+    again with the text streamed so far as an assistant prefix (vLLM's
+    `continue_final_message`; for completions the prompt plus that text) and `max_tokens`
+    reduced by the tokens already sent. The client sees one stream. Off: the stream ends with
+    an error event."""
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(

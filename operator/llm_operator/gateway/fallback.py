@@ -16,11 +16,12 @@ from llm_operator import http11
 from llm_operator.gateway.accesslog import AccessLog
 from llm_operator.gateway.connection import ClientConnection
 from llm_operator.gateway.hold import Held, HoldQueues
-from llm_operator.gateway.metrics import Metrics
+from llm_operator.gateway.metrics import Metrics, Series
 from llm_operator.gateway.report import report
 from llm_operator.gateway.request import Attempt, Call, Failure, error_body
+from llm_operator.gateway.resume import resumable
 from llm_operator.gateway.routing import Backend, ModelState
-from llm_operator.gateway.streaming import Try, respond
+from llm_operator.gateway.streaming import Try, end_resumed, respond
 from llm_operator.gateway.upstream import Exchange, Pool, UpstreamError, expire
 
 # The only client headers an external (url) fallback gets: a third party must not see the
@@ -92,10 +93,12 @@ class Proxy:
         """The model's backends, then its fallback chain."""
         model = call.model
         p = _Progress()
+        if model.route.resume_streams:
+            call.resume = resumable(call.req.path, call.scanned)
         for step_i in range(len(model.fallbacks) + 1):
             if step_i == 0:
                 call.step_model, call.external, call.step_label = model, None, ""
-                call.body = call.scanned.body
+                call.body, call.target = call.scanned.body, call.scanned.model
             else:
                 step = model.fallbacks[step_i - 1]
                 call.step_model, call.external, call.step_label = (
@@ -104,6 +107,7 @@ class Proxy:
                     step.label,
                 )
                 call.body = call.scanned.with_model(step.target_model)
+                call.target = step.target_model
                 reason = p.reason or Failure.UNAVAILABLE
                 self.metrics.inc(self.metrics.fallbacks, (model.name, step.label, reason))
             await self._step(conn, call, step_i == 0, p)
@@ -146,8 +150,8 @@ class Proxy:
             self.metrics.inc(
                 self.metrics.attempt_failures, (model.name, backend.key, track, p.reason)
             )
-            if result.reason.value not in model.triggers:
-                # Not a trigger: this failure is the answer.
+            if result.reason.value not in model.triggers and not call.resuming:
+                # Not a trigger: this failure is the answer (a resumed stream goes on).
                 p.answered = self._answer_failure(conn, call, result, backend=backend, track=track)
                 return
 
@@ -198,6 +202,10 @@ class Proxy:
         ka = req.keep_alive
         key = backend.key if backend is not None else ""
         series = self.metrics.target(model.name, key or "none", track)
+        if call.resuming:
+            # Mid-stream, and no route could continue it: end it as an unresumed one.
+            self._end_resumed(conn, call, result, reason, series, key, track)
+            return False
         if result is not None and result.complete_error is not None:
             status, head, body = result.complete_error
             conn.write(head + body)
@@ -239,6 +247,20 @@ class Proxy:
             failure=reason or "",
         )
         return ka
+
+    def _end_resumed(
+        self,
+        conn: ClientConnection,
+        call: Call,
+        result: Attempt | None,
+        reason: Failure | None,
+        series: Series,
+        key: str,
+        track: str,
+    ) -> None:
+        detail = (result.detail if result is not None else "") or str(reason or "unavailable")
+        total = result is not None and result.reason == Failure.TOTAL
+        end_resumed(conn, call, self.access_log, series, key, track, detail, total=total)
 
     async def _wait_slot(self, model: ModelState, call: Call) -> bool:
         """Wait in the saturation queue for a backend slot; False after the first-byte timeout."""
@@ -338,6 +360,8 @@ class Proxy:
 def _upstream_request(call: Call, backend: Backend) -> bytes:
     """The request as the backend gets it, built once for every try on it."""
     req, ext, body = call.req, call.external, call.body
+    if call.resume is not None:
+        body = call.resume.body(call.target)  # stream options; after a failure, the rest
     if ext is not None:
         path = ext.base_path.encode() + req.path[3:]  # base URL + path after /v1
         host = ext.host_header.encode()

@@ -11,9 +11,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from llm_operator.gateway.bodyscan import Scanned
 from llm_operator.gateway.routing import ExternalTarget, ModelState
+
+if TYPE_CHECKING:
+    from llm_operator.gateway.resume import Resume
 
 
 class Failure(StrEnum):
@@ -80,6 +84,15 @@ class Call:
     note: str = ""
     """Why the model could not answer, when the gateway knows better than "no backend"
     (a full hold queue, an expired cold start): the message of a 503."""
+    target: str = ""
+    """The `model` the current step's backends are sent."""
+    resume: Resume | None = None
+    """A stream the model resumes on the next route if its backend fails (`resume.py`)."""
+
+    @property
+    def resuming(self) -> bool:
+        """A resumable stream is under way at the client: a failure now is resumed."""
+        return self.resume is not None and self.resume.committed
 
     @property
     def limits(self) -> ModelState:

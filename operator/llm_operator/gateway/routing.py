@@ -246,6 +246,7 @@ class ModelState:
     fallbacks: list[FallbackStep] = field(default_factory=list)
     limit: int | None = None
     queue_depth: int = 0
+    """Requests that may wait for a slot: `saturationQueueDepth` x the backends."""
     waiting: int = 0
     """Requests waiting at the gateway for a free backend slot (saturation queue)."""
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
@@ -485,7 +486,7 @@ def _model_state(
         triggers=frozenset(route.fallback_on),
         budget=budget,
         limit=route.max_concurrency,
-        queue_depth=route.saturation_queue_depth,
+        queue_depth=_queue_bound(route, tracks),
         connect_timeout=route.timeouts.connect,
         first_byte_timeout=route.timeouts.first_byte,
         total_timeout=route.timeouts.total,
@@ -493,6 +494,12 @@ def _model_state(
         track_of=track_of,
         cold=not any(t.backends for t in tracks if t.weight > 0),
     )
+
+
+def _queue_bound(route: ModelRoute, tracks: list[TrackState]) -> int:
+    """The saturation queue's size: `saturationQueueDepth` per backend that takes traffic."""
+    backends = sum(len(t.backends) for t in tracks if t.weight > 0)
+    return route.saturation_queue_depth * backends
 
 
 def _fallback_step(

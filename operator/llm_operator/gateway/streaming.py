@@ -2,7 +2,9 @@
 once committed, relay the answer (whole, or streamed chunk by chunk) to the client.
 
 Once committed there is no second answer: a backend failure mid-stream ends an SSE stream
-with an error event and closes the connection.
+with an error event and closes the connection; unless the model resumes streams
+(`resume.py`): then the failed attempt goes back to the fallback loop, and the next route's
+continuation is relayed into the same client stream.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from llm_operator.gateway.connection import ClientConnection
 from llm_operator.gateway.metrics import Series
 from llm_operator.gateway.report import report
 from llm_operator.gateway.request import Attempt, Call, Failure, error_body
+from llm_operator.gateway.resume import Resume
 from llm_operator.gateway.routing import Backend
 from llm_operator.gateway.upstream import Exchange, Pool, UpstreamConnection, UpstreamError, expire
 
@@ -81,6 +84,9 @@ async def respond(conn: ClientConnection, call: Call, t: Try, log: AccessLog) ->
     assert upc is not None and ex is not None
     now = time.monotonic()
     status = ex.status
+    resume = call.resume
+    if resume is not None and resume.committed:
+        return await _continue(conn, call, t, log, resume)
     ttfb = now - call.req.start
     head = _Head(ex, call.req.keep_alive)
     if status == 429 or status >= 500:
@@ -89,7 +95,9 @@ async def respond(conn: ClientConnection, call: Call, t: Try, log: AccessLog) ->
             return failed
     else:
         t.backend.on_success()
-    # Commit: from here on there is no failover.
+    # Commit: from here on there is no failover (but a resumable stream's continuation).
+    if resume is not None and _streams(ex, head):
+        return await _commit_resumable(conn, call, t, head, log, resume, ttfb)
     ttft = tpot = None
     if ex.complete:
         nbytes = _write_complete(conn, t, head.parts)
@@ -323,3 +331,197 @@ def _stream_outcome(
         return "timeout"
     backend.on_failure(time.monotonic())
     return "stream_error"
+
+
+def _streams(ex: Exchange, head: _Head) -> bool:
+    """A 2xx SSE answer still coming, chunked: what a resumable stream needs."""
+    return 200 <= ex.status < 300 and head.sse and not ex.complete and head.content_length is None
+
+
+class _ResumeRelay(_Relay):
+    """The relay of a resumable stream: the backend's bytes go through `Resume.feed` (whole
+    events, re-written) and a failure is kept for the fallback loop instead of ending the
+    client's stream."""
+
+    __slots__ = ("failure", "resume")
+
+    def __init__(self, conn: ClientConnection, resume: Resume) -> None:
+        super().__init__(conn, True, True)
+        self.resume = resume
+        self.failure: UpstreamError | None = None
+
+    def sink(self, data: bytes | None, err: UpstreamError | None) -> None:
+        if self.conn.closed:
+            return
+        resume = self.resume
+        if data is not None:
+            out = resume.feed(data)
+            if out:
+                _Relay.sink(self, out, None)
+        elif err is None and resume.done:
+            _Relay.sink(self, None, None)
+        else:
+            if err is None:
+                what = resume.error or "the stream ended before [DONE]"
+                err = UpstreamError(Failure.STATUS_5XX, f"the backend failed mid-stream: {what}")
+            self.failure = err
+            self.flush()
+
+
+async def _commit_resumable(
+    conn: ClientConnection,
+    call: Call,
+    t: Try,
+    head: _Head,
+    log: AccessLog,
+    resume: Resume,
+    ttfb: float,
+) -> Attempt | None:
+    """The first answer of a resumable stream: its head goes to the client once."""
+    resume.committed = True
+    resume.ttfb = ttfb
+    resume.relay = _ResumeRelay(conn, resume)
+    head.parts.append(b"transfer-encoding: chunked\r\n\r\n")
+    conn.write(b"".join(head.parts))
+    return await _stream_resumable(conn, call, t, log, resume)
+
+
+async def _continue(
+    conn: ClientConnection, call: Call, t: Try, log: AccessLog, resume: Resume
+) -> Attempt | None:
+    """The head of a continuation: relay it into the client's stream, or fail the attempt
+    (a 429 or 5xx: the next route continues; anything else ends the stream)."""
+    upc, ex = t.upc, t.ex
+    assert upc is not None and ex is not None
+    status = ex.status
+    head = _Head(ex, call.req.keep_alive)
+    if _streams(ex, head):
+        t.backend.on_success()
+        resume.resumes += 1
+        return await _stream_resumable(conn, call, t, log, resume)
+    now = time.monotonic()
+    upc.abort()
+    conn.upstream = None
+    if status == 429:
+        t.backend.on_busy(now, head.retry_after or float(call.model.retry_after))
+        return Attempt(Failure.STATUS_429, "backend answered 429")
+    if status >= 500:
+        t.backend.on_failure(now)
+        return Attempt(Failure.STATUS_5XX, f"backend answered {status}")
+    end_resumed(conn, call, log, t.series, t.backend.key, t.track, f"continuation got {status}")
+    return None
+
+
+async def _stream_resumable(
+    conn: ClientConnection, call: Call, t: Try, log: AccessLog, resume: Resume
+) -> Attempt | None:
+    """Relay one attempt of a resumable stream; an `Attempt` when its backend failed
+    before the answer was whole (the fallback loop then continues it elsewhere)."""
+    upc, ex = t.upc, t.ex
+    assert upc is not None and ex is not None
+    relay: _ResumeRelay = resume.relay
+    await _pump(conn, call, t, relay)
+    failure = relay.failure
+    if conn.closed or failure is None:
+        outcome = "client_closed" if conn.closed else "success"
+        _report_resumed(log, call, t, resume, outcome)
+        return None
+    if failure.reason == Failure.TOTAL:
+        end_resumed(conn, call, log, t.series, t.backend.key, t.track, str(failure), total=True)
+        return None
+    t.backend.on_failure(time.monotonic())
+    if resume.finished:
+        # The last token went out: the answer is whole but for its usage block and [DONE].
+        conn.write(http11.chunk(resume.ending()) + http11.LAST_CHUNK)
+        _report_resumed(log, call, t, resume, "success")
+        return None
+    return Attempt(failure.reason, str(failure))
+
+
+async def _pump(conn: ClientConnection, call: Call, t: Try, relay: _ResumeRelay) -> None:
+    """The backend's answer through the relay until it ends, fails or the total passes."""
+    upc, ex = t.upc, t.ex
+    assert upc is not None and ex is not None
+    relay.failure = None
+    relay.resume.begin()
+    for piece in ex.buffered:
+        relay.sink(piece, None)
+    ex.buffered = []
+    relay.flush()
+    loop = conn.loop
+    done = loop.create_future()
+    ex.done = done
+    ex.sink = relay.sink
+    ex.on_read_done = relay.flush
+    if ex.error is not None:
+        relay.sink(None, ex.error)
+    elif ex.complete:
+        relay.sink(None, None)
+    if conn.paused:
+        upc.pause_reading()
+    left = call.t0 + call.model.total_timeout - time.monotonic()
+    timer = loop.call_at(loop.time() + max(0.0, left), expire, ex, upc, "total")
+    try:
+        if not ex.complete and ex.error is None:
+            await done
+    finally:
+        timer.cancel()
+    conn.upstream = None
+    if ex.complete and ex.keep_alive and not conn.closed:
+        t.pool.release(upc)
+    elif not ex.complete:
+        upc.abort()
+
+
+def _report_resumed(log: AccessLog, call: Call, t: Try, resume: Resume, outcome: str) -> None:
+    relay: _ResumeRelay = resume.relay
+    ttft, tpot = relay.token_times(call.req.start)
+    report(
+        log,
+        call,
+        t.series,
+        status=200,
+        outcome=outcome,
+        backend=t.backend.key,
+        track=t.track,
+        nbytes=relay.nbytes,
+        ttfb=resume.ttfb,
+        committed=True,
+        ttft=ttft if outcome == "success" else None,
+        tpot=tpot if outcome == "success" else None,
+    )
+
+
+def end_resumed(
+    conn: ClientConnection,
+    call: Call,
+    log: AccessLog,
+    series: Series,
+    backend: str,
+    track: str,
+    detail: str,
+    *,
+    total: bool = False,
+) -> None:
+    """A resumable stream nothing could continue: it ends as an unresumed one would, with
+    the error event, and the connection closes."""
+    resume = call.resume
+    assert resume is not None
+    if not conn.closed:
+        msg = detail if total else f"the backend failed mid-stream: {detail}"
+        event = b"data: " + error_body(msg, "server_error", 502) + b"\n\n"
+        conn.write(http11.last_chunk(event))
+        conn.close()
+    relay: _ResumeRelay = resume.relay
+    report(
+        log,
+        call,
+        series,
+        status=200,
+        outcome="timeout" if total else "stream_error",
+        backend=backend,
+        track=track,
+        nbytes=relay.nbytes,
+        ttfb=resume.ttfb,
+        committed=True,
+    )

@@ -41,6 +41,7 @@ ADMIN_FIELDS = {
     "jitter": "--sim-jitter",
     "load_slowdown": "--sim-load-slowdown",
     "output_tokens": "--sim-output-tokens",
+    "disconnect_after": "--sim-disconnect-after",
 }
 _LATENCY_FIELDS = {"ttft_base", "prefill_per_token", "itl", "jitter", "load_slowdown"}
 
@@ -175,6 +176,7 @@ class SimApp:
             "jitter": self.latency.jitter,
             "load_slowdown": self.latency.load_slowdown,
             "output_tokens": self.cfg.output_tokens,
+            "disconnect_after": self.cfg.disconnect_after,
             "running": running,
             "waiting": waiting,
             "kv_cache_usage": kv,
@@ -192,6 +194,9 @@ class SimApp:
                         400, "health_status must be an HTTP status or null", "Bad Request", key
                     )
                 parsed[key] = value
+                continue
+            if key == "disconnect_after" and value is None:
+                parsed[key] = None
                 continue
             if key == "ready":
                 if not isinstance(value, bool):
@@ -297,14 +302,17 @@ class SimApp:
             else:
                 self._fail(ex, RequestError(400, f"bad {FAIL_HEADER}: {forced!r}", "Bad Request"))
                 return
-        elif self.cfg.error_rate_500 or self.cfg.error_rate_429:
-            draw = self.rng.random()
-            if draw < self.cfg.error_rate_500:
-                self._injected(ex, 500)
-                return
-            if draw < self.cfg.error_rate_500 + self.cfg.error_rate_429:
-                self._injected(ex, 429)
-                return
+        else:
+            if self.cfg.error_rate_500 or self.cfg.error_rate_429:
+                draw = self.rng.random()
+                if draw < self.cfg.error_rate_500:
+                    self._injected(ex, 500)
+                    return
+                if draw < self.cfg.error_rate_500 + self.cfg.error_rate_429:
+                    self._injected(ex, 429)
+                    return
+            if self.cfg.disconnect_after is not None:
+                cut_after = self.cfg.disconnect_after
 
         target, stop = self._plan_length(req, max_tokens)
         request_id = protocol.new_request_id(chat, ex.headers.get("x-request-id"))
@@ -329,9 +337,14 @@ class SimApp:
         if req.ignore_eos:
             return max_tokens, False
         mean = self.cfg.output_tokens
-        natural = max(1, req.min_tokens, round(mean * (0.5 + self.rng.random())))
-        if natural <= max_tokens:
-            return natural, True
+        # With the request's seed the length depends on nothing but the seed and the prompt
+        # (the continued answer left out), so a continued answer ends where the whole one
+        # would have. A str seed is hashed with SHA-512: the same in every process.
+        rng = self.rng if req.seed is None else random.Random(f"{req.seed}|{req.length_key}")
+        natural = max(1, req.min_tokens + req.offset, round(mean * (0.5 + rng.random())))
+        remaining = max(1, natural - req.offset)
+        if remaining <= max_tokens:
+            return remaining, True
         return max_tokens, False
 
     def _injected(self, ex: Exchange, status: int) -> None:
@@ -345,7 +358,7 @@ class SimApp:
 class StreamSink:
     """Writes a sequence's tokens as SSE chunks, in vLLM's format."""
 
-    __slots__ = ("cut_after", "events", "ex", "fmt", "include_usage")
+    __slots__ = ("continuous", "cut_after", "events", "ex", "fmt", "include_usage", "offset")
 
     def __init__(
         self,
@@ -359,6 +372,8 @@ class StreamSink:
         self.ex = ex
         self.fmt = protocol.ChunkFormat(req.chat, request_id, model_json, created)
         self.include_usage = req.include_usage
+        self.continuous = req.continuous_usage
+        self.offset = req.offset
         self.cut_after = cut_after  # drop the connection after this many events (-1: never)
         self.events = 0
 
@@ -373,18 +388,24 @@ class StreamSink:
             return False
         return True
 
+    def _usage(self, event: bytes, seq: Sequence, generated: int) -> bytes:
+        if not self.continuous:
+            return event
+        return self.fmt.with_usage(event, seq.prompt_tokens, generated)
+
     def on_token(self, seq: Sequence) -> None:
         index = seq.generated - 1
-        if index == 0 and self.fmt.head and not self._event(self.fmt.head):
+        if index == 0 and self.fmt.head and not self._event(self._usage(self.fmt.head, seq, 0)):
             return
         if seq.finish_reason is None:
-            self._event(self.fmt.token(index))
+            self._event(self._usage(self.fmt.token(self.offset + index), seq, seq.generated))
 
     def on_finish(self, seq: Sequence) -> None:
         if self.ex.closed:
             return
         finish = seq.finish_reason or "stop"
-        if not self._event(self.fmt.final(seq.generated - 1, finish)):
+        final = self.fmt.final(self.offset + seq.generated - 1, finish)
+        if not self._event(self._usage(final, seq, seq.generated)):
             return
         if self.include_usage and not self._event(self.fmt.usage(seq.prompt_tokens, seq.generated)):
             return
@@ -397,7 +418,7 @@ class StreamSink:
 class JsonSink:
     """Collects nothing but the count; answers with one JSON body at the end."""
 
-    __slots__ = ("chat", "created", "cut_after", "ex", "model", "request_id")
+    __slots__ = ("chat", "created", "cut_after", "ex", "model", "offset", "request_id")
 
     def __init__(
         self,
@@ -413,6 +434,7 @@ class JsonSink:
         self.request_id = request_id
         self.model = model
         self.created = created
+        self.offset = req.offset
         self.cut_after = cut_after  # drop the connection after this many tokens (-1: never)
 
     def on_token(self, seq: Sequence) -> None:
@@ -430,5 +452,6 @@ class JsonSink:
             seq.prompt_tokens,
             seq.generated,
             seq.finish_reason or "stop",
+            self.offset,
         )
         self.ex.respond(200, body)

@@ -54,6 +54,8 @@ class SimConfig:
     error_rate_429: float = 0.0
     retry_after: int = 1
     hang: bool = False
+    disconnect_after: int | None = None
+    """Cut every answer after this many SSE events (non-stream: tokens); None: never."""
 
     seed: int | None = None
     port_file: str | None = None
@@ -95,6 +97,13 @@ def _non_negative(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or value < 0:
         raise ValueError("must be a finite number >= 0")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be >= 0")
     return value
 
 
@@ -245,6 +254,11 @@ SIM_FLAGS: dict[str, _Flag] = {
     "--sim-error-rate-429": _Flag("error_rate_429", _rate, "fraction of requests answered 429"),
     "--sim-retry-after": _Flag("retry_after", _positive_int, "Retry-After seconds on a 429"),
     "--sim-hang": _Flag("hang", _bool, "produce no token while /health stays 200"),
+    "--sim-disconnect-after": _Flag(
+        "disconnect_after",
+        _non_negative_int,
+        "close every connection after this many SSE events (non-stream: tokens)",
+    ),
     "--sim-seed": _Flag("seed", int, "seed for jitter, failures and answer lengths"),
     "--sim-port-file": _Flag("port_file", str, "write the bound port here (for --port 0)"),
     "--sim-vllm-version": _Flag("vllm_version", str, "version /version reports"),

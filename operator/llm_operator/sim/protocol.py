@@ -61,6 +61,9 @@ def _split_tokens(text: str) -> tuple[str, ...]:
 # escaping, each pre-encoded once.
 VOCAB: tuple[str, ...] = _split_tokens(_ANSWER)
 VOCAB_JSON: tuple[bytes, ...] = tuple(dumps(t).encode() for t in VOCAB)
+_CYCLE = "".join(VOCAB)
+_BOUNDARY = {len("".join(VOCAB[:i])): i for i in range(len(VOCAB))}
+"""Length of the answer's first i tokens (within one cycle) -> i."""
 
 
 class RequestError(Exception):
@@ -98,6 +101,16 @@ class GenRequest:
     ignore_eos: bool
     stream: bool
     include_usage: bool
+    continuous_usage: bool = False
+    """`stream_options.continuous_usage_stats`: every chunk carries the usage so far."""
+    offset: int = 0
+    """Tokens of the answer already written (a continued answer): the prefix of a chat's
+    final assistant message with `continue_final_message`, or the end of a completion's
+    prompt. Generation goes on from there."""
+    seed: int | None = None
+    """The request's `seed`: the answer's length then depends only on it and the prompt."""
+    length_key: str = ""
+    """The prompt without the continued answer: with `seed`, what the length is drawn from."""
 
 
 def _bad(message: str, param: str | None = None) -> RequestError:
@@ -136,7 +149,9 @@ def _opt_bool(body: dict[str, Any], key: str) -> bool:
     return value
 
 
-def _common(body: dict[str, Any], chat: bool, prompt_tokens: int) -> GenRequest:
+def _common(
+    body: dict[str, Any], chat: bool, prompt_tokens: int, offset: int = 0, length_key: str = ""
+) -> GenRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _bad("model: Input should be a valid string", "model")
@@ -151,13 +166,14 @@ def _common(body: dict[str, Any], chat: bool, prompt_tokens: int) -> GenRequest:
         max_tokens = _opt_int(body, "max_tokens", 1) if "max_tokens" in body else 16
     stream = _opt_bool(body, "stream")
     options = body.get("stream_options")
-    include_usage = False
+    include_usage = continuous = False
     if options is not None:
         if not isinstance(options, dict):
             raise _bad("stream_options: Input should be a valid dictionary", "stream_options")
         if not stream:
             raise _bad("Stream options can only be defined when `stream=True`.", "stream_options")
         include_usage = bool(options.get("include_usage", True))
+        continuous = bool(options.get("continuous_usage_stats", False))
     return GenRequest(
         chat=chat,
         model=model,
@@ -167,6 +183,10 @@ def _common(body: dict[str, Any], chat: bool, prompt_tokens: int) -> GenRequest:
         ignore_eos=_opt_bool(body, "ignore_eos"),
         stream=stream,
         include_usage=include_usage,
+        continuous_usage=continuous,
+        offset=offset,
+        seed=_opt_int(body, "seed", -(1 << 63)),
+        length_key=length_key,
     )
 
 
@@ -174,12 +194,69 @@ def parse_chat(body: dict[str, Any]) -> GenRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages: Field required (a non-empty list)", "messages")
-    tokens = CHAT_TOKENS_PER_REPLY
+    tokens = 0
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise _bad(f"messages.{i}: each message needs a string role", "messages")
         tokens += CHAT_TOKENS_PER_MESSAGE + _content_tokens(message.get("content"), i)
-    return _common(body, True, tokens)
+    continue_final = _opt_bool(body, "continue_final_message")
+    add_generation_prompt = body.get("add_generation_prompt")
+    if add_generation_prompt is not None and not isinstance(add_generation_prompt, bool):
+        raise _bad("add_generation_prompt: Input should be a valid boolean", "messages")
+    offset = 0
+    asked = messages
+    if continue_final:
+        if add_generation_prompt:
+            raise _bad(
+                "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+            )
+        last = messages[-1]
+        if last.get("role") != "assistant":
+            raise _bad("continue_final_message needs a final assistant message", "messages")
+        offset = answer_offset(_content_text(last.get("content")))
+        asked = messages[:-1]
+    elif add_generation_prompt is not False:
+        tokens += CHAT_TOKENS_PER_REPLY
+    return _common(body, True, tokens, offset, dumps(asked))
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(p["text"] for p in content if isinstance(p.get("text"), str))
+    return content if isinstance(content, str) else ""
+
+
+def answer_offset(prefix: str) -> int:
+    """How many tokens of the simulated answer `prefix` holds: exact when it is the
+    answer's start (what an interrupted stream wrote), else estimated from its length."""
+    if not prefix:
+        return 0
+    k = _answer_tokens(prefix)
+    return k if k is not None else estimate_tokens(prefix)
+
+
+def answer_suffix(prompt: str) -> int:
+    """Tokens of the simulated answer that `prompt` ends with (a completion continued
+    from its own text): the longest start of the answer the prompt ends with, or 0."""
+    first = VOCAB[0]
+    at = prompt.find(first)
+    while at >= 0:
+        k = _answer_tokens(prompt[at:])
+        if k is not None:
+            return k
+        at = prompt.find(first, at + 1)
+    return 0
+
+
+def _answer_tokens(text: str) -> int | None:
+    """k when `text` is exactly the answer's first k tokens, else None."""
+    period = len(_CYCLE)
+    if not text.startswith(_CYCLE[: min(len(text), period)]):
+        return None
+    laps, rest = divmod(len(text), period)
+    if rest not in _BOUNDARY or text != _CYCLE * laps + _CYCLE[:rest]:
+        return None
+    return laps * len(VOCAB) + _BOUNDARY[rest]
 
 
 def _content_tokens(content: Any, index: int) -> int:
@@ -200,9 +277,12 @@ def _content_tokens(content: Any, index: int) -> int:
 
 def parse_completion(body: dict[str, Any]) -> GenRequest:
     prompt = body.get("prompt")
+    text: str | None = None
     if isinstance(prompt, str):
+        text = prompt
         tokens = estimate_tokens(prompt)
     elif isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        text = prompt[0]
         tokens = estimate_tokens(prompt[0])
     elif (
         isinstance(prompt, list)
@@ -223,7 +303,11 @@ def parse_completion(body: dict[str, Any]) -> GenRequest:
         raise _bad("prompt: Field required (a string or a list of token ids)", "prompt")
     if tokens == 0:
         raise _bad("Prompt cannot be empty", "prompt")
-    return _common(body, False, tokens)
+    if text is None:
+        return _common(body, False, tokens, 0, dumps(prompt))
+    offset = answer_suffix(text)
+    asked = text[: len(text) - len(answer_text(offset))] if offset else text
+    return _common(body, False, tokens, offset, asked)
 
 
 def check_length(req: GenRequest, max_model_len: int) -> int:
@@ -256,8 +340,9 @@ def new_request_id(chat: bool, base: str | None = None) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + (base or os.urandom(16).hex())
 
 
-def answer_text(tokens: int) -> str:
-    return "".join(VOCAB[i % len(VOCAB)] for i in range(tokens))
+def answer_text(tokens: int, start: int = 0) -> str:
+    """The answer's tokens `start` to `start + tokens`."""
+    return "".join(VOCAB[i % len(VOCAB)] for i in range(start, start + tokens))
 
 
 def _usage(prompt: int, completion: int) -> dict[str, Any]:
@@ -270,7 +355,13 @@ def _usage(prompt: int, completion: int) -> dict[str, Any]:
 
 
 def chat_response(
-    request_id: str, model: str, created: int, prompt: int, completion: int, finish: str
+    request_id: str,
+    model: str,
+    created: int,
+    prompt: int,
+    completion: int,
+    finish: str,
+    start: int = 0,
 ) -> bytes:
     # A "stop" answer ends with EOS, which counts as a token but decodes to nothing.
     text_tokens = completion - 1 if finish == "stop" else completion
@@ -285,7 +376,7 @@ def chat_response(
                     "index": 0,
                     "message": {
                         "role": "assistant",
-                        "content": answer_text(text_tokens),
+                        "content": answer_text(text_tokens, start),
                         "refusal": None,
                         "annotations": None,
                         "audio": None,
@@ -308,7 +399,13 @@ def chat_response(
 
 
 def completion_response(
-    request_id: str, model: str, created: int, prompt: int, completion: int, finish: str
+    request_id: str,
+    model: str,
+    created: int,
+    prompt: int,
+    completion: int,
+    finish: str,
+    start: int = 0,
 ) -> bytes:
     text_tokens = completion - 1 if finish == "stop" else completion
     return dumps(
@@ -320,7 +417,7 @@ def completion_response(
             "choices": [
                 {
                     "index": 0,
-                    "text": answer_text(text_tokens),
+                    "text": answer_text(text_tokens, start),
                     "logprobs": None,
                     "finish_reason": finish,
                     "stop_reason": None,
@@ -380,14 +477,24 @@ class ChunkFormat:
         return self.final_prefix + text + tail % finish.encode()
 
     def usage(self, prompt: int, completion: int) -> bytes:
-        usage = dumps(
-            {
-                "prompt_tokens": prompt,
-                "total_tokens": prompt + completion,
-                "completion_tokens": completion,
-            }
-        ).encode()
-        return self.usage_prefix + usage + b"}\n\n"
+        return self.usage_prefix + _usage_json(prompt, completion) + b"}\n\n"
+
+    def with_usage(self, event: bytes, prompt: int, completion: int) -> bytes:
+        """`event` with the usage so far (`continuous_usage_stats`), as vLLM writes it."""
+        usage = _usage_json(prompt, completion)
+        if self.chat:  # ...}]}\n\n -> ...}],"usage":{...}}\n\n
+            return event[:-3] + b',"usage":' + usage + b"}\n\n"
+        return event[: -len(b"null}\n\n")] + usage + b"}\n\n"  # "usage":null}
+
+
+def _usage_json(prompt: int, completion: int) -> bytes:
+    return dumps(
+        {
+            "prompt_tokens": prompt,
+            "total_tokens": prompt + completion,
+            "completion_tokens": completion,
+        }
+    ).encode()
 
 
 DONE = b"data: [DONE]\n\n"
