@@ -65,6 +65,16 @@ class Analyst:
             return None, f"Prometheus at {self.url} did not answer: {_short(error)}"
         return Sample(canary=tracks[0], stable=tracks[1]), ""
 
+    def scalars(self, *queries: str) -> list[float | None] | None:
+        """Instant queries' values; None when Prometheus is unset or did not answer."""
+        if self.prometheus is None:
+            return None
+        try:
+            return [self._scalar(q) for q in queries]
+        except (requests.RequestException, PrometheusApiClientException, ValueError) as error:
+            log.info("Prometheus at %s did not answer: %s", self.url, _short(error))
+            return None
+
     def _track(self, served_name: str, track: str, interval_seconds: float) -> TrackSample:
         queries = analysis_queries(served_name, track, interval_seconds)
         return TrackSample(

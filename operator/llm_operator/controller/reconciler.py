@@ -45,6 +45,7 @@ from llm_operator.controller.canary import (
 from llm_operator.controller.routes import RoutesWriter
 from llm_operator.engine_health import REASONS as ENGINE_REASONS
 from llm_operator.engine_health import EngineProblem, engine_problems, pod_selector
+from llm_operator.fallback_health import CHECK_SECONDS, fallback_condition, fallback_queries
 from llm_operator.kube.client import RETRYABLE_STATUSES, KubeClient
 from llm_operator.kubeformat import rfc3339_now
 from llm_operator.planner import plan
@@ -56,12 +57,14 @@ from llm_operator.reconcile import (
     key,
     owned,
     plan_actions,
+    set_condition,
     status_changed,
 )
 from llm_operator.render import RenderConfig, render_all, status_extras
 from llm_operator.render.names import object_name
 
 log = logging.getLogger("llm_operator.controller")
+FALLBACK = "FallbackActive"
 
 OwnerKey = tuple[str, str]  # (namespace, name)
 BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -107,6 +110,8 @@ class Controller:
     """Prometheus that canary analysis queries (the gateway's per-track metrics). None:
     every analysis is Inconclusive, so no canary is ever promoted on missing data."""
     analyst: Analyst = field(init=False)
+    fallback_checked: dict[OwnerKey, float] = field(default_factory=dict)
+    """When FallbackActive was last looked at, per LLMDeployment with fallbacks."""
 
     def __post_init__(self) -> None:
         self.analyst = Analyst(self.prometheus_url)
@@ -334,6 +339,8 @@ class Controller:
             status = canary_status(status, outcome.canary, generation, now)
         elif outcome.problem is None:
             status = clear_canary(status)
+        if outcome.problem is None:
+            status = self.fallback_status(body, status, generation, now, outcome)
         if status_changed(previous, status):
             outcome.status = self.client.patch_status(
                 namespace, name, merge_patch(previous, status)
@@ -361,6 +368,38 @@ class Controller:
             # Acted on (or not applicable): the request is spent.
             self.client.clear_annotation(namespace, name, ANNOTATION_ROLLOUT_COMMAND)
         return outcome
+
+    def fallback_status(
+        self,
+        body: dict[str, Any],
+        status: dict[str, Any],
+        generation: int | None,
+        now: str,
+        outcome: Outcome,
+    ) -> dict[str, Any]:
+        """FallbackActive, from the gateway's counters, for an LLMDeployment with fallbacks;
+        looked at every CHECK_SECONDS while it has them."""
+        fallbacks = ((body.get("spec") or {}).get("routing") or {}).get("fallbacks")
+        owner_key = key_of(body)
+        if not fallbacks or self.analyst.prometheus is None:
+            self.fallback_checked.pop(owner_key, None)
+            conditions = [c for c in status.get("conditions") or [] if c["type"] != FALLBACK]
+            return {**status, "conditions": conditions}
+        outcome.fallback_wake = CHECK_SECONDS
+        moment = self.epoch()
+        if moment - self.fallback_checked.get(owner_key, 0.0) < CHECK_SECONDS:
+            return status
+        self.fallback_checked[owner_key] = moment
+        served = str(status.get("servedName") or body["spec"]["model"].get("name"))
+        queries = fallback_queries(served)
+        values = self.analyst.scalars(queries.fallbacks, queries.requests)
+        condition = None if values is None else fallback_condition(*values)
+        if condition is None:
+            return status
+        conditions = set_condition(
+            list(status.get("conditions") or []), FALLBACK, *condition, generation, now
+        )
+        return {**status, "conditions": sorted(conditions, key=lambda c: str(c["type"]))}
 
     def announce_canary(self, body: dict[str, Any], outcome: Outcome) -> None:
         """The canary's Events, once per transition: they come only with a status change."""
@@ -453,9 +492,15 @@ class Outcome:
     status: dict[str, Any] | None = None
     """The LLMDeployment as the status patch returned it."""
 
+    fallback_wake: float | None = None
+
     @property
     def wake_after(self) -> float | None:
-        return None if self.canary is None else self.canary.decision.wake_after
+        wakes = [self.fallback_wake]
+        if self.canary is not None:
+            wakes.append(self.canary.decision.wake_after)
+        due = [w for w in wakes if w is not None]
+        return min(due) if due else None
 
 
 def key_of(body: dict[str, Any]) -> OwnerKey:
