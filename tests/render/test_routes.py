@@ -9,7 +9,12 @@ import yaml
 from llm_operator.api import LLMDeployment
 from llm_operator.api.gateway_config import GatewayConfig
 from llm_operator.render import render_all
-from llm_operator.render.routes import ROUTES_KEY, render_routes, render_routes_configmap
+from llm_operator.render.routes import (
+    ROUTES_KEY,
+    render_routes,
+    render_routes_configmap,
+    routes_yaml,
+)
 
 
 def llmd(name: str, namespace: str = "ml", **spec: Any) -> LLMDeployment:
@@ -82,6 +87,40 @@ def test_fallbacks_become_a_chain_of_models_and_external_urls() -> None:
     assert route.fallback_on == ["429", "5xx"]
     assert (route.timeouts.first_byte, route.timeouts.total) == (15, 120)
     assert route.max_concurrency == 64
+
+
+def test_a_fallback_model_is_the_name_sent_to_an_llmdeployment_step() -> None:
+    # fallbacks[].model on an llmDeployment step: the name its engines get (a LoRA adapter,
+    # an alias); without it, the target's served name.
+    primary = llmd(
+        "big",
+        routing={"fallbacks": [{"llmDeployment": "small", "model": "small-lora"},
+                               {"llmDeployment": "tiny"}]},
+    )  # fmt: skip
+    table, problems = render_routes([primary, llmd("small"), llmd("tiny")])
+    assert problems == []
+    route = table.model("org/big")
+    assert route is not None
+    assert [(f.model, f.target_model) for f in route.fallbacks] == [
+        ("org/small", "small-lora"),
+        ("org/tiny", None),
+    ]
+    wire = yaml.safe_load(routes_yaml(table))
+    assert wire["models"][0]["fallbacks"] == [
+        {"model": "org/small", "targetModel": "small-lora"},
+        {"model": "org/tiny"},
+    ]
+
+
+def test_resume_streams_is_rendered_only_when_asked_for() -> None:
+    table, _ = render_routes([llmd("a", routing={"resumeStreams": True}), llmd("b")])
+    a, b = table.model("org/a"), table.model("org/b")
+    assert a is not None and b is not None
+    assert (a.resume_streams, b.resume_streams) == (True, False)
+    wire = yaml.safe_load(routes_yaml(table))
+    assert wire["models"][0]["resumeStreams"] is True
+    assert "resumeStreams" not in wire["models"][1]
+    assert GatewayConfig.model_validate(wire) == table
 
 
 def test_a_missing_fallback_target_is_left_out_and_said() -> None:

@@ -489,7 +489,16 @@ class RoutingSpec(ApiModel):
     first_byte_timeout: Duration = "30s"
     """Longest wait for the first byte before a request counts as timed out (and may fall back)."""
     saturation_queue_depth: Annotated[int, Field(ge=1, le=100000)] | None = None
-    """Waiting requests per replica above which the model counts as saturated."""
+    """Waiting requests per replica above which the model counts as saturated: with
+    engine.maxNumSeqs set, a request that finds every replica running maxNumSeqs waits at
+    the gateway, up to this many per ready replica; one more falls back (saturated).
+    Without engine.maxNumSeqs the gateway does not count slots and never saturates."""
+    resume_streams: bool | None = None
+    """Continue a streamed chat or text completion whose replica fails after the first
+    byte on the next route (another replica, then the fallbacks): the text streamed so
+    far is sent as an assistant prefix (vLLM's continue_final_message) and max_tokens is
+    reduced by the tokens already sent; the client sees one stream. Default false: the
+    stream ends with an error event."""
     hold: RoutingHold = RoutingHold()
     """Holding requests while no replica is ready (scale from zero, cold starts)."""
 

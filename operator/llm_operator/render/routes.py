@@ -94,7 +94,7 @@ def _fallbacks(
                     f"{step.llm_deployment!r} does not exist (yet); the step is left out"
                 )
                 continue
-            chain.append(Fallback(model=target))
+            chain.append(Fallback(model=target, target_model=step.model))
         else:
             secret = step.api_key_secret_ref
             chain.append(
@@ -166,6 +166,8 @@ def model_route(
             fallback_while_cold=routing.hold.fallback_while_cold,
         ),
     )
+    if routing.resume_streams:
+        route.resume_streams = True  # on the wire only when asked for
     return route, problems
 
 
