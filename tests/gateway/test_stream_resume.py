@@ -206,3 +206,20 @@ def test_when_no_route_can_continue_the_stream_ends_with_the_error_event(
         )
         == 1
     )
+
+
+def test_a_backend_cut_after_the_last_token_is_not_asked_again(
+    gateway: GatewayProc, cut: list[SimProcess]
+) -> None:
+    # max_tokens 5: the role chunk, 4 tokens, the last token with its finish: 6 events.
+    for s in cut[:2]:
+        s.admin(disconnect_after=6)
+    gateway.start(table(cut, resume=True))
+    body = {**CHAT, "max_tokens": 5, "stream_options": {"include_usage": True}}
+    ref = uninterrupted(cut[2], "/v1/chat/completions", body)
+    before = cut[2].metric("vllm:request_success_total")
+    got = ask(gateway, "/v1/chat/completions", body)
+    assert pieces(got, True) == pieces(ref, True) and finish(got) == finish(ref)
+    assert usage(got) == usage(ref) and got[-1] == "[DONE]"
+    assert cut[2].metric("vllm:request_success_total") == before  # no continuation
+    assert gateway.metric("llm_gateway_requests_total", model="llama", outcome="success") == 1
