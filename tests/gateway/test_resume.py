@@ -33,6 +33,7 @@ def test_only_streamed_single_choice_text_requests_are_resumable() -> None:
     assert can(CHAT_PATH, CHAT)
     assert not can(CHAT_PATH, {**CHAT, "stream": False})
     assert not can(CHAT_PATH, {**CHAT, "n": 2})
+    assert not can(CHAT_PATH, {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]})
     assert not can(b"/v1/embeddings", {**CHAT})
     text = {"model": "m", "prompt": "hi", "stream": True}
     assert can(COMPLETIONS_PATH, text) and can(COMPLETIONS_PATH, {**text, "prompt": ["hi"]})

@@ -53,7 +53,9 @@ def _fits(obj: Any, chat: bool) -> bool:
     if not isinstance(obj.get("stream_options") or {}, dict):
         return False
     if chat:
-        return isinstance(obj.get("messages"), list) and bool(obj["messages"])
+        # Tool calls stream as deltas the continuation could not carry: not resumed.
+        messages = obj.get("messages")
+        return isinstance(messages, list) and bool(messages) and not obj.get("tools")
     prompt = obj.get("prompt")
     one_string = isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str)
     return not obj.get("echo") and (isinstance(prompt, str) or one_string)
