@@ -88,7 +88,7 @@ def test_names_columns_and_status_subresource() -> None:
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Model", "TP", "Replicas", "Ready", "Phase", "Age"]
+    assert columns == ["Model", "TP", "Desired", "Replicas", "Ready", "Phase", "Canary", "Age"]
 
 
 def cel_rules(node: dict[str, Any]) -> list[str]:
