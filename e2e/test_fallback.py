@@ -1,5 +1,6 @@
-"""An external fallback's API key from a Secret in the LLMDeployment's namespace, through the
-real Helm install (the chart's ServiceAccounts and RBAC), and its rotation with no restart.
+"""Fallbacks in a real install (the chart's ServiceAccounts and RBAC): an external fallback's API
+key from a Secret in the LLMDeployment's namespace and its rotation with no restart; a model
+that loses every pod answered by its fallback model, with FallbackActive while it lasts.
 
 The "provider" is a simulator pod that requires a bearer key (vLLM's `--api-key`); the model's
 own engine answers every request with 500, so every request takes the fallback.
@@ -18,7 +19,16 @@ from openai import APIStatusError, OpenAI
 
 from harness import kube
 from harness.providers import Cluster
-from harness.serving import GATEWAY_PORT, Serving, installed, llmd, reach, ready_pods
+from harness.serving import (
+    GATEWAY_PORT,
+    LOCAL_PROMETHEUS_POD_URL,
+    Load,
+    Serving,
+    installed,
+    llmd,
+    reach,
+    ready_pods,
+)
 
 PROVIDER_KEY = "sk-provider-e2e-1"
 ENGINE_PORT = 8000
@@ -28,7 +38,14 @@ ENGINE_PORT = 8000
 def serving(
     cluster: Cluster, api_client: client.ApiClient, crd_names: list[str], tmp_path_factory: Any
 ) -> Iterator[Serving]:
-    with installed(cluster, api_client, tmp_path_factory.mktemp("helm-home"), "fbkeys") as s:
+    import os
+
+    url = os.environ.get("LLMOP_E2E_PROMETHEUS_POD_URL")
+    if url is None and cluster.provider == "local":
+        url = LOCAL_PROMETHEUS_POD_URL
+    values = [f"operator.prometheusUrl={url}"] if url else []
+    home = tmp_path_factory.mktemp("helm-home")
+    with installed(cluster, api_client, home, "fallback", *values) as s:
         yield s
 
 
@@ -134,3 +151,55 @@ def test_a_fallback_key_from_a_secret_reaches_the_gateway_and_rotates(serving: S
     ).items
     assert set(keys.data) == {f"{ns}_provider-key_token"}
     assert base64.b64decode(keys.data[f"{ns}_provider-key_token"]).decode() == PROVIDER_KEY
+
+
+def fallback_active(serving: Serving, name: str) -> dict[str, Any] | None:
+    conditions = (serving.get(name).get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == "FallbackActive"), None)
+
+
+def test_a_model_that_loses_every_pod_is_answered_by_its_fallback(serving: Serving) -> None:
+    if serving.cluster.provider != "local":
+        pytest.skip("needs the local cluster's Prometheus (or LLMOP_E2E_PROMETHEUS_POD_URL)")
+    serving.apply(llmd("backup"))
+    # Restarted pods take 30 s to turn ready, so the outage lasts long enough to watch.
+    primary = llmd("primary", env=[{"name": "LLMOP_SIM_STARTUP_DELAY", "value": "30"}])
+    primary["spec"]["routing"] = {
+        "fallbacks": [{"llmDeployment": "backup"}],
+        "hold": {"fallbackWhileCold": True},
+    }
+    serving.apply(primary)
+    serving.wait_ready("backup")
+    serving.wait_ready("primary", timeout=240)
+    core = client.CoreV1Api(serving.api)
+    with reach(serving.cluster, serving.gateway_pod(), GATEWAY_PORT) as base:
+        serving.wait_routed(base, "primary")
+        with Load(base, "primary", clients=2) as load:
+            load.wait_for_requests(10)
+            quiet = kube.wait_until(
+                "FallbackActive False", lambda: fallback_active(serving, "primary"), 90
+            )
+            assert quiet["status"] == "False", quiet
+            for pod in core.list_namespaced_pod(
+                serving.namespace, label_selector="llmoperator.io/deployment=primary"
+            ).items:
+                core.delete_namespaced_pod(pod.metadata.name, serving.namespace)
+            active = kube.wait_until(
+                "FallbackActive True",
+                lambda: (c := fallback_active(serving, "primary")) and c["status"] == "True" and c,
+                90,
+            )
+            load.wait_for_requests(20)
+            serving.wait_ready("primary", timeout=120)
+            load.wait_for_requests(20)
+        assert load.failures == [], load.failures[:5]
+    assert "fell back" in active["message"], active
+    print(f"FallbackActive: {active['message']}")
+    # The window (120 s) passes with no fallback: False again.
+    over = kube.wait_until(
+        "FallbackActive False again",
+        lambda: (c := fallback_active(serving, "primary")) and c["status"] == "False" and c,
+        240,
+        interval=5,
+    )
+    assert over["reason"] == "NoFallback"
