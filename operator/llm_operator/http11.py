@@ -46,8 +46,15 @@ def reason(status: int) -> bytes:
     return phrase
 
 
+_STATUS_LINES: dict[int, bytes] = {}
+
+
 def status_line(status: int) -> bytes:
-    return b"HTTP/1.1 %d %s\r\n" % (status, reason(status))
+    """`HTTP/1.1 <status> <reason>` and CRLF (cached: one per proxied answer)."""
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, reason(status))
+    return line
 
 
 def response(

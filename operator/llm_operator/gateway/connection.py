@@ -80,6 +80,8 @@ class ClientConnection(asyncio.Protocol):
         self._auth: bytes | None = None
         self._body: list[bytes] = []
         self._size = 0
+        self._limit = 0
+        """The gateway's body limit, read once per request."""
         self._rejected = False
         self._continue = False
         """A pipelined request waits for `100 Continue` until the earlier ones are answered."""
@@ -149,6 +151,7 @@ class ClientConnection(asyncio.Protocol):
         self._auth = None
         self._body = []
         self._size = 0
+        self._limit = self.gw.max_request_bytes
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -161,7 +164,7 @@ class ClientConnection(asyncio.Protocol):
             self._auth = value
         elif lname == b"content-length":
             try:
-                too_big = int(value) > self.gw.max_request_bytes
+                too_big = int(value) > self._limit
             except ValueError:
                 too_big = False
             if too_big:
@@ -179,7 +182,7 @@ class ClientConnection(asyncio.Protocol):
         if self._rejected:
             return
         self._size += len(body)
-        if self._size > self.gw.max_request_bytes:
+        if self._size > self._limit:
             self._too_large()
             return
         self._body.append(body)

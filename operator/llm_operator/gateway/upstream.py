@@ -71,13 +71,6 @@ class Exchange:
         if not self.head.done():
             self.head.set_result(None)
 
-    def on_body(self, data: bytes) -> None:
-        sink = self.sink
-        if sink is not None:
-            sink(data, None)
-        else:
-            self.buffered.append(data)
-
     def on_complete(self, keep_alive: bool) -> None:
         self.complete = True
         self.keep_alive = keep_alive
@@ -161,9 +154,14 @@ class UpstreamConnection(asyncio.Protocol):
             ex.on_head(self.parser.get_status_code(), headers)
 
     def on_body(self, body: bytes) -> None:
+        # Once per streamed chunk: the exchange's sink (or buffer) without a call between.
         ex = self.exchange
         if ex is not None:
-            ex.on_body(body)
+            sink = ex.sink
+            if sink is not None:
+                sink(body, None)
+            else:
+                ex.buffered.append(body)
 
     def on_message_complete(self) -> None:
         ex = self.exchange
