@@ -44,6 +44,7 @@ SIM_DEFAULTS = {
     "retry_after": 1,
     "disconnect_after": None,
     "output_tokens": 8,
+    "itl": 0.0005,  # as SIM_ARGS
 }
 EXT_KEY = "sk-external-test-key"
 

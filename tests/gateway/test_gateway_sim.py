@@ -568,3 +568,40 @@ async def test_a_canary_error_that_a_retry_hides_still_counts_against_the_canary
     assert failed >= 1
     assert gateway.metric("llm_gateway_attempt_failures_total", track="stable") == 0
     assert gateway.metric("llm_gateway_requests_total", track="canary", outcome="success") == 0
+
+
+async def test_requests_waiting_for_a_slot_count_as_held_demand(
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess]
+) -> None:
+    """With maxConcurrency the gateway queues the excess itself, where vLLM's own
+    num_requests_waiting never sees it: llm_gateway_requests_held counts it, so the KEDA query
+    (engines' queue + held) still sees the demand."""
+    llama, _ = sims
+    slow = llama[0]
+    gateway.start(
+        {
+            "models": [
+                model(
+                    "llama",
+                    [("stable", 100, [addr(slow)])],
+                    maxConcurrency=1,
+                    saturationQueueDepth=10,
+                    fallbackOn=["connectError"],
+                )
+            ]
+        }
+    )
+    slow.admin(itl=0.2)
+    c = client(gateway)
+    tasks = [
+        asyncio.ensure_future(c.chat.completions.create(model="llama", messages=MSG, max_tokens=8))
+        for _ in range(4)
+    ]
+    deadline = time.monotonic() + 10
+    held = 0.0
+    while time.monotonic() < deadline and held < 3:
+        await asyncio.sleep(0.1)
+        held = gateway.metric("llm_gateway_requests_held", model="llama")
+    assert held == 3  # one runs on the only slot, three wait at the gateway
+    await asyncio.gather(*tasks)
+    assert gateway.metric("llm_gateway_requests_held", model="llama") == 0

@@ -106,8 +106,10 @@ async def test_ttft_and_tpot_follow_the_simulator_per_track(gateway: GatewayProc
             n = buckets(text, p + "time_to_first_token_seconds", model="llama", track=track)
             assert n[-1][1] == 20, (track, n)
             ttft_p95 = quantile(0.95, n)
-            # The gateway adds well under a bucket width to the engine's TTFT.
-            assert ttft < ttft_p95 <= ttft * 1.25, (track, ttft_p95)
+            # The engine's TTFT, not the whole answer (24 tokens at the ITL would add 0.24 s
+            # or 0.48 s). How little the gateway adds is a speed figure: bench/, not here,
+            # where a busy machine stretches every latency.
+            assert ttft < ttft_p95 < ttft + TOKENS * itl, (track, ttft_p95)
             t = buckets(text, p + "time_per_output_token_seconds", model="llama", track=track)
             assert t[-1][1] == 20
             # sum/count: the mean TPOT. The role chunk comes with the first token, so 24

@@ -69,7 +69,10 @@ class HoldQueues:
         self.table: RoutingTable | None = None
 
     def held(self) -> list[tuple[str, int]]:
-        """(model, requests_held) for every model of the table in use (0 when none)."""
+        """(model, requests_held) for every model of the table in use (0 when none). Held
+        means waiting at the gateway for capacity: for a cold model's first ready backend,
+        and for a free slot when every backend is at maxConcurrency (the saturation queue).
+        Both are demand the engines' own queue never sees, so the autoscaler adds this."""
         if self.table is None:
             return []
         now = time.monotonic()
@@ -84,7 +87,7 @@ class HoldQueues:
                 f = max(f, 1)
             elif not f:
                 del self.demand_until[name]
-        return n + f
+        return n + f + model.waiting
 
     async def wait(self, conn: ClientConnection, call: Call) -> Held:
         """Hold `call` (whose model is cold) until a backend of its model is ready, the wait

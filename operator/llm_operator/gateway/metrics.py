@@ -239,8 +239,8 @@ class Metrics:
         """The scale-from-zero hold queues, per model."""
         p = "llm_gateway_"
         out.append(
-            f"# HELP {p}requests_held Requests waiting for a model with no ready backend "
-            "(or answered by its fallback while it is cold)."
+            f"# HELP {p}requests_held Requests waiting at the gateway: for a model with no "
+            "ready backend (or answered by its fallback while it is cold), or for a free slot."
         )
         out.append(f"# TYPE {p}requests_held gauge")
         for model, n in self.held_source():
