@@ -1,7 +1,8 @@
 """prometheus-adapter on the local control plane: ``custom.metrics.k8s.io`` from Prometheus.
 
 One host process (``cmd/adapter`` of the pinned commit, see ``gobuild.py``), reading the local
-Prometheus (127.0.0.1:19090) with the rule in ``prometheus-adapter-rules.yaml``: the pods metric
+Prometheus (127.0.0.1:19090) with the rule the chart ships
+(``charts/llm-operator/files/prometheus-adapter-values.yaml``): the pods metric
 ``vllm_num_requests_waiting`` from vLLM's ``vllm:num_requests_waiting``, what an HPA with
 ``provider: hpa`` asks for. Registered as the APIService ``v1beta1.custom.metrics.k8s.io``
 through an ExternalName Service, as KEDA's metrics API server is (see ``keda.py``).
@@ -27,7 +28,9 @@ from llm_operator_dev.devcluster.layout import PORTS, Layout
 NAMESPACE = "monitoring"
 NAME = "prometheus-adapter"
 APISERVICE = "v1beta1.custom.metrics.k8s.io"
-RULES_FILE = Path(__file__).with_name("prometheus-adapter-rules.yaml")
+RULES_FILE = (
+    Path(__file__).resolve().parents[3] / "charts/llm-operator/files/prometheus-adapter-values.yaml"
+)
 #: How often the adapter lists the series it can serve. A metric it has not listed yet is
 #: "not found"; a short relist makes a new engine's metric servable within seconds. It must
 #: not be shorter than Prometheus' scrape interval (2 s here).
