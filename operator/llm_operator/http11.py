@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Callable
 from http import HTTPStatus
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -46,15 +47,17 @@ def reason(status: int) -> bytes:
     return phrase
 
 
-_STATUS_LINES: dict[int, bytes] = {}
+class _StatusLines(dict[int, bytes]):
+    """`HTTP/1.1 <status> <reason>` and CRLF per status, made on first use."""
+
+    def __missing__(self, status: int) -> bytes:
+        line = self[status] = b"HTTP/1.1 %d %s\r\n" % (status, reason(status))
+        return line
 
 
-def status_line(status: int) -> bytes:
-    """`HTTP/1.1 <status> <reason>` and CRLF (cached: one per proxied answer)."""
-    line = _STATUS_LINES.get(status)
-    if line is None:
-        line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, reason(status))
-    return line
+status_line: Callable[[int], bytes] = _StatusLines().__getitem__
+"""The status line of `status` (cached: one per proxied answer, and a hit is a dict
+subscript, not a Python call)."""
 
 
 def response(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from llm_operator import http11
 from llm_operator.gateway.accesslog import AccessLog
@@ -30,17 +29,15 @@ from llm_operator.gateway.upstream import Exchange, Pool, UpstreamError, expire
 EXTERNAL_REQUEST_HEADERS = (b"content-type:", b"accept:", b"user-agent:")
 
 
-@dataclass(slots=True)
 class _Progress:
-    """Where the loop stands across steps."""
+    """Where the loop stands across steps. Class attributes are the defaults: building one
+    runs no Python code, and a request answered by its first try writes none of them."""
 
     reason: Failure | None = None
     """The latest failure (it labels the next fallback step)."""
     last: Attempt | None = None
     """The latest attempt that kept a complete error answer to pass through."""
     budget_out: bool = False
-    answered: bool | None = None
-    """Set once an answer is written: whether the client connection stays open."""
 
 
 class Proxy:
@@ -59,11 +56,9 @@ class Proxy:
         self.pool = pool
         self.holds = HoldQueues(loop, metrics)
 
-    async def route(self, conn: ClientConnection, call: Call) -> bool:
-        """Answer `call`, held first while its model has no ready backend; whether the
-        client connection stays open."""
-        if not call.model.cold:
-            return await self._route(conn, call)
+    async def route_held(self, conn: ClientConnection, call: Call) -> bool:
+        """Answer `call` of a cold model: held until it has a ready backend (or its hold
+        ends), then routed; whether the client connection stays open."""
         model = call.model
         result = await self.holds.wait(conn, call)
         self.metrics.inc(self.metrics.cold_requests, (model.name, result.value))
@@ -82,15 +77,16 @@ class Proxy:
         if result == Held.RELEASED:
             call.t0 = time.monotonic()  # timeouts count from here
         if result != Held.FALLBACK:
-            return await self._route(conn, call)
+            return await self.route(conn, call)
         self.holds.begin_fallback(model)
         try:
-            return await self._route(conn, call)
+            return await self.route(conn, call)
         finally:
             self.holds.end_fallback(model)
 
-    async def _route(self, conn: ClientConnection, call: Call) -> bool:
-        """The model's backends, then its fallback chain."""
+    async def route(self, conn: ClientConnection, call: Call) -> bool:
+        """The model's backends, then its fallback chain; whether the client connection
+        stays open. A model that is cold goes through `route_held` first."""
         model = call.model
         p = _Progress()
         if model.route.resume_streams:
@@ -110,40 +106,43 @@ class Proxy:
                 call.target = step.target_model
                 reason = p.reason or Failure.UNAVAILABLE
                 self.metrics.inc(self.metrics.fallbacks, (model.name, step.label, reason))
-            await self._step(conn, call, step_i == 0, p)
-            if p.answered is not None:
-                return p.answered
+            answered = await self._step(conn, call, step_i == 0, p)
+            if answered is not None:
+                return answered
             if p.budget_out:
                 break
         return self._answer_failure(conn, call, p.last, reason=p.reason)
 
-    async def _step(self, conn: ClientConnection, call: Call, first: bool, p: _Progress) -> None:
-        """Try the backends of one step until one answers or none is left."""
+    async def _step(
+        self, conn: ClientConnection, call: Call, first: bool, p: _Progress
+    ) -> bool | None:
+        """Try the backends of one step until one answers or none is left: whether the
+        client connection stays open once answered, None to go on (or `p.budget_out`)."""
         model = call.model
         tried: list[Backend] = []
         while True:
-            backend, track, now = await self._pick(call, tried, first, p)
+            picked = self._pick(call, tried, first, p)
+            if picked is None:  # saturated, and the request may wait for a slot
+                picked = await self._wait_pick(call, tried, first, p)
+            backend, track, now = picked
             if backend is None:
-                return
+                return None
             if call.attempts > 0 and not model.budget.try_spend(now):
                 self.metrics.inc(self.metrics.budget_exhausted, model.name)
                 p.budget_out = True
-                return
+                return None
             if now - call.t0 >= model.total_timeout:
                 # The request's whole time is spent: no further attempt can answer.
-                p.answered = self._answer_failure(conn, call, Attempt(Failure.TOTAL))
-                return
+                return self._answer_failure(conn, call, Attempt(Failure.TOTAL))
             if tried and first:
                 self.metrics.inc(self.metrics.retries, model.name)
             call.attempts += 1
             tried.append(backend)
             result = await self._attempt(conn, call, backend, track)
             if result is None:
-                p.answered = call.req.keep_alive and not conn.closed
-                return
+                return call.req.keep_alive and not conn.closed
             if result.reason == Failure.CLIENT_CLOSED:
-                p.answered = False
-                return
+                return False
             p.reason = result.reason
             if result.complete_error is not None:
                 p.last = result
@@ -152,40 +151,49 @@ class Proxy:
             )
             if result.reason.value not in model.triggers and not call.resuming:
                 # Not a trigger: this failure is the answer (a resumed stream goes on).
-                p.answered = self._answer_failure(conn, call, result, backend=backend, track=track)
-                return
+                return self._answer_failure(conn, call, result, backend=backend, track=track)
 
-    async def _pick(
+    def _pick(
+        self, call: Call, tried: list[Backend], first: bool, p: _Progress
+    ) -> tuple[Backend | None, str, float] | None:
+        """The next backend of the current step; (None, ...) when the step has nothing
+        left; None when the model is saturated and the request may queue for a slot."""
+        now = time.monotonic()
+        ext = call.external
+        if ext is not None:
+            if not tried and ext.backend.available(now):
+                return ext.backend, "fallback", now
+            if not tried:
+                p.reason = Failure.CONNECT_ERROR  # breaker open on the external endpoint
+            return None, "fallback", now
+        step_model = call.step_model
+        assert step_model is not None
+        backend, track, saturated = step_model.pick(now, tried)
+        if backend is not None:
+            return backend, track if first else "fallback", now
+        if saturated:
+            if step_model.waiting < step_model.queue_depth or (
+                Failure.SATURATED not in call.model.triggers
+            ):
+                return None
+            p.reason = Failure.SATURATED
+        elif not tried:
+            p.reason = p.reason or Failure.UNAVAILABLE
+        return None, track, now
+
+    async def _wait_pick(
         self, call: Call, tried: list[Backend], first: bool, p: _Progress
     ) -> tuple[Backend | None, str, float]:
-        """The next backend of the current step, waiting for a slot when the model is
-        saturated and may queue; (None, ...) when the step has nothing left."""
+        """`_pick` after waiting in the saturation queue for each slot it needs."""
         while True:
-            now = time.monotonic()
-            ext = call.external
-            if ext is not None:
-                if not tried and ext.backend.available(now):
-                    return ext.backend, "fallback", now
-                if not tried:
-                    p.reason = Failure.CONNECT_ERROR  # breaker open on the external endpoint
-                return None, "fallback", now
             step_model = call.step_model
             assert step_model is not None
-            backend, track, saturated = step_model.pick(now, tried)
-            if backend is not None:
-                return backend, track if first else "fallback", now
-            if saturated:
-                if step_model.waiting < step_model.queue_depth or (
-                    Failure.SATURATED not in call.model.triggers
-                ):
-                    if await self._wait_slot(step_model, call):
-                        continue
-                    p.reason = Failure.TIMEOUT
-                else:
-                    p.reason = Failure.SATURATED
-            elif not tried:
-                p.reason = p.reason or Failure.UNAVAILABLE
-            return None, track, now
+            if not await self._wait_slot(step_model, call):
+                p.reason = Failure.TIMEOUT
+                return None, "", time.monotonic()
+            picked = self._pick(call, tried, first, p)
+            if picked is not None:
+                return picked
 
     def _answer_failure(
         self,
@@ -286,13 +294,13 @@ class Proxy:
         self, conn: ClientConnection, call: Call, backend: Backend, track: str
     ) -> Attempt | None:
         """One try on one backend. None: an answer was committed (and fully handled)."""
-        limits = call.limits
+        limits = call.step_model or call.model  # `call.limits`, without the property call
         series = self.metrics.target(call.model.name, backend.key, track)
         probe = backend.begin()
         series.in_flight += 1
         t = Try(backend, track, series, self.pool(backend))
         try:
-            failed = await self._send(conn, call, t, _upstream_request(call, backend))
+            failed = await self._send(conn, call, t, limits, _upstream_request(call, backend))
             if failed is not None:
                 return failed
             return await respond(conn, call, t, self.access_log)
@@ -303,11 +311,11 @@ class Proxy:
                 limits.release_slot()
 
     async def _send(
-        self, conn: ClientConnection, call: Call, t: Try, data: bytes
+        self, conn: ClientConnection, call: Call, t: Try, limits: ModelState, data: bytes
     ) -> Attempt | None:
         """Send the request and wait for the response head (then `t.upc`/`t.ex` are set);
-        an `Attempt` if that failed."""
-        loop, model, limits, pool = self.loop, call.model, call.limits, t.pool
+        an `Attempt` if that failed. `limits`: `call.limits`."""
+        loop, model, pool = self.loop, call.model, t.pool
         # A pooled connection the backend closed while idle fails with no byte read;
         # that is not the backend's fault, so try once more on a fresh connection.
         for _ in range(2):

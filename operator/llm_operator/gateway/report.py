@@ -21,14 +21,14 @@ def report(
     failure: str = "",
     nbytes: int = 0,
     ttfb: float | None = None,
-    committed: bool = False,
     ttft: float | None = None,
     tpot: float | None = None,
 ) -> None:
-    """Count and log an answered request. `committed`: a backend's answer went to the
-    client (the log then names the fallback step and whether it streamed). `ttft` and
-    `tpot` are set by the relay for 2xx answers only (see `Series`)."""
+    """Count and log an answered request. `ttfb` is set when a backend's answer went to
+    the client (committed: the log then names the fallback step and whether it streamed).
+    `ttft` and `tpot` are set by the relay for 2xx answers only (see `Series`)."""
     series.outcomes[outcome] += 1
+    committed = ttfb is not None
     if ttfb is not None:
         series.ttfb.observe(ttfb)
     if ttft is not None:

@@ -53,6 +53,8 @@ class Gateway:
     ) -> None:
         self.loop = loop
         self.table = table
+        self.max_request_bytes = table.max_request_bytes
+        """The current table's, read by each request (an attribute: no property call)."""
         self.metrics = metrics
         self.access_log = access_log
         self.serve_metrics = serve_metrics
@@ -88,6 +90,7 @@ class Gateway:
     def set_table(self, table: RoutingTable) -> None:
         """Swap the routing table; in-flight requests keep the objects they hold."""
         self.table = table
+        self.max_request_bytes = table.max_request_bytes
         self.metrics.generation = table.generation
         self.holds.on_table(table)
         keep = table.backend_keys()
@@ -107,10 +110,6 @@ class Gateway:
             # The registry forgot and re-created this address: follow the new state object.
             pool.backend = self.backends[backend.key] = backend
         return pool
-
-    @property
-    def max_request_bytes(self) -> int:
-        return self.table.max_request_bytes
 
     def protocol(self) -> ClientConnection:
         return ClientConnection(self)
@@ -155,7 +154,10 @@ class Gateway:
             req.keep_alive = False  # every answer says `connection: close`
         keep_alive = req.keep_alive
         try:
-            keep_alive = await self._dispatch(conn, req)
+            if req.method == b"POST" and req.path.startswith(b"/v1/") and not self.metrics_only:
+                keep_alive = await self.proxy(conn, req)
+            else:
+                keep_alive = self._dispatch(conn, req)
         except Exception:
             log.exception("gateway: unexpected error handling %s", req.path[:200])
             keep_alive = False
@@ -169,14 +171,13 @@ class Gateway:
                 )
         conn.finish(keep_alive)
 
-    async def _dispatch(self, conn: ClientConnection, req: Request) -> bool:
-        """Answer `req`; whether the connection stays open."""
+    def _dispatch(self, conn: ClientConnection, req: Request) -> bool:
+        """Answer `req`, anything but an API call (`proxy`); whether the connection stays
+        open."""
         method, path = req.method, req.path
         if self.metrics_only and (method not in (b"GET", b"HEAD") or path.startswith(b"/v1/")):
             conn.write(_not_found(req.keep_alive))
             return req.keep_alive
-        if method == b"POST" and path.startswith(b"/v1/"):
-            return await self.proxy(conn, req)
         if method == b"GET":
             return self.get(conn, req)
         if method == b"HEAD":
@@ -242,6 +243,8 @@ class Gateway:
         call.model.budget.on_request()
         self.in_flight += 1
         try:
+            if call.model.cold:
+                return await self._proxy.route_held(conn, call)
             return await self._proxy.route(conn, call)
         finally:
             self.in_flight -= 1

@@ -74,8 +74,10 @@ class _Head:
             self.parts.append(b"connection: close\r\n")
 
 
-def _outcome(status: int) -> str:
-    return "success" if status < 400 else ("client_error" if status < 500 else "server_error")
+# The outcome of a relayed answer by its status class (status // 100: httptools reads three
+# digits): below 400 "success", 4xx "client_error", 5xx and above "server_error". A
+# subscript, not a call, once per answer.
+_OUTCOME = ("success",) * 4 + ("client_error",) + ("server_error",) * 5
 
 
 async def respond(conn: ClientConnection, call: Call, t: Try, log: AccessLog) -> Attempt | None:
@@ -101,7 +103,7 @@ async def respond(conn: ClientConnection, call: Call, t: Try, log: AccessLog) ->
     ttft = tpot = None
     if ex.complete:
         nbytes = _write_complete(conn, t, head.parts)
-        outcome = _outcome(status)
+        outcome = _OUTCOME[status // 100]
         if 200 <= status < 300:
             ttft = ttfb  # the whole answer came with the head
     else:
@@ -119,7 +121,6 @@ async def respond(conn: ClientConnection, call: Call, t: Try, log: AccessLog) ->
         track=t.track,
         nbytes=nbytes,
         ttfb=ttfb,
-        committed=True,
         ttft=ttft,
         tpot=tpot,
     )
@@ -215,6 +216,8 @@ class _Relay:
         """When the body ended (0 if it did not end)."""
 
     def count_events(self, data: bytes) -> None:
+        """The data events of `data` (a piece that came with the head); `sink` does the
+        same inline for each piece read after it."""
         n = data.count(b"\ndata:")
         if self.at_line_start and data.startswith(b"data:"):
             n += 1
@@ -222,15 +225,6 @@ class _Relay:
         if n and data.endswith(b"data: [DONE]\n\n"):
             n -= 1
         self.new_events += n
-
-    def stamp(self) -> None:
-        """The events counted since the last stamp arrived now."""
-        now = time.monotonic()
-        if not self.events:
-            self.first = now
-        self.last = now
-        self.events += self.new_events
-        self.new_events = 0
 
     def token_times(self, start: float) -> tuple[float | None, float | None]:
         """(time to first token, time per output token) of a 2xx answer, where known."""
@@ -246,9 +240,15 @@ class _Relay:
             return
         if data is not None:
             self.nbytes += len(data)
-            if self.sse:
-                self.count_events(data)
-            self.pending.append(http11.chunk(data) if self.chunked else data)
+            if self.sse:  # `count_events`, inline: this runs once per piece read
+                n = data.count(b"\ndata:")
+                if self.at_line_start and data.startswith(b"data:"):
+                    n += 1
+                self.at_line_start = data.endswith(b"\n")
+                if n and data.endswith(b"data: [DONE]\n\n"):
+                    n -= 1
+                self.new_events += n
+            self.pending.append(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
         elif err is None:
             self.end = time.monotonic()
             if self.chunked:
@@ -263,8 +263,15 @@ class _Relay:
                 self.transport.write(http11.last_chunk(event))
 
     def flush(self) -> None:
+        """The end of a read: its pieces in one write; its events, if any, arrived now (the
+        first and last such read give the time to first token and per output token)."""
         if self.new_events:
-            self.stamp()
+            now = time.monotonic()
+            if not self.events:
+                self.first = now
+            self.last = now
+            self.events += self.new_events
+            self.new_events = 0
         pending = self.pending
         if pending and not self.conn.closed:
             self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
@@ -287,8 +294,7 @@ async def _relay(conn: ClientConnection, call: Call, t: Try, head: _Head) -> _Re
         if relay.sse:
             relay.count_events(piece)
         parts.append(http11.chunk(piece) if chunked else piece)
-    if relay.new_events:
-        relay.stamp()  # they came with (or just after) the head
+    relay.flush()  # stamps their events, if any: they came with (or just after) the head
     ex.buffered = []
     conn.write(b"".join(parts))
     loop = conn.loop
@@ -321,7 +327,7 @@ def _stream_outcome(
     conn: ClientConnection, backend: Backend, err: UpstreamError | None, status: int
 ) -> str:
     if err is None:
-        return "client_closed" if conn.closed else _outcome(status)
+        return "client_closed" if conn.closed else _OUTCOME[status // 100]
     if conn.closed:
         return "client_closed"
     # No second answer: the error event (if SSE) was the last thing sent.
@@ -486,7 +492,6 @@ def _report_resumed(log: AccessLog, call: Call, t: Try, resume: Resume, outcome:
         track=t.track,
         nbytes=relay.nbytes,
         ttfb=resume.ttfb,
-        committed=True,
         ttft=ttft if outcome == "success" else None,
         tpot=tpot if outcome == "success" else None,
     )
@@ -523,5 +528,4 @@ def end_resumed(
         track=track,
         nbytes=relay.nbytes,
         ttfb=resume.ttfb,
-        committed=True,
     )
