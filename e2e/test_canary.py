@@ -25,11 +25,11 @@ from harness import kube
 from harness.providers import Cluster
 from harness.serving import (
     GATEWAY_PORT,
-    LOCAL_PROMETHEUS_POD_URL,
     Load,
     Serving,
     installed,
     llmd,
+    pod_prometheus_url,
     reach,
 )
 from llm_operator.constants import ANNOTATION_ROLLOUT_COMMAND, LABEL_TRACK
@@ -59,11 +59,7 @@ def canary_llmd(name: str, extra_env: list[dict[str, str]] | None = None) -> dic
 def serving(
     cluster: Cluster, api_client: client.ApiClient, crd_names: list[str], tmp_path_factory: Any
 ) -> Iterator[Serving]:
-    import os
-
-    url = os.environ.get("LLMOP_E2E_PROMETHEUS_POD_URL")
-    if url is None and cluster.provider == "local":
-        url = LOCAL_PROMETHEUS_POD_URL
+    url = pod_prometheus_url(cluster)
     if url is None:
         pytest.skip("canary tests need a Prometheus that scrapes the gateway, reachable from "
                     "the operator's pod: set LLMOP_E2E_PROMETHEUS_POD_URL")  # fmt: skip

@@ -21,11 +21,11 @@ from harness import kube
 from harness.providers import Cluster
 from harness.serving import (
     GATEWAY_PORT,
-    LOCAL_PROMETHEUS_POD_URL,
     Load,
     Serving,
     installed,
     llmd,
+    pod_prometheus_url,
     reach,
     ready_pods,
 )
@@ -38,11 +38,7 @@ ENGINE_PORT = 8000
 def serving(
     cluster: Cluster, api_client: client.ApiClient, crd_names: list[str], tmp_path_factory: Any
 ) -> Iterator[Serving]:
-    import os
-
-    url = os.environ.get("LLMOP_E2E_PROMETHEUS_POD_URL")
-    if url is None and cluster.provider == "local":
-        url = LOCAL_PROMETHEUS_POD_URL
+    url = pod_prometheus_url(cluster)
     values = [f"operator.prometheusUrl={url}"] if url else []
     home = tmp_path_factory.mktemp("helm-home")
     with installed(cluster, api_client, home, "fallback", *values) as s:

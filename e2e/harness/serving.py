@@ -184,6 +184,15 @@ GATEWAY_PORT = 8080
 LOCAL_PROMETHEUS_POD_URL = "http://10.96.0.90:9090"
 
 
+def pod_prometheus_url(cluster: Cluster) -> str | None:
+    """A Prometheus that scrapes the gateway, as the operator's pod reaches it: the local
+    cluster's, or LLMOP_E2E_PROMETHEUS_POD_URL on another cluster; None when neither."""
+    url = os.environ.get("LLMOP_E2E_PROMETHEUS_POD_URL")
+    if url is None and cluster.provider == "local":
+        url = LOCAL_PROMETHEUS_POD_URL
+    return url
+
+
 def llmd(name: str, replicas: int = 1, **engine: Any) -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
