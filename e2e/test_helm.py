@@ -247,7 +247,11 @@ def test_install_runs_restricted_and_its_service_account_reconciles_a_sample_to_
     assert can(api_client, user, "create", "deployments", workload_namespace, "apps")
     assert can(api_client, user, "patch", "llmdeployments/status", workload_namespace, GROUP)
     assert can(api_client, user, "watch", "customresourcedefinitions", None, "apiextensions.k8s.io")
-    assert not can(api_client, user, "get", "secrets", workload_namespace)
+    # Secrets: only `get` by name, of those an external fallback names (copied for the
+    # gateway); never list or watch, so no Secret it is not pointed at is ever read.
+    assert can(api_client, user, "get", "secrets", workload_namespace)
+    assert not can(api_client, user, "list", "secrets", workload_namespace)
+    assert not can(api_client, user, "watch", "secrets", workload_namespace)
     assert not can(api_client, user, "list", "secrets", None)
     assert not can(api_client, user, "create", "deployments", "default", "apps")
     assert not can(api_client, user, "list", "llmdeployments", None, GROUP)
