@@ -19,6 +19,7 @@ settles at 3 without overshoot.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import secrets
@@ -475,9 +476,16 @@ def measure_cold(serving: Serving, gateway: str, name: str) -> dict[str, Any]:
             one = future.result(timeout=200)
         assert one.error is None and one.text, one
         assert one.first_byte is not None
-        woken = sorted(
-            ((p, t) for p, t in tracker.ready_at.items() if p not in seen), key=lambda kv: kv[1]
-        )
+
+        def ready_since(seen: set[str]) -> list[tuple[str, float]]:
+            items = [(p, t) for p, t in tracker.ready_at.items() if p not in seen]
+            return sorted(items, key=lambda kv: kv[1])
+
+        # The tracker samples the API; on a busy machine its sample of the pod's Ready can
+        # come after the answer: wait for it (bounded) rather than race it.
+        with contextlib.suppress(kube.Timeout):
+            kube.wait_until("the woken pod's Ready sampled", lambda: ready_since(seen), 30)
+        woken = ready_since(seen)
         assert woken, (
             f"no new pod turned ready for the held request; {tracker.errors[-3:]}; "
             f"seen {seen}; created {tracker.created_at}; ready {tracker.ready_at}; {one}; "
@@ -498,9 +506,9 @@ def measure_cold(serving: Serving, gateway: str, name: str) -> dict[str, Any]:
         with ThreadPoolExecutor(20) as pool:
             answers = list(pool.map(lambda i: stream_one(gateway, name, i), range(20)))
         figures["twenty_errors"] = [a.error or "empty" for a in answers if a.error or not a.text]
-        new = sorted(
-            ((p, t) for p, t in tracker.ready_at.items() if p not in seen), key=lambda kv: kv[1]
-        )
+        with contextlib.suppress(kube.Timeout):
+            kube.wait_until("the woken pod's Ready sampled", lambda: ready_since(seen), 30)
+        new = ready_since(seen)
         assert new, "no pod turned ready for the 20 cold requests"
         first_ready = new[0][1]
         ttfbs = sorted(a.first_byte - a.sent for a in answers if a.first_byte)  # type: ignore[operator]
