@@ -48,6 +48,9 @@ OPERATOR_NAMESPACED: set[Rule] = (
     | {("", r, v, "") for r in ("services", "configmaps") for v in CHILD_VERBS}
     | {("autoscaling", "horizontalpodautoscalers", v, "") for v in CHILD_VERBS}
     | {("policy", "poddisruptionbudgets", v, "") for v in CHILD_VERBS}
+    # Engine NetworkPolicies: applied, watched and pruned, never read by name (no get); granted
+    # with networkPolicy.enabled off too, so the ones made while it was on can be deleted.
+    | {("networking.k8s.io", "networkpolicies", v, "") for v in CHILD_VERBS if v != "get"}
     | {(g, "events", v, "") for g in ("", "events.k8s.io") for v in ("create", "patch")}
     # The engine pods, listed while replicas are not ready to say why: read only, no watch.
     | {("", "pods", "list", "")}
@@ -734,3 +737,61 @@ def test_the_gateway_mounts_the_operators_copy_of_the_fallback_keys() -> None:
     [container] = gateway["containers"]
     [mount] = [m for m in container["volumeMounts"] if m["name"] == "fallback-keys"]
     assert (mount["mountPath"], mount["readOnly"]) == (API_KEY_DIR, True)
+
+
+# -- networkPolicy: the engines' policies admit this release's gateway pods ----------------------
+
+
+def test_network_policies_admit_exactly_this_releases_gateway_pods() -> None:
+    from llm_operator.controller.main import parse_args
+    from llm_operator.render.label_selector import parse_label_selector
+
+    objs = render(None, "networkPolicy.enabled=true")
+    args, env = operator_command(objs)
+    config = parse_args(args, env).config
+    assert config.network_policy_enabled and config.gateway_namespace == NAMESPACE
+    gateway = deployments(objs)["gateway"]
+    wanted = parse_label_selector(config.network_policy_gateway_pod_selector)
+    assert wanted == {"matchLabels": gateway["spec"]["selector"]["matchLabels"]}
+    pod_labels = gateway["spec"]["template"]["metadata"]["labels"]
+    assert wanted["matchLabels"].items() <= pod_labels.items()
+    # Another release's gateway in the same namespace is not admitted.
+    assert wanted["matchLabels"]["app.kubernetes.io/instance"] == "llm-operator"
+    # A selector given in values wins; without the chart's gateway no gateway namespace is set.
+    args, env = operator_command(
+        render(None, "networkPolicy.enabled=true", "networkPolicy.gatewayPodSelector=app=gw")
+    )
+    assert parse_args(args, env).config.network_policy_gateway_pod_selector == "app=gw"
+    args, env = operator_command(
+        render(None, "networkPolicy.enabled=true", "gateway.enabled=false")
+    )
+    off = parse_args(args, env).config
+    assert off.network_policy_enabled and off.gateway_namespace is None
+    assert "LLMOP_NETWORK_POLICY_GATEWAY_POD_SELECTOR" not in env
+
+
+def test_network_policies_are_off_by_default_and_the_rbac_is_there_either_way() -> None:
+    from llm_operator.controller.main import parse_args
+
+    args, env = operator_command(render())
+    assert parse_args(args, env).config.network_policy_enabled is False
+    assert "LLMOP_NETWORK_POLICY_ENABLED" not in env
+    for objs in (render(), render(None, "networkPolicy.enabled=true")):
+        role = one(objs, "ClusterRole", "llm-operator")
+        verbs = {r[2] for r in rules_of(role) if r[1] == "networkpolicies"}
+        assert verbs == {"list", "watch", "create", "patch", "delete"}
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "networkPolicy.prometheus.podSelector=",
+        "networkPolicy.prometheus.namespaceSelector=a b",
+        "networkPolicy.gatewayPodSelector=a=1 b=2",
+        "networkPolicy.enabled=yes",
+    ],
+)
+def test_values_schema_rejects_bad_network_policy_values(setting: str) -> None:
+    with pytest.raises(chartgen.ChartgenError) as failure:
+        render(None, setting)
+    assert "networkPolicy" in str(failure.value)

@@ -34,6 +34,13 @@ EXAMPLES: dict[str, tuple[str, Any]] = {
     "gateway_queue_metric": ("llm_proxy_requests_held", "llm_proxy_requests_held"),
     "startup_timeout_seconds": ("600", 600),
     "run_as_user": ("1000", 1000),
+    "network_policy_enabled": ("true", True),
+    "network_policy_gateway_pod_selector": ("app=my-gateway", "app=my-gateway"),
+    "network_policy_prometheus_namespace_selector": (
+        "kubernetes.io/metadata.name=obs",
+        "kubernetes.io/metadata.name=obs",
+    ),
+    "network_policy_prometheus_pod_selector": ("app=prom", "app=prom"),
     "prometheus_url": ("http://127.0.0.1:9090", "http://127.0.0.1:9090"),
 }
 
@@ -113,6 +120,9 @@ def test_an_empty_variable_means_the_default() -> None:
         ("LLMOP_HPA_ENABLED", "maybe", "valid boolean"),
         ("LLMOP_KEDA", "sometimes", "valid boolean"),
         ("LLMOP_PROMETHEUS_URL", "prometheus:9090", "pattern"),
+        ("LLMOP_NETWORK_POLICY_PROMETHEUS_POD_SELECTOR", "app in (prom)", "is not key=value"),
+        ("LLMOP_NETWORK_POLICY_GATEWAY_POD_SELECTOR", "app=a b", "is not key=value"),
+        ("LLMOP_NETWORK_POLICY_PROMETHEUS_NAMESPACE_SELECTOR", "A.b/app!=x", "not a label key"),
     ],
 )
 def test_a_bad_value_stops_the_operator_naming_flag_and_variable(

@@ -135,6 +135,12 @@ Exactly the calls the operator makes; no "*", no Secrets (pods reference Secrets
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# NetworkPolicies of the engines (networkPolicy.enabled): applied and pruned like the others,
+# and granted with the setting off too, so the operator can delete the ones it made before.
+# No get: nothing reads one by name.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 {{- if .Values.keda.enabled }}
 - apiGroups: ["keda.sh"]
   resources: ["scaledobjects"]

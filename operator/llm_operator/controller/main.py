@@ -94,6 +94,13 @@ _OVERRIDES: dict[str, dict[str, Any]] = {
         "help": "Write the gateway's routing table into a ConfigMap in this namespace (off "
         "when empty; the chart sets the release namespace when gateway.enabled).",
     },
+    # The chart's own section, networkPolicy: (docs/install.md, "Network policy").
+    "network_policy_enabled": {"value": "networkPolicy.enabled"},
+    "network_policy_gateway_pod_selector": {"value": "networkPolicy.gatewayPodSelector"},
+    "network_policy_prometheus_namespace_selector": {
+        "value": "networkPolicy.prometheus.namespaceSelector"
+    },
+    "network_policy_prometheus_pod_selector": {"value": "networkPolicy.prometheus.podSelector"},
 }
 
 

@@ -35,6 +35,8 @@ LLMDEPLOYMENT = Kind("llmoperator.io/v1alpha1", "LLMDeployment", "llmdeployments
 
 # Children, in apply order: what pods need first, the autoscaler last.
 CHILD_KINDS: tuple[Kind, ...] = (
+    # Watched even with policies off, so the ones made while they were on get pruned.
+    Kind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies"),
     Kind("v1", "ConfigMap", "configmaps"),
     Kind("v1", "Service", "services"),
     Kind("apps/v1", "Deployment", "deployments"),

@@ -1,11 +1,12 @@
 """LLMDeployment -> Kubernetes manifests (pure: plain data in, JSON-ready dicts out).
 
-`render_all(llmd, config)` returns the stable track's objects in a fixed order: Deployment,
-Service, PodDisruptionBudget (when more than one replica can run), then the autoscaler
-(HorizontalPodAutoscaler, or a KEDA ScaledObject). The canary track's Deployment comes from
-`render_deployment(..., track="canary", replicas=n)`. ownerReferences are included once the
-LLMDeployment has a uid (as it does inside the operator). Anything the core refuses raises
-`PlanError` (`RenderError` is one) with a message a person can act on.
+`render_all(llmd, config)` returns the stable track's objects in a fixed order: the
+NetworkPolicy (when the installation enables them; first, so no engine pod runs unfenced),
+Deployment, Service, PodDisruptionBudget (when more than one replica can run), then the
+autoscaler (HorizontalPodAutoscaler, or a KEDA ScaledObject). The canary track's Deployment
+comes from `render_deployment(..., track="canary", replicas=n)`. ownerReferences are included
+once the LLMDeployment has a uid (as it does inside the operator). Anything the core refuses
+raises `PlanError` (`RenderError` is one) with a message a person can act on.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from llm_operator.render.autoscaler import (
 from llm_operator.render.config import RenderConfig, RenderError
 from llm_operator.render.disruption_budget import render_pdb
 from llm_operator.render.names import Track, object_name, owner_reference
+from llm_operator.render.network_policy import render_network_policy
 from llm_operator.render.service import render_service, service_endpoint
 from llm_operator.render.vllm_deployment import pod_template_hash, render_deployment
 
@@ -39,6 +41,7 @@ __all__ = [
     "render_autoscaler",
     "render_deployment",
     "render_hpa",
+    "render_network_policy",
     "render_pdb",
     "render_scaled_object",
     "render_service",
@@ -55,6 +58,7 @@ def render_all(
     config = config or RenderConfig()
     sizing = sizing or plan(llmd.spec)
     objects: list[dict[str, Any] | None] = [
+        render_network_policy(llmd, config),
         render_deployment(llmd, config, sizing),
         render_service(llmd),
         render_pdb(llmd),

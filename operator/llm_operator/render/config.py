@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 from llm_operator.planner import PlanError
+from llm_operator.render.label_selector import parse_label_selector
 
 DEFAULT_HPA_METRIC = "vllm_num_requests_waiting"
 """vLLM's `vllm:num_requests_waiting` as prometheus-adapter exposes it. The adapter rule in
@@ -64,6 +65,30 @@ class RenderConfig(BaseModel):
     run_as_user: Annotated[int, Field(ge=1)] | None = None
     """Run the engine as this non-root UID with a writable HOME. None: the image's user
     (root for vllm/vllm-openai); the module docstring of render/vllm_deployment.py says why."""
+
+    network_policy_enabled: bool = False
+    """Render a NetworkPolicy per LLMDeployment: only the gateway and Prometheus reach its
+    engine pods, on the engine port. Off: the operator deletes the policies it made."""
+    network_policy_gateway_pod_selector: str = (
+        "app.kubernetes.io/name=llm-operator,app.kubernetes.io/component=gateway"
+    )
+    """Label selector (k=v,...) of the gateway pods in the gateway namespace that the policy
+    admits (the chart passes its own gateway's labels). No gateway namespace: none is."""
+    network_policy_prometheus_namespace_selector: str = "kubernetes.io/metadata.name=monitoring"
+    """Label selector (k=v,...) of the namespaces Prometheus runs in, for the policy."""
+    network_policy_prometheus_pod_selector: str = "app.kubernetes.io/name=prometheus"
+    """Label selector (k=v,...) of the Prometheus pods the policy admits to scrape engines."""
+
+    @field_validator(
+        "network_policy_gateway_pod_selector",
+        "network_policy_prometheus_namespace_selector",
+        "network_policy_prometheus_pod_selector",
+    )
+    @classmethod
+    def _selector(cls, text: str) -> str:
+        # Refused at start-up, not at the first render: a bad selector is the installer's.
+        parse_label_selector(text)
+        return text
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any] | None) -> RenderConfig:
