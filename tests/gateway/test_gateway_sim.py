@@ -474,7 +474,7 @@ async def test_edge_errors(gateway: GatewayProc, sims: tuple[list[SimProcess], S
                     {
                         "name": "team-a",
                         "sha256": hashlib.sha256(key.encode()).hexdigest(),
-                        "rateLimit": {"requestsPerSecond": 0.05, "burst": 3},
+                        "limits": {"requestsPerSecond": 0.05, "burst": 3},
                     }
                 ],
             },
@@ -500,11 +500,15 @@ async def test_edge_errors(gateway: GatewayProc, sims: tuple[list[SimProcess], S
     assert status == 413
     models = await ok.models.list()
     assert sorted(m.id for m in models.data) == ["down", "llama"]
-    # The burst of 3 is used up (404, 503 and the model list; the 401 and 413 did not
-    # count): the key is over its limit.
+    # The burst of 3: the 503 and two answers (the 401, 404, 413 and the model list are
+    # not routed and do not count); the next request is over the key's limit.
+    for _ in range(2):
+        await ok.chat.completions.create(model="llama", messages=MSG, max_tokens=2)
     with pytest.raises(openai.RateLimitError) as rl:
         await ok.chat.completions.create(model="llama", messages=MSG, max_tokens=2)
     assert int(rl.value.response.headers["retry-after"]) >= 1
+    assert rl.value.code == "rate_limit_exceeded"
+    assert "requests per second" in rl.value.message
 
 
 async def test_completions_endpoint_and_model_listing(

@@ -206,16 +206,18 @@ def test_client_key_rate_limit() -> None:
                 {
                     "name": "team-a",
                     "sha256": digest,
-                    "rateLimit": {"requestsPerSecond": 2, "burst": 2},
+                    "limits": {"requestsPerSecond": 2, "burst": 2},
                 }
             ]
         },
     )
     ks = t.keys[digest]
-    assert ks.allow(0.0) == 0 and ks.allow(0.0) == 0
-    wait = ks.allow(0.0)
-    assert wait == pytest.approx(0.5)
-    assert ks.allow(0.5) == 0
+    for _ in range(2):
+        assert ks.wait(0.0) == (0.0, "")
+        ks.take()
+    wait, why = ks.wait(0.0)
+    assert wait == pytest.approx(0.5) and why == "2 requests per second"
+    assert ks.wait(0.5)[0] == 0
 
 
 def test_fallback_chain_resolves_models_and_external_targets() -> None:

@@ -8,7 +8,7 @@ typo in a hand-written table fails loudly instead of being ignored.
 Shape: models -> tracks (stable/canary, integer weights) -> backends (static `host:port`
 addresses or the ready Kubernetes Pods a label selector picks), plus per model a
 fallback chain, the triggers that take it, timeouts, a retry budget and a circuit breaker;
-and edge settings (request size, hashed client keys, per-key rate limits).
+and edge settings (request and header size, client keys, per-key budgets).
 """
 
 from __future__ import annotations
@@ -184,6 +184,28 @@ class CircuitBreaker(ApiModel):
     """Seconds the circuit stays open before one half-open probe request is let through."""
 
 
+class ClientLimits(ApiModel):
+    """Budgets of one client key (or, on a model, of each key on that model). Unset fields
+    are unlimited. Over a budget the gateway answers 429 in OpenAI's error shape with
+    Retry-After."""
+
+    requests_per_second: Annotated[float, Field(gt=0, le=1_000_000)] | None = None
+    """Sustained requests per second (a token bucket)."""
+    burst: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    """Requests allowed at once above the rate; defaults to max(1, requestsPerSecond)."""
+    tokens_per_minute: Annotated[int, Field(ge=1, le=1_000_000_000)] | None = None
+    """Prompt plus completion tokens per minute, counted from the `usage` the answers
+    report. A request is admitted while the key's budget is not used up; its tokens are
+    charged when it ends, so one request may take the budget below zero (then the key waits
+    until the minute's refill has paid it back)."""
+    max_concurrent_requests: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    """Requests of the key in flight at once."""
+
+    def is_limited(self) -> bool:
+        budgets = (self.requests_per_second, self.tokens_per_minute, self.max_concurrent_requests)
+        return any(v is not None for v in budgets)
+
+
 class Hold(ApiModel):
     """Scale from zero: a request for a model with no ready backend (its Deployment at 0
     replicas, or every pod still starting) waits at the gateway, in a per-model FIFO queue,
@@ -231,6 +253,9 @@ class ModelRoute(ApiModel):
     """Per-backend breaker settings."""
     hold: Hold = Hold()
     """Holding requests while the model has no ready backend (scale from zero)."""
+    client_limits: ClientLimits | None = None
+    """Budgets of each client key on this model, on top of the key's own (without client
+    keys: of all this model's traffic together)."""
     resume_streams: bool = False
     """A streamed chat or text completion whose backend fails after the first byte goes on
     from the next route (another backend, then the fallback chain): the request is sent
@@ -263,15 +288,6 @@ class ModelRoute(ApiModel):
     )
 
 
-class RateLimit(ApiModel):
-    """Token bucket for one client key."""
-
-    requests_per_second: Annotated[float, Field(gt=0, le=1_000_000)]
-    """Sustained requests per second."""
-    burst: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
-    """Requests allowed at once above the rate; defaults to max(1, requestsPerSecond)."""
-
-
 class ClientKey(ApiModel):
     """One client API key, stored only as its SHA-256 hash."""
 
@@ -279,8 +295,8 @@ class ClientKey(ApiModel):
     """Who holds the key; appears in access logs and metrics instead of the key."""
     sha256: Annotated[str, Field(pattern=SHA256_HEX_PATTERN)]
     """Lower-case hex SHA-256 of the key a client sends as `Authorization: Bearer KEY`."""
-    rate_limit: RateLimit | None = None
-    """Per-key limit; unset: unlimited."""
+    limits: ClientLimits | None = None
+    """This key's budgets; unset: `edge.defaultLimits`."""
 
 
 class Edge(ApiModel):
@@ -288,14 +304,30 @@ class Edge(ApiModel):
 
     max_request_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 8 * 1024 * 1024
     """Largest request body accepted; larger ones get 413."""
+    max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 64 * 1024
+    """Largest request line plus headers; more gets 431 and the connection closed."""
     api_keys: Annotated[list[ClientKey], Field(max_length=100_000)] = []
-    """Client keys; when the list is not empty every /v1 request needs one of them (else 401)."""
+    """Client keys by hash; when the gateway has any key (here or in `keysDir`) every /v1
+    request needs one of them (else 401)."""
+    keys_dir: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    """A directory of client keys, typically a mounted Secret: each file is one key, its
+    name the key's name. Read and hashed by the gateway; a changed file (a rotated Secret)
+    takes effect without a restart."""
+    default_limits: ClientLimits | None = None
+    """Budgets of every key that has none of its own."""
+    key_limits: Annotated[dict[str, ClientLimits], Field(max_length=100_000)] = {}
+    """Budgets by key name, for keys from `keysDir` (a key in `apiKeys` may carry its own)."""
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
             cel="self.apiKeys.all(k, self.apiKeys.filter(j, j.sha256 == k.sha256).size() == 1)",
             message="edge.apiKeys lists the same key hash twice",
             holds=lambda e: len({k.sha256 for k in e.api_keys}) == len(e.api_keys),
+        ),
+        Rule(
+            cel="self.apiKeys.all(k, self.apiKeys.filter(j, j.name == k.name).size() == 1)",
+            message="edge.apiKeys lists the same key name twice",
+            holds=lambda e: len({k.name for k in e.api_keys}) == len(e.api_keys),
         ),
     )
 

@@ -26,6 +26,14 @@ class Logged(Protocol):
     def peer(self) -> str: ...
 
 
+class _Refused:
+    __slots__ = ("path", "peer")
+
+    def __init__(self, path: bytes, peer: str) -> None:
+        self.path = path
+        self.peer = peer
+
+
 class _Quoted(dict[str | bytes, str]):
     """json.dumps of client-chosen strings (a path without its query), cached: a hit is one
     dict subscript, no Python call (three per line)."""
@@ -107,8 +115,11 @@ class AccessLog:
         key_name: str,
         stream: bool,
         ttfb: float | None = None,
+        tokens_in: int | None = None,
+        tokens_out: int | None = None,
+        fallback_path: tuple[str, ...] = (),
     ) -> None:
-        """Keyword-only: fourteen facts in a row are too easy to swap by position."""
+        """Keyword-only: seventeen facts in a row are too easy to swap by position."""
         if self.stream is None:
             return
         if self.sample < 1.0 and random.random() >= self.sample:
@@ -120,6 +131,7 @@ class AccessLog:
         path = req.path
         q = self._quoted
         if self.fmt == "json":
+            steps = ",".join([q[p] for p in fallback_path]) if fallback_path else ""
             # Hand-formatted: json.dumps of a dict costs ~3x more. Strings that come from
             # clients (path, model) go through json.dumps via a small cache.
             self.buffer.append(
@@ -131,6 +143,9 @@ class AccessLog:
                 f'"stream":{"true" if stream else "false"},'
                 f'"ttfb_ms":{"null" if ttfb is None else f"{ttfb * 1000:.3f}"},'
                 f'"duration_ms":{duration * 1000:.3f},"bytes":{nbytes},'
+                f'"tokens_in":{"null" if tokens_in is None else tokens_in},'
+                f'"tokens_out":{"null" if tokens_out is None else tokens_out},'
+                f'"fallback_path":[{steps}],'
                 f'"client":{q[key_name] if key_name else "null"},"peer":"{req.peer}"}}\n'
             )
             self._maybe_flush()
@@ -140,10 +155,31 @@ class AccessLog:
                 f"outcome={outcome} backend={backend} track={track} attempts={attempts} "
                 f"failure={failure or '-'} fallback={fallback or '-'} stream={stream} "
                 f"ttfb_ms={'-' if ttfb is None else f'{ttfb * 1000:.3f}'} "
-                f"duration_ms={duration * 1000:.3f} bytes={nbytes} client={key_name or '-'} "
+                f"duration_ms={duration * 1000:.3f} bytes={nbytes} "
+                f"tokens_in={'-' if tokens_in is None else tokens_in} "
+                f"tokens_out={'-' if tokens_out is None else tokens_out} "
+                f"fallback_path={','.join(fallback_path) or '-'} client={key_name or '-'} "
                 f"peer={req.peer}\n"
             )
             self._maybe_flush()
+
+    def refused(self, path: bytes, peer: str, status: int, model: str, key_name: str) -> None:
+        """A request answered at the edge (401, 400, 404, 413, 429, 431): no backend."""
+        self.record(
+            _Refused(path, peer),
+            model=model,
+            status=status,
+            outcome="rejected",
+            backend="",
+            track="none",
+            attempts=0,
+            failure="",
+            fallback=None,
+            duration=0.0,
+            nbytes=0,
+            key_name=key_name,
+            stream=False,
+        )
 
     def _maybe_flush(self) -> None:
         if len(self.buffer) >= FLUSH_LINES and not self._flush_scheduled and self._loop:
@@ -155,3 +191,8 @@ class AccessLog:
 def default_stream() -> TextIO:
     # Line buffering off: we write whole batches ourselves.
     return os.fdopen(os.dup(1), "w", buffering=1 << 16)
+
+
+def open_log(path: str) -> TextIO:
+    """An access-log file, appended to (a restart keeps earlier lines)."""
+    return open(path, "a", buffering=1 << 16)  # lives for the process

@@ -1,4 +1,4 @@
-"""Request admission at the edge: the client key, its rate limit, the body's model.
+"""Request admission at the edge: the client key, the body's model, the key's budgets.
 
 Everything here answers before any backend is chosen: a refusal is one complete response
 and one `edge_rejections` count; an admitted request becomes a `Call`.
@@ -10,26 +10,31 @@ import hashlib
 import time
 
 from llm_operator import http11
-from llm_operator.gateway.bodyscan import BodyError, scan
+from llm_operator.gateway.bodyscan import BodyError, scan, with_usage
+from llm_operator.gateway.limits import Budget, retry_after
 from llm_operator.gateway.metrics import Metrics
 from llm_operator.gateway.request import Call, Request, error_body
 from llm_operator.gateway.routing import RoutingTable
 
 
 class Refused(Exception):
-    """The request is answered at the edge with `response`."""
+    """The request is answered at the edge with `response` (`status`; the model and the
+    key's name when known, for the audit log)."""
 
-    def __init__(self, response: bytes) -> None:
+    def __init__(self, response: bytes, status: int, model: str = "", key_name: str = "") -> None:
         super().__init__()
         self.response = response
+        self.status = status
+        self.model = model
+        self.key_name = key_name
 
 
-def authorize(table: RoutingTable, metrics: Metrics, req: Request) -> str:
-    """Client key check and rate limit: the key's name ("" without keys); raises `Refused`
-    with a 401 or 429."""
+def identify(table: RoutingTable, metrics: Metrics, req: Request) -> Budget | None:
+    """The client key's budgets (None when the gateway has no keys); raises `Refused` with
+    a 401 when keys are required and the request has none of them."""
     keys = table.keys
     if not keys:
-        return ""
+        return None
     auth = req.auth
     token = auth[7:].strip() if auth and auth[:7].lower() == b"bearer " else None
     state = keys.get(hashlib.sha256(token).hexdigest()) if token else None
@@ -43,21 +48,33 @@ def authorize(table: RoutingTable, metrics: Metrics, req: Request) -> str:
                 ),
                 extra=b'www-authenticate: Bearer realm="llm-gateway"\r\n',
                 keep_alive=req.keep_alive,
-            )
+            ),
+            401,
         )
-    wait = state.allow(time.monotonic())
-    if wait > 0:
-        metrics.inc(metrics.edge_rejections, "429")
-        retry = max(1, int(wait + 0.999))
-        raise Refused(
-            http11.response(
-                429,
-                error_body("rate limit exceeded for this API key", "rate_limit_error", 429),
-                extra=b"retry-after: %d\r\n" % retry,
-                keep_alive=req.keep_alive,
-            )
-        )
-    return state.name
+    return state
+
+
+def _over_budget(
+    metrics: Metrics, req: Request, wait: float, why: str, model: str, key_name: str, scoped: bool
+) -> Refused:
+    metrics.inc(metrics.edge_rejections, "429")
+    retry = retry_after(wait)
+    scope = f" on model `{model}`" if scoped else ""
+    return Refused(
+        http11.response(
+            429,
+            error_body(
+                f"rate limit reached for this API key{scope}: {why}; retry after {retry} s",
+                "rate_limit_error",
+                "rate_limit_exceeded",
+            ),
+            extra=b"retry-after: %d\r\n" % retry,
+            keep_alive=req.keep_alive,
+        ),
+        429,
+        model,
+        key_name,
+    )
 
 
 def unknown_model(metrics: Metrics, name: str, keep_alive: bool) -> bytes:
@@ -75,8 +92,10 @@ def unknown_model(metrics: Metrics, name: str, keep_alive: bool) -> bytes:
 
 
 def admit(table: RoutingTable, metrics: Metrics, req: Request) -> Call:
-    """An API request the gateway will route; raises `Refused` with the edge's answer."""
-    key_name = authorize(table, metrics, req) if table.keys else ""
+    """An API request the gateway will route; raises `Refused` with the edge's answer (401,
+    400, 404, 429). An admitted call holds a place in its budgets until `Call.finish`."""
+    key = identify(table, metrics, req) if table.keys else None
+    key_name = key.name if key is not None else ""
     try:
         sc = scan(req.body)
     except BodyError as e:
@@ -84,9 +103,28 @@ def admit(table: RoutingTable, metrics: Metrics, req: Request) -> Call:
         raise Refused(
             http11.response(
                 400, error_body(str(e), "invalid_request_error", 400), keep_alive=req.keep_alive
-            )
+            ),
+            400,
+            key_name=key_name,
         ) from None
     model = table.models.get(sc.model)
     if model is None:
-        raise Refused(unknown_model(metrics, sc.model, req.keep_alive))
-    return Call(req, sc, model, key_name, t0=req.start)
+        raise Refused(unknown_model(metrics, sc.model, req.keep_alive), 404, sc.model, key_name)
+    budgets: list[Budget] | tuple[()] = ()
+    if (key is not None and key.limited) or model.route.client_limits is not None:
+        budgets = [key] if key is not None and key.limited else []
+        if model.route.client_limits is not None:
+            budgets.append(model.client_budget(key_name, req.start))
+        now = time.monotonic()
+        for b in budgets:
+            wait, why = b.wait(now)
+            if wait > 0:
+                raise _over_budget(metrics, req, wait, why, model.name, key_name, b is not key)
+        for b in budgets:
+            b.take()
+    call = Call(req, sc, model, key_name, t0=req.start, budgets=budgets)
+    if sc.stream and (key is not None or budgets) and not model.route.resume_streams:
+        # Audited or budgeted traffic counts the tokens of streams too: ask the engine for
+        # the final usage block (and hide it from a client that did not ask for it).
+        call.scanned, call.strip_usage = with_usage(sc)
+    return call

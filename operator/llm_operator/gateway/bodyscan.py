@@ -130,3 +130,35 @@ def _slow(body: bytes) -> Scanned:
     if not isinstance(model, str) or not model:
         raise BodyError("request body needs a string field 'model'")
     return Scanned(body, model, obj.get("stream") is True, None, obj)
+
+
+_STREAM_OPTIONS = b'"stream_options"'
+_WITH_USAGE = b',"stream_options":{"include_usage":true}}'
+
+
+def with_usage(sc: Scanned) -> tuple[Scanned, bool]:
+    """A streamed request that asks for the final usage block: (the request, whether the
+    client did not ask for it itself, so the block must not reach it)."""
+    body = sc.body
+    if _STREAM_OPTIONS not in body:
+        end = len(body.rstrip(_WS)) - 1
+        if end < 1 or body[end] != 0x7D:  # '}': not the plain object shape; leave it
+            return sc, False
+        obj = None
+        if sc.obj is not None:
+            obj = {**sc.obj, "stream_options": {"include_usage": True}}
+        return Scanned(body[:end] + _WITH_USAGE, sc.model, sc.stream, sc.span, obj), True
+    try:
+        parsed: Any = sc.obj if sc.obj is not None else json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return sc, False  # the engine will say what is wrong with it
+    options = parsed.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return sc, False
+    kept = options if isinstance(options, dict) else {}
+    # Usage on every chunk is for clients that asked for usage; this one did not.
+    options = {k: v for k, v in kept.items() if k != "continuous_usage_stats"}
+    options["include_usage"] = True
+    obj = {**parsed, "stream_options": options}
+    new = json.dumps(obj, separators=(",", ":")).encode()
+    return Scanned(new, sc.model, sc.stream, None, obj), True

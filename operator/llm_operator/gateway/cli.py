@@ -16,9 +16,10 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from llm_operator.api.gateway_config import GatewayConfig
-from llm_operator.gateway.accesslog import AccessLog
+from llm_operator.gateway.accesslog import AccessLog, open_log
 from llm_operator.gateway.discovery import Cluster, PodWatcher
 from llm_operator.gateway.loader import ConfigError, fingerprint, load, read_api_key, watch
 from llm_operator.gateway.metrics import Metrics
@@ -49,6 +50,12 @@ class JsonFormatter(logging.Formatter):
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="llm-operator gateway", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="routing table file (YAML or JSON)")
+    p.add_argument(
+        "--edge",
+        default=None,
+        help="edge settings file (YAML: limits, client keys and their budgets); replaces the "
+        "table's `edge`, and is watched like it",
+    )
     p.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=8000, help="listen port; 0 picks a free one")
     p.add_argument(
@@ -64,6 +71,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=["on", "off"],
         default="on",
         help="one line per request on stdout (no bodies, no keys)",
+    )
+    p.add_argument(
+        "--access-log-file",
+        default=None,
+        help="write the access log (the audit log) to this file, appending, instead of stdout",
     )
     p.add_argument(
         "--access-log-sample",
@@ -108,7 +120,9 @@ class App:
         self.discovery: PodWatcher | None = None
         self.loop = asyncio.get_running_loop()
         table = self.build(config, None)
-        stream = sys.stdout if args.access_log == "on" else None
+        stream: TextIO | None = None
+        if args.access_log == "on":
+            stream = open_log(args.access_log_file) if args.access_log_file else sys.stdout
         self.access_log = AccessLog(stream, args.log_format, args.access_log_sample)
         self.gateway = Gateway(
             self.loop,
@@ -167,18 +181,16 @@ class App:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    seen = fingerprint(args.config, None)
+    seen = fingerprint(args.config, None, args.edge)
     if not os.path.exists(args.config):
         # The operator writes the table once it has models; until then every model is unknown
         # (404), and the watcher loads the file as soon as it appears.
         log.warning("routing table %s does not exist yet; serving no models", args.config)
-        config = GatewayConfig()
-    else:
-        try:
-            config = load(args.config)
-        except ConfigError as e:
-            log.error("%s", e)
-            return 2
+    try:
+        config = load(args.config, args.edge, missing_ok=True)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
     app = App(args, config)
     gw = app.gateway
     app.metrics.inc(app.metrics.reloads, "success")
@@ -207,7 +219,8 @@ async def serve(args: argparse.Namespace) -> int:
             config,
             app.apply,
             app.on_error,
-            seen=seen + fingerprint(args.config, config)[1:],
+            seen=seen + fingerprint(args.config, config, args.edge)[len(seen) :],
+            edge_path=args.edge,
         ),
         name="routing-table-watch",
     )

@@ -39,8 +39,6 @@ DROP_REQUEST_HEADERS = frozenset(
         b"authorization",
     }
 )
-MAX_HEAD_BYTES = 64 * 1024
-"""Request line plus headers; more gets 431 and the connection closed."""
 
 
 class Owner(Protocol):
@@ -54,7 +52,14 @@ class Owner(Protocol):
     @property
     def max_request_bytes(self) -> int: ...
 
+    @property
+    def max_header_bytes(self) -> int:
+        """Request line plus headers; more gets 431 and the connection closed."""
+
     def start_sweeping(self) -> None: ...
+
+    def refused(self, path: bytes, peer: str, status: int, model: str, key_name: str) -> None:
+        """Log a request answered at the edge."""
 
     async def handle(self, conn: ClientConnection, req: Request) -> None: ...
 
@@ -88,7 +93,8 @@ class ClientConnection(asyncio.Protocol):
         self._deferred: bytes | None = None
         """A rejection of a pipelined request, written once the earlier ones are answered."""
         self._in_head = True
-        """Between requests or inside a request's head (bytes count toward MAX_HEAD_BYTES)."""
+        """Between requests or inside a request's head (bytes count toward the gateway's
+        `max_header_bytes`)."""
         self._head_bytes = 0
         self.idle_since = self.loop.time()
         """When the connection last had no request in progress (the idle sweep reads it)."""
@@ -120,7 +126,7 @@ class ClientConnection(asyncio.Protocol):
             self.reject(400, "upgrades are not supported")
         except httptools.HttpParserError as e:
             self.reject(400, f"malformed HTTP request: {e}")
-        if self._in_head and self._head_bytes > MAX_HEAD_BYTES and not self._rejected:
+        if self._in_head and self._head_bytes > self.gw.max_header_bytes and not self._rejected:
             self.gw.metrics.inc(self.gw.metrics.edge_rejections, "431")
             self.reject(431, "request line and headers too large")
 
@@ -177,6 +183,13 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if self._head_bytes > self.gw.max_header_bytes and not self._rejected:
+            # The head may have come whole in one read with its body: measure it (the
+            # request line and the headers kept; rare, so not counted on every header).
+            size = len(self._url) + len(self._auth or b"") + sum(len(h) for h in self._fwd)
+            if size > self.gw.max_header_bytes:
+                self.gw.metrics.inc(self.gw.metrics.edge_rejections, "431")
+                self.reject(431, "request line and headers too large")
 
     def on_body(self, body: bytes) -> None:
         if self._rejected:
@@ -247,6 +260,7 @@ class ClientConnection(asyncio.Protocol):
     def reject(self, status: int, message: str) -> None:
         """Answer at once and close: used before the request is fully read."""
         self._rejected = True
+        self.gw.refused(self._url or b"-", self.peer, status, "", "")
         body = error_body(message, "invalid_request_error", status)
         resp = http11.response(status, body, keep_alive=False)
         if self.busy:

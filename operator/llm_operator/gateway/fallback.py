@@ -104,6 +104,7 @@ class Proxy:
                 )
                 call.body = call.scanned.with_model(step.target_model)
                 call.target = step.target_model
+                call.path += (step.label,)
                 reason = p.reason or Failure.UNAVAILABLE
                 self.metrics.inc(self.metrics.fallbacks, (model.name, step.label, reason))
             answered = await self._step(conn, call, step_i == 0, p)

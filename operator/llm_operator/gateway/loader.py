@@ -10,6 +10,7 @@ validate is logged and ignored: the gateway keeps serving the last good table.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from llm_operator.api.gateway_config import Fallback, GatewayConfig
+from llm_operator.api.gateway_config import ClientKey, Edge, Fallback, GatewayConfig
 
 log = logging.getLogger("llm_operator.gateway")
 
@@ -48,12 +49,75 @@ def parse(text: str, name: str = "") -> GatewayConfig:
         raise ConfigError(f"{name or 'routing table'}: {e}") from None
 
 
-def load(path: str | os.PathLike[str]) -> GatewayConfig:
+def load(
+    path: str | os.PathLike[str], edge_path: str | None = None, missing_ok: bool = False
+) -> GatewayConfig:
+    """The table at `path`; with `edge_path`, its `edge` is that file's (the chart's edge
+    settings: the operator writes no edge); client keys of `edge.keysDir` read and hashed.
+    `missing_ok`: a table file that does not exist yet is an empty table."""
+    if missing_ok and not os.path.exists(path):
+        config = GatewayConfig()
+    else:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read routing table {path}: {e.strerror or e}") from None
+        config = parse(text, str(path))
+    if edge_path is not None:
+        config = config.model_copy(update={"edge": load_edge(edge_path)})
+    return with_dir_keys(config)
+
+
+def load_edge(path: str) -> Edge:
     try:
         text = Path(path).read_text()
+        data: Any = yaml.safe_load(text) or {}
     except OSError as e:
-        raise ConfigError(f"cannot read routing table {path}: {e.strerror or e}") from None
-    return parse(text, str(path))
+        raise ConfigError(f"cannot read edge settings {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not YAML: {e}") from None
+    try:
+        return Edge.model_validate(data)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _key_files(keys_dir: str) -> list[str]:
+    """The key files of a keys directory, by name; a mounted Secret's `..data` links and
+    other dot names are not keys."""
+    try:
+        names = sorted(os.listdir(keys_dir))
+    except OSError:
+        return []
+    return [os.path.join(keys_dir, n) for n in names if not n.startswith(".")]
+
+
+def with_dir_keys(config: GatewayConfig) -> GatewayConfig:
+    """`config` with the keys of `edge.keysDir` added to `edge.apiKeys` (hashed: the key
+    itself is never kept). A file whose name an `apiKeys` entry already has is skipped."""
+    edge = config.edge
+    if edge.keys_dir is None:
+        return config
+    keys = list(edge.api_keys)
+    names = {k.name for k in keys}
+    hashes = {k.sha256 for k in keys}
+    for path in _key_files(edge.keys_dir):
+        name = os.path.basename(path)
+        try:
+            key = Path(path).read_text().strip()
+        except OSError as e:  # a directory, or a file that went away mid-rotation
+            log.debug("client key %s not read: %s", name, e)
+            continue
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        if not key or name in names or digest in hashes:
+            log.warning("client key %s skipped: empty, or its name or key is there twice", name)
+            continue
+        names.add(name)
+        hashes.add(digest)
+        keys.append(ClientKey(name=name, sha256=digest))
+    if not keys:
+        log.warning("edge.keysDir %s holds no keys: every /v1 request is let in", edge.keys_dir)
+    return config.model_copy(update={"edge": edge.model_copy(update={"api_keys": keys})})
 
 
 def read_api_key(f: Fallback) -> str | None:
@@ -80,10 +144,18 @@ def _stat(path: str) -> tuple[str, int, int, int, int]:
     return (path, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def fingerprint(path: str, config: GatewayConfig | None) -> Fingerprint:
+def fingerprint(
+    path: str, config: GatewayConfig | None, edge_path: str | None = None
+) -> Fingerprint:
     paths = [path]
+    if edge_path is not None:
+        paths.append(edge_path)
     if config is not None:
         paths += [f.api_key_file for m in config.models for f in m.fallbacks if f.api_key_file]
+        if config.edge.keys_dir is not None:
+            # A rotated Secret swaps its `..data` link: the directory's entries change too.
+            paths.append(config.edge.keys_dir)
+            paths += _key_files(config.edge.keys_dir)
     return tuple(_stat(p) for p in paths)
 
 
@@ -94,6 +166,7 @@ async def watch(
     on_error: Callable[[str], None],
     interval: float = POLL_INTERVAL_S,
     seen: Fingerprint | None = None,
+    edge_path: str | None = None,
 ) -> None:
     """Poll the table (and its key files) and call `apply` with each new valid table.
 
@@ -101,17 +174,17 @@ async def watch(
     that read and the first poll is not missed.
     """
     if seen is None:
-        seen = fingerprint(path, current)
+        seen = fingerprint(path, current, edge_path)
     config = current
     while True:
         await asyncio.sleep(interval)
-        fp = fingerprint(path, config)
+        fp = fingerprint(path, config, edge_path)
         if fp == seen:
             continue
         seen = fp
         try:
             # Parsing a large table can take milliseconds; that is fine once per change.
-            new = load(path)
+            new = load(path, edge_path)
         except ConfigError as e:
             log.error("routing table not reloaded, keeping the last good one: %s", e)
             on_error(str(e))
@@ -119,5 +192,5 @@ async def watch(
         config = new
         # Keep the table file's stat from before the read (a write racing the read shows up
         # at the next poll); add the key files the new table names.
-        seen = fp[:1] + fingerprint(path, config)[1:]
+        seen = fp[:1] + fingerprint(path, config, edge_path)[1:]
         apply(new)

@@ -37,6 +37,9 @@ def report(
             series.tpot.observe(tpot)
     elapsed = time.monotonic() - call.req.start
     series.total.observe(elapsed)
+    resume = call.resume
+    if resume is not None and resume.committed:
+        call.tokens_in, call.tokens_out = resume.prompt_tokens, resume.sent
     log.record(
         call.req,
         model=call.model.name,
@@ -52,4 +55,7 @@ def report(
         key_name=call.key_name,
         stream=call.scanned.stream if committed else False,
         ttfb=ttfb,
+        tokens_in=call.tokens_in,
+        tokens_out=call.tokens_out,
+        fallback_path=call.path,
     )

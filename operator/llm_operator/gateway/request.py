@@ -9,11 +9,13 @@ update it, and the access log reads it.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from llm_operator.gateway.bodyscan import Scanned
+from llm_operator.gateway.limits import Budget
 from llm_operator.gateway.routing import ExternalTarget, ModelState
 
 if TYPE_CHECKING:
@@ -88,6 +90,22 @@ class Call:
     """The `model` the current step's backends are sent."""
     resume: Resume | None = None
     """A stream the model resumes on the next route if its backend fails (`resume.py`)."""
+    budgets: Sequence[Budget] = ()
+    """The client budgets this call holds a place in (`limits.py`), released by `finish`."""
+    strip_usage: bool = False
+    """The gateway asked the engine for a stream's usage block the client did not ask for:
+    it is read and not relayed."""
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    """Prompt and completion tokens of the answer, from its `usage` (None: not reported)."""
+    path: tuple[str, ...] = ()
+    """The fallback steps taken after the model's own backends, in order."""
+
+    def finish(self, now: float) -> None:
+        """The call ended: give back its places, charge the tokens it used."""
+        tokens = (self.tokens_in or 0) + (self.tokens_out or 0)
+        for b in self.budgets:
+            b.finish(tokens, now)
 
     @property
     def resuming(self) -> bool:

@@ -21,11 +21,13 @@ from typing import Literal
 
 from llm_operator.api.gateway_config import (
     ClientKey,
+    Edge,
     Fallback,
     FallbackTrigger,
     GatewayConfig,
     ModelRoute,
 )
+from llm_operator.gateway.limits import Budget
 
 CircuitState = Literal["closed", "open", "half_open"]
 CIRCUIT_STATE_VALUE: dict[CircuitState, int] = {"closed": 0, "open": 1, "half_open": 2}
@@ -259,6 +261,14 @@ class ModelState:
     cold: bool = False
     """No track with a weight above 0 has a backend (scaled to zero, or every pod still
     starting): requests are held (`hold.py`)."""
+    clients: dict[str, Budget] = field(default_factory=dict)
+    """Key name -> its budgets on this model (`clientLimits`), made on first use."""
+
+    def client_budget(self, key_name: str, now: float) -> Budget:
+        budget = self.clients.get(key_name)
+        if budget is None:
+            budget = self.clients[key_name] = Budget(key_name, self.route.client_limits, now)
+        return budget
 
     def choose_track(self) -> TrackState:
         """Smooth weighted round robin (nginx's): exact split over every total_weight picks,
@@ -308,39 +318,15 @@ class ModelState:
 
 
 @dataclass
-class KeyState:
-    """A client key and its token bucket."""
-
-    name: str
-    rate: float | None
-    burst: float
-    tokens: float
-    last: float
-
-    def allow(self, now: float) -> float:
-        """0 when the request may go; else seconds until a token is available."""
-        if self.rate is None:
-            return 0.0
-        tokens = self.tokens + (now - self.last) * self.rate
-        if tokens > self.burst:
-            tokens = self.burst
-        self.last = now
-        if tokens >= 1.0:
-            self.tokens = tokens - 1.0
-            return 0.0
-        self.tokens = tokens
-        return (1.0 - tokens) / self.rate
-
-
-@dataclass
 class RoutingTable:
     """One loaded generation of the table; swapped atomically on reload."""
 
     config: GatewayConfig
     models: dict[str, ModelState]
-    keys: dict[str, KeyState]
-    """sha256 hex -> key state; empty means no client key is required."""
+    keys: dict[str, Budget]
+    """sha256 hex -> the key's budgets; empty means no client key is required."""
     max_request_bytes: int
+    max_header_bytes: int
     models_body: bytes
     """The /v1/models answer, rendered once."""
     generation: int = 0
@@ -409,7 +395,8 @@ def build_table(
         state = models[route.name]
         for f in route.fallbacks:
             state.fallbacks.append(_fallback_step(f, models, registry, read_key))
-    keys = {k.sha256: _key_state(k, now, previous) for k in config.edge.api_keys}
+    edge = config.edge
+    keys = {k.sha256: _key_budget(k, edge, now, previous) for k in edge.api_keys}
     models_body = json.dumps(
         {
             "object": "list",
@@ -424,7 +411,8 @@ def build_table(
         config=config,
         models=models,
         keys=keys,
-        max_request_bytes=config.edge.max_request_bytes,
+        max_request_bytes=edge.max_request_bytes,
+        max_header_bytes=edge.max_header_bytes,
         models_body=models_body,
         generation=(previous.generation + 1) if previous else 1,
     )
@@ -493,6 +481,10 @@ def _model_state(
         retry_after=route.retry_after,
         track_of=track_of,
         cold=not any(t.backends for t in tracks if t.weight > 0),
+        # A reload keeps what each key has used on the model while its limits stay.
+        clients=old.clients
+        if old is not None and old.route.client_limits == route.client_limits
+        else {},
     )
 
 
@@ -516,16 +508,12 @@ def _fallback_step(
     return FallbackStep(label=f.url or "", external=ext, target_model=ext.target_model)
 
 
-def _key_state(k: ClientKey, now: float, previous: RoutingTable | None) -> KeyState:
-    rate = k.rate_limit.requests_per_second if k.rate_limit else None
-    burst = float(
-        (k.rate_limit.burst if k.rate_limit and k.rate_limit.burst else None)
-        or max(1.0, rate or 1.0)
-    )
+def _key_budget(k: ClientKey, edge: Edge, now: float, previous: RoutingTable | None) -> Budget:
+    limits = k.limits or edge.key_limits.get(k.name) or edge.default_limits
     old = previous.keys.get(k.sha256) if previous else None
-    if old is not None and old.rate == rate and old.burst == burst:
-        return old
-    return KeyState(name=k.name, rate=rate, burst=burst, tokens=burst, last=now)
+    if old is not None and old.name == k.name and old.same_limits(limits):
+        return old  # a reload keeps what the key has used
+    return Budget(k.name, limits, now)
 
 
 def pod_selectors_in(config: GatewayConfig) -> Iterable[tuple[str, str]]:

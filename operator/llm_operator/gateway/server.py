@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from llm_operator import http11
 from llm_operator.gateway.accesslog import AccessLog
-from llm_operator.gateway.admission import Refused, admit, authorize, unknown_model
+from llm_operator.gateway.admission import Refused, admit, identify, unknown_model
 from llm_operator.gateway.connection import ClientConnection
 from llm_operator.gateway.fallback import Proxy
 from llm_operator.gateway.metrics import Metrics
@@ -54,7 +54,9 @@ class Gateway:
         self.loop = loop
         self.table = table
         self.max_request_bytes = table.max_request_bytes
+        self.max_header_bytes = table.max_header_bytes
         """The current table's, read by each request (an attribute: no property call)."""
+        self.max_header_bytes = table.max_header_bytes
         self.metrics = metrics
         self.access_log = access_log
         self.serve_metrics = serve_metrics
@@ -91,6 +93,7 @@ class Gateway:
         """Swap the routing table; in-flight requests keep the objects they hold."""
         self.table = table
         self.max_request_bytes = table.max_request_bytes
+        self.max_header_bytes = table.max_header_bytes
         self.metrics.generation = table.generation
         self.holds.on_table(table)
         keep = table.backend_keys()
@@ -110,6 +113,9 @@ class Gateway:
             # The registry forgot and re-created this address: follow the new state object.
             pool.backend = self.backends[backend.key] = backend
         return pool
+
+    def refused(self, path: bytes, peer: str, status: int, model: str, key_name: str) -> None:
+        self.access_log.refused(path, peer, status, model, key_name)
 
     def protocol(self) -> ClientConnection:
         return ClientConnection(self)
@@ -196,8 +202,9 @@ class Gateway:
         ka = req.keep_alive
         if path.startswith(b"/v1/"):
             try:
-                authorize(self.table, self.metrics, req)
+                identify(self.table, self.metrics, req)
             except Refused as r:
+                self.refused(req.path, req.peer, r.status, r.model, r.key_name)
                 conn.write(r.response)
                 return ka
         conn.write(self._get_body(path, ka))
@@ -238,6 +245,7 @@ class Gateway:
         try:
             call = admit(self.table, self.metrics, req)
         except Refused as r:
+            self.refused(req.path, req.peer, r.status, r.model, r.key_name)
             conn.write(r.response)
             return req.keep_alive
         call.model.budget.on_request()
@@ -248,6 +256,8 @@ class Gateway:
             return await self._proxy.route(conn, call)
         finally:
             self.in_flight -= 1
+            if call.budgets:
+                call.finish(time.monotonic())
 
 
 def _not_found(ka: bool) -> bytes:

@@ -9,6 +9,7 @@ continuation is relayed into the same client stream.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -79,6 +80,31 @@ class _Head:
 # subscript, not a call, once per answer.
 _OUTCOME = ("success",) * 4 + ("client_error",) + ("server_error",) * 5
 
+_USAGE = b'"usage":{'
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
+
+
+def usage_at(data: bytes, i: int) -> tuple[int | None, int | None]:
+    """(prompt, completion) tokens of the usage object at `data[i:]` (`"usage":{`)."""
+    p = _PROMPT_TOKENS.search(data, i)
+    c = _COMPLETION_TOKENS.search(data, i)
+    return (int(p[1]) if p else None), (int(c[1]) if c else None)
+
+
+def without_usage_event(events: bytes) -> tuple[bytes, int]:
+    """Whole SSE events less the one that carries `usage`: (the rest, the usage's index in
+    `events`, -1 if none). A literal `"usage":{` is always the key: inside a JSON string
+    the quotes would be escaped, and no raw newline can be in an event's JSON."""
+    i = events.find(_USAGE)
+    if i < 0:
+        return events, -1
+    start = events.rfind(b"\n\n", 0, i)
+    start = 0 if start < 0 else start + 2
+    end = events.find(b"\n\n", i)
+    end = len(events) if end < 0 else end + 2
+    return events[:start] + events[end:], i
+
 
 async def respond(conn: ClientConnection, call: Call, t: Try, log: AccessLog) -> Attempt | None:
     """The head is in: an `Attempt` to fail over, or None once the answer is relayed."""
@@ -102,7 +128,7 @@ async def respond(conn: ClientConnection, call: Call, t: Try, log: AccessLog) ->
         return await _commit_resumable(conn, call, t, head, log, resume, ttfb)
     ttft = tpot = None
     if ex.complete:
-        nbytes = _write_complete(conn, t, head.parts)
+        nbytes = _write_complete(conn, call, t, head, 200 <= status < 300)
         outcome = _OUTCOME[status // 100]
         if 200 <= status < 300:
             ttft = ttfb  # the whole answer came with the head
@@ -111,6 +137,7 @@ async def respond(conn: ClientConnection, call: Call, t: Try, log: AccessLog) ->
         nbytes, outcome = relay.nbytes, relay.outcome
         if 200 <= status < 300:
             ttft, tpot = relay.token_times(call.req.start)
+            relay.read_usage(call)
     report(
         log,
         call,
@@ -157,11 +184,24 @@ def _fail_over(
     return Attempt(reason, f"backend answered {status}", kept)
 
 
-def _write_complete(conn: ClientConnection, t: Try, parts: list[bytes]) -> int:
-    """The whole answer arrived with its head: one write, with a content-length."""
+def _write_complete(conn: ClientConnection, call: Call, t: Try, head: _Head, ok: bool) -> int:
+    """The whole answer arrived with its head: one write, with a content-length. The
+    tokens of a 2xx answer are read from its usage object."""
     upc, ex = t.upc, t.ex
     assert upc is not None and ex is not None
     body = ex.buffered[0] if len(ex.buffered) == 1 else b"".join(ex.buffered)
+    parts = head.parts
+    if ok:
+        if call.strip_usage and head.sse:
+            body, i = without_usage_event(body)
+            # The index is into the unstripped body: read the numbers from that.
+            if i >= 0:
+                whole = ex.buffered[0] if len(ex.buffered) == 1 else b"".join(ex.buffered)
+                call.tokens_in, call.tokens_out = usage_at(whole, i)
+        else:
+            i = body.rfind(_USAGE)
+            if i >= 0:
+                call.tokens_in, call.tokens_out = usage_at(body, i)
     parts.append(b"content-length: %d\r\n\r\n" % len(body))
     parts.append(body)
     conn.write(b"".join(parts))
@@ -182,6 +222,7 @@ class _Relay:
 
     __slots__ = (
         "at_line_start",
+        "carry",
         "chunked",
         "conn",
         "end",
@@ -192,11 +233,17 @@ class _Relay:
         "new_events",
         "outcome",
         "pending",
+        "previous",
         "sse",
+        "strip",
+        "tail",
         "transport",
+        "usage",
     )
 
-    def __init__(self, conn: ClientConnection, chunked: bool, sse: bool) -> None:
+    def __init__(
+        self, conn: ClientConnection, chunked: bool, sse: bool, strip: bool = False
+    ) -> None:
         self.conn = conn
         transport = conn.transport
         assert transport is not None
@@ -214,6 +261,13 @@ class _Relay:
         self.last = 0.0
         self.end = 0.0
         """When the body ended (0 if it did not end)."""
+        self.strip = strip
+        """Drop the usage event (the gateway asked for it, the client did not)."""
+        self.carry = b""
+        """While stripping: the start of an event whose end has not arrived yet."""
+        self.usage: tuple[int | None, int | None] | None = None
+        self.tail = self.previous = b""
+        """The last two pieces of a body that is not SSE: where its usage object is."""
 
     def count_events(self, data: bytes) -> None:
         """The data events of `data` (a piece that came with the head); `sink` does the
@@ -235,10 +289,52 @@ class _Relay:
         tpot = (self.last - self.first) / (self.events - 1) if self.events > 1 else None
         return self.first - start, tpot
 
+    def read_usage(self, call: Call) -> None:
+        """The answer's tokens, from its usage object (a 2xx answer that has ended)."""
+        usage = self.usage
+        if usage is None and not self.sse:
+            body = self.previous + self.tail
+            i = body.rfind(_USAGE)
+            if i >= 0:
+                usage = usage_at(body, i)
+        if usage is not None:
+            call.tokens_in, call.tokens_out = usage
+
+    def screen(self, data: bytes) -> bytes:
+        """One piece's usage bookkeeping; what of it goes to the client now."""
+        if not self.sse:
+            self.previous, self.tail = self.tail, data
+            return data
+        if self.strip:
+            return self._without_usage(data)
+        i = data.find(_USAGE)
+        if i >= 0:
+            self.usage = usage_at(data, i)
+        return data
+
+    def _without_usage(self, data: bytes) -> bytes:
+        """Whole events of what has come, less the usage event; the rest waits."""
+        buf = self.carry + data if self.carry else data
+        cut = buf.rfind(b"\n\n") + 2
+        if cut < 2:
+            self.carry = buf
+            return b""
+        self.carry = buf[cut:]
+        events = buf[:cut] if cut < len(buf) else buf
+        if _USAGE not in events:
+            return events
+        out, i = without_usage_event(events)
+        self.usage = usage_at(events, i)
+        return out
+
     def sink(self, data: bytes | None, err: UpstreamError | None) -> None:
         if self.conn.closed:
             return
         if data is not None:
+            if not self.sse or self.strip or _USAGE in data:  # `screen`, when it has work
+                data = self.screen(data)
+                if not data:
+                    return  # an empty chunk would end the chunked body
             self.nbytes += len(data)
             if self.sse:  # `count_events`, inline: this runs once per piece read
                 n = data.count(b"\ndata:")
@@ -251,6 +347,10 @@ class _Relay:
             self.pending.append(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
         elif err is None:
             self.end = time.monotonic()
+            if self.carry:  # an unfinished last event: the backend's, as it sent it
+                carry, self.carry = self.carry, b""
+                self.nbytes += len(carry)
+                self.pending.append(http11.chunk(carry) if self.chunked else carry)
             if self.chunked:
                 self.pending.append(http11.LAST_CHUNK)
             # Also when the end is the backend closing (no read follows to flush).
@@ -288,11 +388,14 @@ async def _relay(conn: ClientConnection, call: Call, t: Try, head: _Head) -> _Re
         parts.append(b"transfer-encoding: chunked\r\n\r\n")
     else:
         parts.append(b"content-length: " + head.content_length + b"\r\n\r\n")
-    relay = _Relay(conn, chunked, head.sse)
+    relay = _Relay(conn, chunked, head.sse, call.strip_usage and head.sse)
     for piece in ex.buffered:
-        relay.nbytes += len(piece)
+        piece = relay.screen(piece)
+        if not piece:
+            continue
         if relay.sse:
             relay.count_events(piece)
+        relay.nbytes += len(piece)
         parts.append(http11.chunk(piece) if chunked else piece)
     relay.flush()  # stamps their events, if any: they came with (or just after) the head
     ex.buffered = []
