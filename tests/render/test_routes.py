@@ -250,3 +250,14 @@ def test_hold_defaults_are_the_gateways_and_zero_holds_nothing() -> None:
     # A cold start longer than the gateway takes is clamped, like the other timeouts.
     table, problems = render_routes([llmd("c", routing={"hold": {"coldStartTimeout": "48h"}})])
     assert problems == [] and table.models[0].hold.timeout == 86400
+
+
+def test_client_limits_reach_the_table() -> None:
+    limits = {"tokensPerMinute": 50000, "maxConcurrentRequests": 4}
+    table, _ = render_routes([llmd("a", routing={"clientLimits": limits}), llmd("b")])
+    a, b = table.models
+    assert a.client_limits is not None and a.client_limits.tokens_per_minute == 50000
+    assert a.client_limits.max_concurrent_requests == 4 and b.client_limits is None
+    wire = table.to_wire()
+    assert wire["models"][0]["clientLimits"] == limits
+    assert "clientLimits" not in wire["models"][1]

@@ -201,6 +201,15 @@ class ClientLimits(ApiModel):
     max_concurrent_requests: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     """Requests of the key in flight at once."""
 
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!has(self.burst) || has(self.requestsPerSecond)",
+            message="burst needs requestsPerSecond (it is the request rate's burst)",
+            holds=lambda c: c.burst is None or c.requests_per_second is not None,
+            field_path=".burst",
+        ),
+    )
+
     def is_limited(self) -> bool:
         budgets = (self.requests_per_second, self.tokens_per_minute, self.max_concurrent_requests)
         return any(v is not None for v in budgets)

@@ -14,6 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import ConfigDict, Field, StrictInt
 
 from llm_operator.api.base import ApiModel, Rule
+from llm_operator.api.gateway_config import ClientLimits
 from llm_operator.api.patterns import (
     CONTAINER_ENV_NAME_PATTERN,
     DNS_LABEL_PATTERN,
@@ -501,6 +502,12 @@ class RoutingSpec(ApiModel):
     stream ends with an error event."""
     hold: RoutingHold = RoutingHold()
     """Holding requests while no replica is ready (scale from zero, cold starts)."""
+    client_limits: ClientLimits | None = None
+    """Budgets of each client key on this model, on top of the key's own gateway-wide ones
+    (the chart's gateway.edge): requests per second, tokens per minute (counted from the
+    usage the answers report) and requests in flight. Without client keys at the gateway
+    they bound all of this model's traffic together. Over a budget the gateway answers 429
+    with Retry-After."""
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(

@@ -168,6 +168,8 @@ def model_route(
     )
     if routing.resume_streams:
         route.resume_streams = True  # on the wire only when asked for
+    if routing.client_limits is not None and routing.client_limits.is_limited():
+        route.client_limits = routing.client_limits
     return route, problems
 
 
