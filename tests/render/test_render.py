@@ -111,8 +111,9 @@ def test_gpu_limit_is_tensor_times_pipeline_on_the_configured_resource() -> None
     )
     deployment = deployment_of(resource)
     resources = container(deployment)["resources"]
-    assert resources["limits"] == {"amd.com/gpu": "4"}
-    assert resources["requests"] == resources["limits"]
+    assert resources["limits"]["amd.com/gpu"] == "4"
+    assert "nvidia.com/gpu" not in resources["limits"]
+    assert resources["requests"]["amd.com/gpu"] == "4"
     tolerations = deployment["spec"]["template"]["spec"]["tolerations"]
     assert {"key": "amd.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
 
@@ -170,8 +171,9 @@ def test_probes_give_large_models_tens_of_minutes_to_start() -> None:
 
     assert STARTUP_MIN_SECONDS <= budget(small) < budget(large) <= STARTUP_MAX_SECONDS
     assert budget(small) >= 15 * 60
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):
         assert small[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    assert small["livenessProbe"]["httpGet"] == {"path": "/version", "port": "http"}
     configured = container(deployment_of(llmd(), RenderConfig(startup_timeout_seconds=7200)))
     assert budget(configured) == 7200
 

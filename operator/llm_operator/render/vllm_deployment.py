@@ -12,6 +12,15 @@ Choices a reviewer will ask about, and why:
   root and writes caches under /root (Hugging Face, torch.compile, Triton, FlashInfer), so
   runAsNonRoot is set only when the operator is configured with `runAsUser`, which also
   gives the engine a writable HOME. The root filesystem stays writable for the same caches.
+- Resources: CPU, memory and ephemeral storage always set, from the plan unless the spec
+  gives CPU or memory (planner/pod_resources.py): an engine without requests is BestEffort, the
+  first pod a busy GPU node evicts.
+- Probes: startup and readiness on /health, which fails when the engine core is dead (vLLM's
+  check_health) and so takes the pod out of the gateway's backends within 15 seconds.
+  Liveness on /version, answered by the API server alone, and lenient (2 minutes): it restarts
+  only an API server that no longer answers at all. A slow /health on a saturated node then
+  costs traffic, never a restart that reloads the weights; and a dead engine core makes vLLM
+  exit by itself. Both paths are outside /v1, so `--api-key` does not guard them.
 - Rollout: maxSurge 0 and maxUnavailable 1 by default, so a new revision never waits for
   GPUs that a full cluster does not have; Recreate when asked.
 - A preStop hook drains: it waits until vLLM reports no running or waiting requests (at most
@@ -33,7 +42,7 @@ from llm_operator.api.v1alpha1 import (
     parse_duration_seconds,
 )
 from llm_operator.constants import ANNOTATION_POD_TEMPLATE_HASH, LABEL_TRACK
-from llm_operator.planner import GIB, Plan, PlanError
+from llm_operator.planner import GIB, Plan, PlanError, pod_resources
 from llm_operator.render.config import RenderConfig
 from llm_operator.render.names import (
     Track,
@@ -47,6 +56,7 @@ from llm_operator.render.names import (
 ENGINE_PORT = 8000
 PORT_NAME = "http"
 HEALTH_PATH = "/health"
+LIVENESS_PATH = "/version"
 METRICS_PATH = "/metrics"
 
 STARTUP_MIN_SECONDS = 15 * 60
@@ -202,19 +212,23 @@ def _env(llmd: LLMDeployment, config: RenderConfig) -> list[dict[str, Any]]:
 
 def _resources(llmd: LLMDeployment, plan: Plan) -> dict[str, Any]:
     spec = llmd.spec.resources
-    amounts: dict[str, str] = {spec.gpu.resource_name: str(plan.gpus_per_replica)}
-    if spec.cpu is not None:
-        amounts["cpu"] = spec.cpu
-    if spec.memory is not None:
-        amounts["memory"] = spec.memory
-    # Requests equal limits: extended resources require it, and it keeps CPU and memory
-    # Guaranteed when both are set.
-    return {"limits": dict(amounts), "requests": dict(amounts)}
-
-
-def _probe(period: int, timeout: int, failures: int) -> dict[str, Any]:
+    pod = pod_resources(llmd.spec, plan)
+    # Requests equal limits: extended resources require it for the GPUs, and the same for
+    # CPU and memory makes the pod Guaranteed (planner/pod_resources.py says why).
+    amounts: dict[str, str] = {
+        spec.gpu.resource_name: str(plan.gpus_per_replica),
+        "cpu": pod.cpu,
+        "memory": pod.memory,
+    }
     return {
-        "httpGet": {"path": HEALTH_PATH, "port": PORT_NAME},
+        "limits": amounts | {"ephemeral-storage": pod.ephemeral_storage_limit},
+        "requests": amounts | {"ephemeral-storage": pod.ephemeral_storage_request},
+    }
+
+
+def _probe(path: str, period: int, timeout: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": PORT_NAME},
         "periodSeconds": period,
         "timeoutSeconds": timeout,
         "failureThreshold": failures,
@@ -262,10 +276,10 @@ def _container(
         "resources": _resources(llmd, plan),
         "volumeMounts": mounts,
         "startupProbe": _probe(
-            STARTUP_PERIOD_SECONDS, 5, math.ceil(startup / STARTUP_PERIOD_SECONDS)
+            HEALTH_PATH, STARTUP_PERIOD_SECONDS, 5, math.ceil(startup / STARTUP_PERIOD_SECONDS)
         ),
-        "readinessProbe": _probe(5, 3, 3),
-        "livenessProbe": _probe(15, 5, 4),
+        "readinessProbe": _probe(HEALTH_PATH, 5, 3, 3),
+        "livenessProbe": _probe(LIVENESS_PATH, 15, 10, 8),
         "lifecycle": {"preStop": {"exec": {"command": ["python3", "-c", script]}}},
         "securityContext": security,
         "terminationMessagePolicy": "FallbackToLogsOnError",
