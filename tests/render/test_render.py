@@ -215,6 +215,10 @@ def test_security_context_is_tight_and_non_root_only_when_configured() -> None:
     assert pod["securityContext"]["runAsUser"] == 1001
     assert pod["securityContext"]["fsGroup"] == 1001
     assert {"name": "HOME", "value": "/home/vllm"} in container(non_root)["env"]
+    # PyTorch names its compile cache after getpass.getuser(), which needs USER for a UID
+    # the image's passwd does not know.
+    assert {"name": "USER", "value": "vllm"} in container(non_root)["env"]
+    assert "USER" not in {e["name"] for e in container(default)["env"]}
     assert {"name": "home", "emptyDir": {}} in pod["volumes"]
 
 

@@ -11,7 +11,8 @@ Choices a reviewer will ask about, and why:
   seccomp, no service-account token (vLLM never calls the API). The official image runs as
   root and writes caches under /root (Hugging Face, torch.compile, Triton, FlashInfer), so
   runAsNonRoot is set only when the operator is configured with `runAsUser`, which also
-  gives the engine a writable HOME. The root filesystem stays writable for the same caches.
+  gives the engine a writable HOME and a USER name (the UID is not in the image's passwd).
+  The root filesystem stays writable for the same caches.
 - Resources: CPU, memory and ephemeral storage always set, from the plan unless the spec
   gives CPU or memory (planner/pod_resources.py): an engine without requests is BestEffort, the
   first pod a busy GPU node evicts.
@@ -74,6 +75,7 @@ MAX_DRAIN_SECONDS = 3600
 SHUTDOWN_SECONDS = 30
 """vLLM's own shutdown after SIGTERM (engine processes, NCCL teardown)."""
 HOME_DIR = "/home/vllm"
+RUN_AS_USER_NAME = "vllm"
 
 # Polls vLLM's metrics until nothing runs or waits, for at most the drain budget. Stdlib only:
 # the image has python3 but not necessarily curl. A failed hook only skips the drain.
@@ -186,6 +188,9 @@ def _env(llmd: LLMDeployment, config: RenderConfig) -> list[dict[str, Any]]:
         )
     if config.run_as_user is not None:
         ours.append({"name": "HOME", "value": HOME_DIR})
+        # The UID has no passwd entry in the image, and getpass.getuser() then raises unless
+        # USER is set: torch.compile's cache directory (/tmp/torchinductor_<user>) needs it.
+        ours.append({"name": "USER", "value": RUN_AS_USER_NAME})
     if model.cache is not None:
         ours.append({"name": "HF_HOME", "value": config.model_cache_mount_path})
         if model.cache.read_only:
