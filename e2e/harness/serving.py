@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,9 +248,11 @@ class Serving:
         )
         return pods[0]
 
-    def wait_routed(self, base_url: str, model: str, timeout: float = 60) -> None:
+    def wait_routed(
+        self, base_url: str, model: str, timeout: float = 60, api_key: str = "e2e"
+    ) -> None:
         """Until the gateway lists the model (it reads the operator's table by polling)."""
-        sdk = OpenAI(base_url=f"{base_url}/v1", api_key="e2e", max_retries=0, timeout=10)
+        sdk = OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=10)
 
         def listed() -> bool:
             try:
@@ -263,10 +265,16 @@ class Serving:
 
 @contextlib.contextmanager
 def installed(
-    cluster: Cluster, api: client.ApiClient, helm_home: Path, prefix: str, *values: str
+    cluster: Cluster,
+    api: client.ApiClient,
+    helm_home: Path,
+    prefix: str,
+    *values: str,
+    prepare: Callable[[str], None] | None = None,
 ) -> Iterator[Serving]:
     """The chart installed (operator and gateway as pods) watching a fresh namespace, with an
-    hf-token Secret; uninstalled and the namespace deleted after. `values` are more --set."""
+    hf-token Secret; uninstalled and the namespace deleted after. `values` are more --set;
+    `prepare(namespace)` runs before the install (Secrets the chart's pods mount)."""
     gpus = [
         n
         for n in client.CoreV1Api(api).list_node().items
@@ -280,6 +288,8 @@ def installed(
         )
     namespace = f"e2e-{prefix}-{secrets.token_hex(3)}"
     kube.create_namespace(api, namespace)
+    if prepare is not None:
+        prepare(namespace)
     release = f"{prefix[:6]}-{secrets.token_hex(2)}"
     helm = Helm(cluster, helm_home)
     args = ["--set", f"watchNamespaces={{{namespace}}}", "--set", "crds.enabled=false"]

@@ -260,3 +260,21 @@ async def test_header_limit_is_a_setting(
         "/v1/chat/completions", json.dumps({"model": "llama", "messages": MSG}).encode()
     )
     assert status == 200
+
+
+async def test_an_empty_or_missing_keys_directory_lets_nobody_in(
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], tmp_path: Path
+) -> None:
+    llama, _ = sims
+    start_with_edge(gateway, llama[0], {"keysDir": str(tmp_path / "not-there-yet")})
+    with pytest.raises(openai.AuthenticationError):
+        await sdk(gateway, "anything").chat.completions.create(model="llama", messages=MSG)
+    write_keys(tmp_path / "not-there-yet", {"team-a": "sk-a"})  # the Secret arrives
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            await sdk(gateway, "sk-a").models.list()
+            break
+        except openai.AuthenticationError:
+            assert time.monotonic() < deadline, "the key was not taken within 5 s"
+            await asyncio.sleep(0.1)

@@ -321,7 +321,8 @@ class Edge(ApiModel):
     keys_dir: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
     """A directory of client keys, typically a mounted Secret: each file is one key, its
     name the key's name. Read and hashed by the gateway; a changed file (a rotated Secret)
-    takes effect without a restart."""
+    takes effect without a restart. Set, keys are required even while it holds none (every
+    /v1 request then gets 401: a missing Secret never opens the gateway)."""
     default_limits: ClientLimits | None = None
     """Budgets of every key that has none of its own."""
     key_limits: Annotated[dict[str, ClientLimits], Field(max_length=100_000)] = {}

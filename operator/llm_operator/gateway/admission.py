@@ -32,9 +32,9 @@ class Refused(Exception):
 def identify(table: RoutingTable, metrics: Metrics, req: Request) -> Budget | None:
     """The client key's budgets (None when the gateway has no keys); raises `Refused` with
     a 401 when keys are required and the request has none of them."""
-    keys = table.keys
-    if not keys:
+    if not table.keys_required:
         return None
+    keys = table.keys
     auth = req.auth
     token = auth[7:].strip() if auth and auth[:7].lower() == b"bearer " else None
     state = keys.get(hashlib.sha256(token).hexdigest()) if token else None
@@ -94,7 +94,7 @@ def unknown_model(metrics: Metrics, name: str, keep_alive: bool) -> bytes:
 def admit(table: RoutingTable, metrics: Metrics, req: Request) -> Call:
     """An API request the gateway will route; raises `Refused` with the edge's answer (401,
     400, 404, 429). An admitted call holds a place in its budgets until `Call.finish`."""
-    key = identify(table, metrics, req) if table.keys else None
+    key = identify(table, metrics, req) if table.keys_required else None
     key_name = key.name if key is not None else ""
     try:
         sc = scan(req.body)

@@ -116,7 +116,7 @@ def with_dir_keys(config: GatewayConfig) -> GatewayConfig:
         hashes.add(digest)
         keys.append(ClientKey(name=name, sha256=digest))
     if not keys:
-        log.warning("edge.keysDir %s holds no keys: every /v1 request is let in", edge.keys_dir)
+        log.warning("edge.keysDir %s holds no keys: every /v1 request gets 401", edge.keys_dir)
     return config.model_copy(update={"edge": edge.model_copy(update={"api_keys": keys})})
 
 

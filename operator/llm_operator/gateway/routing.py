@@ -324,7 +324,10 @@ class RoutingTable:
     config: GatewayConfig
     models: dict[str, ModelState]
     keys: dict[str, Budget]
-    """sha256 hex -> the key's budgets; empty means no client key is required."""
+    """sha256 hex -> the key's budgets."""
+    keys_required: bool
+    """Every /v1 request needs a key: there are keys, or a keys directory (which, empty or
+    missing, lets nobody in rather than everybody)."""
     max_request_bytes: int
     max_header_bytes: int
     models_body: bytes
@@ -411,6 +414,7 @@ def build_table(
         config=config,
         models=models,
         keys=keys,
+        keys_required=bool(keys) or edge.keys_dir is not None,
         max_request_bytes=edge.max_request_bytes,
         max_header_bytes=edge.max_header_bytes,
         models_body=models_body,
