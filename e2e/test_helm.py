@@ -33,6 +33,7 @@ CRD_NAME = "llmdeployments.llmoperator.io"
 #: Every CRD the chart may install (kopf's peering CRDs with ha.enabled).
 CHART_CRDS = (CRD_NAME, "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev")
 GROUP, VERSION, PLURAL = "llmoperator.io", "v1alpha1", "llmdeployments"
+NETWORKING = "networking.k8s.io"
 #: Signs of a call the RBAC denied, in the operator's log (kopf logs "Not enough permissions"
 #: when it falls back from a denied list or watch).
 DENIED = re.compile(r"\b403\b|Forbidden|forbidden|Not enough permissions|permission denied")
@@ -253,6 +254,12 @@ def test_install_runs_restricted_and_its_service_account_reconciles_a_sample_to_
     assert not can(api_client, user, "list", "secrets", workload_namespace)
     assert not can(api_client, user, "watch", "secrets", workload_namespace)
     assert not can(api_client, user, "list", "secrets", None)
+    # NetworkPolicies, with networkPolicy.enabled off too: the operator watches them to prune
+    # the ones it made while it was on. Applied, never read by name.
+    for verb in ("list", "watch", "create", "patch", "delete"):
+        assert can(api_client, user, verb, "networkpolicies", workload_namespace, NETWORKING)
+    assert not can(api_client, user, "get", "networkpolicies", workload_namespace, NETWORKING)
+    assert not can(api_client, user, "patch", "networkpolicies", "default", NETWORKING)
     assert not can(api_client, user, "create", "deployments", "default", "apps")
     assert not can(api_client, user, "list", "llmdeployments", None, GROUP)
     assert not can(api_client, user, "update", "llmdeployments", workload_namespace, GROUP)
