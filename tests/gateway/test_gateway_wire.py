@@ -573,3 +573,58 @@ async def test_pipelined_rejection_waits_for_the_earlier_response(env: Env) -> N
     first, rest = out.split(b"\r\n0\r\n\r\n", 1)
     assert b"413" not in first and first.count(b"data: ") == 3
     assert rest.startswith(b"HTTP/1.1 413 "), rest[:200]
+
+
+async def test_a_client_that_pipelines_without_reading_is_held_back(env: Env) -> None:
+    """Issue 17's defect: a client pipelining requests without reading the answers grew the
+    gateway to gigabytes. Now the gateway stops reading from it (a short pipeline queue, no
+    next answer while the client reads none), so the client's own sends block instead."""
+    answer = b'{"id":"x","choices":[{"message":{"content":"' + b"y" * 16_000 + b'"}}]}'
+
+    async def backend(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            head = await r.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await r.readexactly(length)
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n")
+            w.write(b"content-length: %d\r\n\r\n%b" % (len(answer), answer))
+            await w.drain()
+
+    gw = await env.gateway(table(await env.backend(backend)))
+    request = post(b'{"model":"m"}')
+    total = 200_000  # 17 MB of requests: far more than the sockets' buffers hold
+
+    def flood() -> tuple[int, int]:
+        s = socket.create_connection(("127.0.0.1", env.port), timeout=2)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        sent = 0
+        try:
+            for _ in range(total):
+                s.sendall(request)
+                sent += 1
+        except OSError:  # the send timed out: the gateway stopped reading
+            pass
+        conns = list(gw.connections)
+        held = max((len(c.pending) for c in conns), default=0)
+        # The client now reads every answer it is owed: they arrive whole and in order.
+        s.settimeout(10)
+        got, buf = 0, b""
+        while got < sent:
+            data = s.recv(1 << 20)
+            assert data, f"closed after {got} of {sent} answers"
+            buf += data
+            while True:
+                end = buf.find(b"}]}")
+                if end < 0:
+                    break
+                got += 1
+                buf = buf[end + 3 :]
+        s.close()
+        return sent, held
+
+    sent, held = await asyncio.to_thread(flood)
+    assert sent < total, "the gateway read every request of a client that reads nothing"
+    # What the gateway holds: the requests of its last reads, not the client's 200,000.
+    assert held < 3_000, held
+    print(f"client sent {sent} of {total} requests before blocking; {held} queued")

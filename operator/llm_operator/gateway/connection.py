@@ -41,6 +41,10 @@ DROP_REQUEST_HEADERS = frozenset(
 )
 
 
+MAX_PIPELINED = 16
+"""Pipelined requests queued per connection before the gateway stops reading from it."""
+
+
 class Owner(Protocol):
     """What a connection needs from the gateway that owns it."""
 
@@ -79,6 +83,11 @@ class ClientConnection(asyncio.Protocol):
         self.on_lost: Callable[[], None] | None = None
         """Called once when the client goes away (a held request leaves its queue)."""
         self.paused = False
+        """The client is not reading: its transport's write buffer is full."""
+        self.reading_paused = False
+        """We stopped reading from the client (too many pipelined requests, or `paused`)."""
+        self._next_waits = False
+        """A pipelined request waits for the client to read the answers before it."""
         self.peer = ""
         self._url = b""
         self._fwd: list[bytes] = []
@@ -142,6 +151,7 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused = True
+        self._stop_reading()
         if self.upstream is not None:
             self.upstream.pause_reading()
 
@@ -149,6 +159,22 @@ class ClientConnection(asyncio.Protocol):
         self.paused = False
         if self.upstream is not None:
             self.upstream.resume_reading()
+        if self._next_waits and not self.closed:
+            self._next_waits = False
+            self.loop.create_task(self.gw.handle(self, self.pending.popleft()))
+        self._maybe_read()
+
+    def _stop_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _maybe_read(self) -> None:
+        """Read from the client again once it reads and its pipeline is short."""
+        if self.reading_paused and not self.paused and len(self.pending) < MAX_PIPELINED // 2:
+            self.reading_paused = False
+            if self.transport is not None and not self.closed:
+                self.transport.resume_reading()
 
     # --- httptools callbacks
     def on_message_begin(self) -> None:
@@ -219,6 +245,8 @@ class ClientConnection(asyncio.Protocol):
         )
         if self.busy:
             self.pending.append(req)
+            if len(self.pending) >= MAX_PIPELINED:
+                self._stop_reading()
         else:
             self.busy = True
             self.loop.create_task(self.gw.handle(self, req))
@@ -235,7 +263,13 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         if self.pending:
+            if self.paused:
+                # The client reads none of its answers: the next waits (`resume_writing`),
+                # so a client that pipelines without reading costs one answer of buffer.
+                self._next_waits = True
+                return
             self.loop.create_task(self.gw.handle(self, self.pending.popleft()))
+            self._maybe_read()
         elif self._deferred is not None:
             self.write(self._deferred)
             self.close()
