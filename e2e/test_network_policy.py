@@ -2,7 +2,8 @@
 `networkPolicy.enabled=true` makes the operator create one per LLMDeployment, which the real API
 server accepts, owned by the LLMDeployment and selecting exactly its engine pods and, as peers,
 exactly the release's gateway pods; a `helm upgrade` that turns it off makes the restarted
-operator delete it, and the model keeps answering through the gateway.
+operator delete it, and the model keeps answering through the gateway. The chart's own policies
+(`networkPolicy.chartPods`) are accepted too and select exactly the release's pods.
 
 What this does NOT prove: that traffic is blocked. The local cluster has no network plugin
 (every pod is a process on a loopback address), so nothing enforces NetworkPolicy here; the
@@ -48,7 +49,8 @@ def helm_home(tmp_path_factory: Any) -> Path:
 def serving(
     cluster: Cluster, api_client: client.ApiClient, crd_names: list[str], helm_home: Path
 ) -> Iterator[Serving]:
-    with installed(cluster, api_client, helm_home, "netpol", "networkPolicy.enabled=true") as s:
+    values = ("networkPolicy.enabled=true", "networkPolicy.chartPods.enabled=true")
+    with installed(cluster, api_client, helm_home, "netpol", *values) as s:
         yield s
 
 
@@ -164,3 +166,27 @@ def test_the_policy_is_created_with_the_right_selectors_and_deleted_when_turned_
     with reach(serving.cluster, serving.gateway_pod(), GATEWAY_PORT) as base:
         serving.wait_routed(base, name)
         assert ask(base, name)
+
+
+def test_the_charts_own_policies_select_the_releases_pods(serving: Serving) -> None:
+    for component, name in (
+        ("operator", serving.fullname),
+        ("gateway", f"{serving.fullname}-gateway"),
+    ):
+        policy = policy_of(serving, name)
+        assert policy is not None, name
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        selected = pod_names(
+            serving.api, serving.namespace, selector_text(policy["spec"]["podSelector"])
+        )
+        wanted = (
+            f"app.kubernetes.io/instance={serving.release},app.kubernetes.io/component={component}"
+        )
+        assert selected == pod_names(serving.api, serving.namespace, wanted) != set(), component
+        [rule] = policy["spec"]["ingress"]
+        if component == "gateway":
+            assert rule["ports"] == [{"port": GATEWAY_PORT, "protocol": "TCP"}]
+            assert not rule.get("from"), "the gateway is open to every client"
+        else:
+            assert rule["ports"] == [{"port": 9090, "protocol": "TCP"}]
+            assert len(rule["from"]) == 1

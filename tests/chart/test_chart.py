@@ -795,3 +795,48 @@ def test_values_schema_rejects_bad_network_policy_values(setting: str) -> None:
     with pytest.raises(chartgen.ChartgenError) as failure:
         render(None, setting)
     assert "networkPolicy" in str(failure.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["app.kubernetes.io/name=prometheus", "a==1,b=2", "a!=1,b,!c", "app=prom,!canary,tier!=x"],
+)
+def test_the_chart_reads_prometheus_selectors_as_the_operator_does(text: str) -> None:
+    from llm_operator.render.label_selector import parse_label_selector
+
+    sets = ["networkPolicy.chartPods.enabled=true", f"networkPolicy.prometheus.podSelector={text}"]
+    objs = render(None, *[s.replace(",", "\\,") for s in sets])
+    policy = one(objs, "NetworkPolicy", "llm-operator")
+    [rule] = policy["spec"]["ingress"]
+    [peer] = rule["from"]
+    assert peer["podSelector"] == parse_label_selector(text)
+    _, env = operator_command(objs)
+    assert env["LLMOP_NETWORK_POLICY_PROMETHEUS_POD_SELECTOR"] == text
+
+
+def test_the_chart_pods_policies_open_the_gateway_and_fence_the_operator() -> None:
+    assert not of_kind(render(None, "networkPolicy.enabled=true"), "NetworkPolicy")
+    objs = render(None, "networkPolicy.chartPods.enabled=true")
+    workloads = deployments(objs)
+    for component, name in (("operator", "llm-operator"), ("gateway", "llm-operator-gateway")):
+        policy = one(objs, "NetworkPolicy", name)
+        template = workloads[component]["spec"]["template"]
+        assert policy["spec"]["podSelector"] == workloads[component]["spec"]["selector"]
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        [rule] = policy["spec"]["ingress"]
+        [container] = template["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        if component == "gateway":
+            assert rule == {"ports": [{"protocol": "TCP", "port": ports["http"]}]}  # anyone
+        else:
+            assert rule["ports"] == [{"protocol": "TCP", "port": ports["metrics"]}]
+            assert rule["from"] == [
+                {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+                    },
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+                }
+            ]
+    no_gateway = render(None, "networkPolicy.chartPods.enabled=true", "gateway.enabled=false")
+    assert [p["metadata"]["name"] for p in of_kind(no_gateway, "NetworkPolicy")] == ["llm-operator"]

@@ -182,3 +182,31 @@ podAntiAffinity:
           matchLabels:
             {{- include "llm-operator.selectorLabels" . | nindent 12 }}
 {{- end }}
+
+{{/*
+A label selector written as `kubectl -l` takes it (k=v, k==v, k!=v, k, !k, comma-separated) as
+a LabelSelector, the same reading as the operator's (render/label_selector.py).
+*/}}
+{{- define "llm-operator.labelSelector" -}}
+{{- $labels := dict }}
+{{- $expressions := list }}
+{{- range $term := splitList "," . }}
+{{- $term = trim $term }}
+{{- if not $term }}
+{{- else if contains "!=" $term }}
+{{- $parts := splitn "!=" 2 $term }}
+{{- $expressions = append $expressions (dict "key" (trim $parts._0) "operator" "NotIn" "values" (list (trim $parts._1))) }}
+{{- else if contains "=" $term }}
+{{- $parts := splitn "=" 2 (replace "==" "=" $term) }}
+{{- $_ := set $labels (trim $parts._0) (trim $parts._1) }}
+{{- else if hasPrefix "!" $term }}
+{{- $expressions = append $expressions (dict "key" (trimPrefix "!" $term | trim) "operator" "DoesNotExist") }}
+{{- else }}
+{{- $expressions = append $expressions (dict "key" $term "operator" "Exists") }}
+{{- end }}
+{{- end }}
+{{- $selector := dict }}
+{{- if $labels }}{{ $_ := set $selector "matchLabels" $labels }}{{ end }}
+{{- if $expressions }}{{ $_ := set $selector "matchExpressions" $expressions }}{{ end }}
+{{- toYaml $selector }}
+{{- end }}
