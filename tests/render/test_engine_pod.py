@@ -175,3 +175,33 @@ def test_the_defaults_render_valid_kubernetes() -> None:
     for spec in ({}, {"parallelism": {"tensor": 8}}, {"resources": {"cpu": "500m"}}):
         for obj in yaml.safe_load_all(to_yaml(render_all(llmd(spec)))):
             validate(obj)
+
+
+@pytest.mark.parametrize(
+    ("label", "model", "engine"),
+    [
+        ("Llama 3.1 8B, downloaded", "meta-llama/Llama-3.1-8B-Instruct", {}),
+        (
+            "Llama 3.1 70B fp8 (online), downloaded",
+            "meta-llama/Llama-3.1-70B-Instruct",
+            {"quantization": "fp8", "maxModelLen": 8192},
+        ),
+        (
+            "Llama 3.1 405B fp8 from `s3://`",
+            "s3://bucket/Llama-3.1-405B-Instruct",
+            {"quantization": "fp8", "maxModelLen": 16384},
+        ),
+    ],
+)
+def test_the_examples_in_docs_sizing_are_what_the_planner_says(
+    label: str, model: str, engine: dict[str, Any]
+) -> None:
+    resource = llmd({"model": {"name": model}, "engine": engine})
+    sized = plan(resource.spec)
+    pod = pod_resources(resource.spec, sized)
+    row = (
+        f"| {label} | {sized.gpus_per_replica} | {pod.cpu} | {pod.memory} | "
+        f"{pod.ephemeral_storage_request} / {pod.ephemeral_storage_limit} |"
+    )
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "sizing.md").read_text()
+    assert row in docs
