@@ -78,7 +78,9 @@ def scan(body: bytes) -> Scanned:
 
 
 def _fast(body: bytes) -> Scanned | None:
-    if b"\\u" in body:
+    # `find`, not `in`: bytes' `in` first tries the operand as an integer, and raising and
+    # clearing that TypeError costs more than the search (~3k instructions a test).
+    if body.find(b"\\u") >= 0:
         return None
     i = body.find(_MODEL)
     if i < 0 or body.find(_MODEL, i + 7) >= 0:
@@ -90,7 +92,7 @@ def _fast(body: bytes) -> Scanned | None:
     if end < 0:
         return None
     raw = body[v + 1 : end]
-    if b"\\" in raw:
+    if raw.find(b"\\") >= 0:
         return None
     stream = _fast_stream(body)
     if stream is None:
@@ -140,7 +142,7 @@ def with_usage(sc: Scanned) -> tuple[Scanned, bool]:
     """A streamed request that asks for the final usage block: (the request, whether the
     client did not ask for it itself, so the block must not reach it)."""
     body = sc.body
-    if _STREAM_OPTIONS not in body:
+    if body.find(_STREAM_OPTIONS) < 0:
         end = len(body.rstrip(_WS)) - 1
         if end < 1 or body[end] != 0x7D:  # '}': not the plain object shape; leave it
             return sc, False
