@@ -628,3 +628,27 @@ async def test_a_client_that_pipelines_without_reading_is_held_back(env: Env) ->
     # What the gateway holds: the requests of its last reads, not the client's 200,000.
     assert held < 3_000, held
     print(f"client sent {sent} of {total} requests before blocking; {held} queued")
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (
+            b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+            400,
+        ),
+        (b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n", 405),
+        (post(b'{"model":' + b"[" * 100_000 + b"]" * 100_000 + b"}"), 400),
+    ],
+    ids=["upgrade", "connect", "json-nested-100k"],
+)
+async def test_odd_requests_get_one_clear_answer(
+    env: Env, request_bytes: bytes, status: int
+) -> None:
+    """Issue 17's defects: Upgrade and CONNECT were answered twice, deep JSON was a 500."""
+    gw = await env.gateway(table("127.0.0.1:1"))
+    out = await env.raw(request_bytes, wait=3)
+    assert out.count(b"HTTP/1.1 ") == 1, out[:400]
+    assert out.startswith(b"HTTP/1.1 %d " % status), out[:400]
+    assert b'"type":"invalid_request_error"' in out
+    assert gw.in_flight == 0

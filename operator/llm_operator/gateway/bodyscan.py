@@ -126,6 +126,8 @@ def _slow(body: bytes) -> Scanned:
         obj = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise BodyError(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BodyError("request body nests JSON too deeply") from None
     if not isinstance(obj, dict):
         raise BodyError("request body must be a JSON object")
     model = obj.get("model")
@@ -152,7 +154,7 @@ def with_usage(sc: Scanned) -> tuple[Scanned, bool]:
         return Scanned(body[:end] + _WITH_USAGE, sc.model, sc.stream, sc.span, obj), True
     try:
         parsed: Any = sc.obj if sc.obj is not None else json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return sc, False  # the engine will say what is wrong with it
     options = parsed.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:

@@ -97,6 +97,8 @@ class ClientConnection(asyncio.Protocol):
         self._limit = 0
         """The gateway's body limit, read once per request."""
         self._rejected = False
+        self._upgrade = False
+        """The request asks for a protocol upgrade (refused: the gateway speaks HTTP/1.1)."""
         self._continue = False
         """A pipelined request waits for `100 Continue` until the earlier ones are answered."""
         self._deferred: bytes | None = None
@@ -132,7 +134,9 @@ class ClientConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self.reject(400, "upgrades are not supported")
+            # `on_message_complete` already refused it (once): nothing more to say.
+            if not self._rejected:
+                self.reject(400, "upgrades are not supported")
         except httptools.HttpParserError as e:
             self.reject(400, f"malformed HTTP request: {e}")
         if self._in_head and self._head_bytes > self.gw.max_header_bytes and not self._rejected:
@@ -201,6 +205,8 @@ class ClientConnection(asyncio.Protocol):
                 too_big = False
             if too_big:
                 self._too_large()
+        elif lname == b"upgrade":
+            self._upgrade = True
         elif lname == b"expect" and value.lower() == b"100-continue" and self.transport:
             if self.busy:
                 self._continue = True  # not in the middle of an earlier response
@@ -232,9 +238,18 @@ class ClientConnection(asyncio.Protocol):
         self._continue = False
         if self._rejected:
             return
+        method = self.parser.get_method()
+        if self._upgrade or method == b"CONNECT":
+            # httptools stops parsing after these (HttpParserUpgrade): one answer, then close.
+            self._upgrade = False
+            if method == b"CONNECT":
+                self.reject(405, "CONNECT is not supported")
+            else:
+                self.reject(400, "upgrades are not supported")
+            return
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         req = Request(
-            self.parser.get_method(),
+            method,
             self._url,
             b"".join(self._fwd),
             self._auth,

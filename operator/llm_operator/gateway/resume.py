@@ -41,7 +41,7 @@ def resumable(path: bytes, scanned: Scanned) -> Resume | None:
     if obj is None:
         try:
             obj = json.loads(scanned.body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return None
     return Resume(obj, chat) if _fits(obj, chat) else None
 
@@ -208,7 +208,7 @@ class Resume:
             return b"data: [DONE]\n\n"
         try:
             chunk = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return event + b"\n\n"
         if not isinstance(chunk, dict):
             return event + b"\n\n"
