@@ -1,22 +1,59 @@
 """kopf registrations. The handlers only feed the cache and schedule reconciles.
 
+LLMDeployments come through kopf; children through informers of our own (informer.py) that
+watch with a server-side label selector, so unrelated objects never reach the operator.
+
 Only watch-event handlers are used: kopf's create/update handlers persist progress in
 annotations of the LLMDeployment, and the operator wants a steady cluster to see no writes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import kopf
 
 from llm_operator.api import GROUP, PLURAL, VERSION
-from llm_operator.constants import LABEL_MANAGED_BY, MANAGED_BY, MANAGED_BY_SELECTOR
-from llm_operator.controller.reconciler import Controller
+from llm_operator.constants import MANAGED_BY_SELECTOR
+from llm_operator.controller.informer import ApiTransport, Informer
+from llm_operator.controller.reconciler import Controller, OwnerKey
+from llm_operator.kube.client import load_config
 from llm_operator.kube.resources import CHILD_KINDS
 
 log = logging.getLogger("llm_operator.controller")
+
+
+def child_dispatcher(controller: Controller) -> Callable[[str, dict[str, Any]], None]:
+    """The loop's side of the child watches: cache the event, then reconcile the owner.
+
+    Reconciles are coalesced: while one is queued for an owner and has not yet read the
+    cache, a further event only updates the cache, which that reconcile will read. A burst
+    of child events (apply, then the Deployment controller's status updates) costs one
+    reconcile per owner instead of one per event.
+    """
+    pending: set[OwnerKey] = set()
+
+    async def run(owner_key: OwnerKey) -> None:
+        lock = controller.locks[owner_key]
+        # Wait out a reconcile in progress: it read the cache before this event.
+        async with lock:
+            pass
+        pending.discard(owner_key)
+        await controller.reconcile(owner_key)
+
+    def on_child(type_: str, obj: dict[str, Any]) -> None:
+        owner_key = controller.remember_child(obj, deleted=type_ == "DELETED")
+        if owner_key is None or owner_key not in controller.bodies or owner_key in pending:
+            return
+        pending.add(owner_key)
+        task = asyncio.ensure_future(run(owner_key))
+        controller.tasks.add(task)  # keep a reference until it ends
+        task.add_done_callback(controller.tasks.discard)
+
+    return on_child
 
 
 def register(
@@ -25,6 +62,9 @@ def register(
     namespaces: list[str],
     child_kinds: list[str],
 ) -> None:
+    on_child = child_dispatcher(controller)
+    informers: list[Informer] = []
+
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         # The same credentials as the `kubernetes` client: in-cluster, else KUBECONFIG.
@@ -42,21 +82,28 @@ def register(
         settings.watching.client_timeout = 330
         settings.networking.error_backoffs = [1, 2, 5, 10, 30]
         settings.batching.batch_window = 0.1
-        import asyncio
+        loop = asyncio.get_running_loop()
 
+        def deliver(type_: str, obj: dict[str, Any]) -> None:  # from a watch thread
+            loop.call_soon_threadsafe(on_child, type_, obj)
+
+        transport = ApiTransport(load_config())  # its own connections (informer.py)
         for namespace in namespaces or [None]:  # type: ignore[list-item]
             for kind in CHILD_KINDS:
                 if kind.kind not in child_kinds:
                     continue
-                token: str | None = None
-                while True:  # a page at a time: only one page is ever parsed at once
-                    page, token = await asyncio.to_thread(
-                        controller.client.list_page, kind, namespace, MANAGED_BY_SELECTOR, token
-                    )
-                    for child in page:
-                        controller.remember_child(child)
-                    if not token:
-                        break
+                informer = Informer(
+                    transport,
+                    kind,
+                    namespace,
+                    MANAGED_BY_SELECTOR,
+                    deliver,
+                )
+                # The first list here, so its errors stop the start-up as before; the
+                # watch from its resourceVersion runs in a thread of its own.
+                await asyncio.to_thread(informer.relist)
+                informer.start()
+                informers.append(informer)
         if controller.routes is not None:
             await asyncio.to_thread(controller.routes.prime)
         log.info("cache primed with %d owners' children", len(controller.children))
@@ -69,22 +116,7 @@ def register(
         if not deleted:
             await controller.reconcile(owner_key)
 
-    for kind in CHILD_KINDS:
-        if kind.kind not in child_kinds:
-            continue
-        selector = (
-            (kind.group, kind.version, kind.plural) if kind.group else (kind.version, kind.plural)
-        )
-
-        @kopf.on.event(
-            *selector,
-            id=f"child-{kind.plural}",
-            labels={LABEL_MANAGED_BY: MANAGED_BY},
-            registry=registry,
-        )
-        async def child_event(event: kopf.RawEvent, **_: Any) -> None:
-            owner_key = controller.remember_child(
-                dict(event["object"]), deleted=event["type"] == "DELETED"
-            )
-            if owner_key is not None and owner_key in controller.bodies:
-                await controller.reconcile(owner_key)
+    @kopf.on.cleanup(registry=registry)
+    async def stop_watches(**_: Any) -> None:
+        for informer in informers:
+            informer.stop()

@@ -1,0 +1,208 @@
+"""The child informer: list, watch from the list's version, relist on 410, bounded backoff,
+and the loop-side dispatcher that coalesces reconciles."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from llm_operator.controller import watches
+from llm_operator.controller.informer import Gone, Informer
+from llm_operator.kube.resources import BY_KIND, Kind
+
+DEPLOYMENT = BY_KIND["Deployment"]
+SELECTOR = "app.kubernetes.io/managed-by=llm-operator"
+
+
+def obj(name: str, version: str, owner: str = "m") -> dict[str, Any]:
+    return {
+        "kind": "Deployment",
+        "apiVersion": "apps/v1",
+        "metadata": {
+            "name": name,
+            "namespace": "ns",
+            "resourceVersion": version,
+            "labels": {"llmoperator.io/deployment": owner},
+        },
+    }
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.lists: list[list[dict[str, Any]]] = []
+        self.list_version = "10"
+        self.watches: list[list[dict[str, Any]] | Exception] = []
+        self.calls: list[tuple[str, Any]] = []
+        self.current: list[dict[str, Any]] = []
+
+    def list_page(
+        self, kind: Kind, namespace: str | None, selector: str, token: str | None
+    ) -> tuple[list[dict[str, Any]], str | None, str]:
+        self.calls.append(("list", (namespace, selector, token)))
+        if token is None:
+            self.current = self.lists.pop(0)
+        items = self.current
+        half = len(items) // 2
+        if token is None and half:  # two pages, to prove the continue token is followed
+            return items[:half], "next", self.list_version
+        return items[half:] if token else items, None, self.list_version
+
+    def watch(
+        self, kind: Kind, namespace: str | None, selector: str, resource_version: str
+    ) -> Iterator[dict[str, Any]]:
+        self.calls.append(("watch", resource_version))
+        step = self.watches.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        yield from step
+
+
+def informer(transport: FakeTransport, got: list[tuple[str, str]], **kw: Any) -> Informer:
+    return Informer(
+        transport,
+        DEPLOYMENT,
+        "ns",
+        SELECTOR,
+        lambda t, o: got.append((t, o["metadata"]["name"])),
+        **kw,
+    )
+
+
+def test_the_list_is_filtered_by_the_server_and_paged() -> None:
+    transport = FakeTransport()
+    items = [obj("a", "1"), obj("b", "2")]
+    transport.lists = [items]
+    got: list[tuple[str, str]] = []
+    inf = informer(transport, got)
+    inf.relist()
+    assert got == [("ADDED", "a"), ("ADDED", "b")]
+    assert transport.calls == [("list", ("ns", SELECTOR, None)), ("list", ("ns", SELECTOR, "next"))]
+    assert inf.resource_version == "10"
+
+
+def test_watch_events_are_delivered_and_move_the_version() -> None:
+    transport = FakeTransport()
+    transport.lists = [[obj("a", "1")]]
+    transport.watches = [
+        [
+            {"type": "MODIFIED", "object": obj("a", "11")},
+            {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "15"}}},
+            {"type": "ADDED", "object": obj("c", "16")},
+            # A child whose label was removed leaves the selection: DELETED.
+            {"type": "DELETED", "object": obj("a", "17")},
+        ]
+    ]
+    got: list[tuple[str, str]] = []
+    inf = informer(transport, got)
+    inf.relist()
+    inf.watch_once()
+    assert transport.calls[-1] == ("watch", "10")
+    assert got == [("ADDED", "a"), ("MODIFIED", "a"), ("ADDED", "c"), ("DELETED", "a")]
+    assert inf.resource_version == "17"
+    assert set(inf.known) == {("ns", "c")}
+
+
+@pytest.mark.parametrize("gone", ["event", "status"])
+def test_410_relists_delivering_what_was_missed_and_nothing_it_had(gone: str) -> None:
+    transport = FakeTransport()
+    transport.lists = [[obj("a", "1"), obj("b", "2")], [obj("b", "2"), obj("c", "30")]]
+    transport.list_version = "40"
+    expired = [{"type": "ERROR", "object": {"kind": "Status", "code": 410}}]
+    transport.watches = [expired if gone == "event" else Gone()]
+    got: list[tuple[str, str]] = []
+    inf = informer(transport, got)
+    inf.relist()
+    got.clear()
+    inf.watch_once()
+    assert inf.resource_version is None
+    inf.relist()
+    # a went while the watch was gone; b is unchanged, so not delivered again.
+    assert sorted(got) == [("ADDED", "c"), ("DELETED", "a")]
+    assert inf.resource_version == "40"
+
+
+def test_failures_back_off_bounded_and_a_working_watch_resets() -> None:
+    transport = FakeTransport()
+    boom = ApiException(status=500, reason="boom")
+    transport.lists = [[], []]
+    transport.watches = [boom, boom, boom, boom]
+    waits: list[float] = []
+    inf = informer(transport, [], backoffs=(1.0, 2.0, 5.0))
+
+    def sleep(seconds: float) -> bool:
+        waits.append(seconds)
+        if len(waits) == 4:
+            inf.stop()
+        return inf.stopped.is_set()
+
+    inf.sleep = sleep
+    inf.run()
+    assert waits == [1.0, 2.0, 5.0, 5.0]
+    assert [c[0] for c in transport.calls] == ["list", "watch", "watch", "watch", "watch"]
+
+
+def test_a_kind_that_is_not_served_is_empty_and_looked_at_again() -> None:
+    transport = FakeTransport()
+
+    def missing(*_: Any) -> Any:
+        raise ApiException(status=404, reason="Not Found")
+
+    transport.list_page = missing  # type: ignore[method-assign,assignment]
+    waits: list[float] = []
+    inf = informer(transport, [], backoffs=(1.0, 30.0))
+    inf.sleep = lambda s: waits.append(s) or True  # type: ignore[func-returns-value]
+    inf.run()
+    assert inf.missing and waits == [30.0]
+
+
+def test_an_api_error_of_the_first_list_is_raised() -> None:
+    transport = FakeTransport()
+
+    def forbidden(*_: Any) -> Any:
+        raise ApiException(status=403, reason="Forbidden")
+
+    transport.list_page = forbidden  # type: ignore[method-assign,assignment]
+    with pytest.raises(ApiException):
+        informer(transport, []).relist()
+
+
+class FakeController:
+    def __init__(self) -> None:
+        self.bodies: dict[Any, Any] = {("ns", "m"): {}}
+        self.locks: dict[Any, asyncio.Lock] = {}
+        self.tasks: set[Any] = set()
+        self.cached: list[str] = []
+        self.reconciled: list[list[str]] = []
+
+    def remember_child(self, o: dict[str, Any], deleted: bool = False) -> Any:
+        self.cached.append(o["metadata"]["resourceVersion"])
+        return ("ns", o["metadata"]["labels"]["llmoperator.io/deployment"])
+
+    async def reconcile(self, owner_key: Any) -> None:
+        async with self.locks[owner_key]:
+            self.reconciled.append(list(self.cached))  # what this reconcile read
+            await asyncio.sleep(0.01)
+
+
+async def test_a_burst_of_child_events_is_one_reconcile_that_reads_them_all() -> None:
+    controller = FakeController()
+    controller.locks[("ns", "m")] = asyncio.Lock()
+    on_child = watches.child_dispatcher(controller)  # type: ignore[arg-type]
+    for version in ("1", "2", "3"):
+        on_child("MODIFIED", obj("d", version))
+    on_child("ADDED", obj("x", "9", owner="unknown"))  # no LLMDeployment: cached only
+    await asyncio.gather(*controller.tasks)
+    assert controller.reconciled == [["1", "2", "3", "9"]]
+    # Events during a reconcile (which read the cache before them) get one more, reading all.
+    on_child("MODIFIED", obj("d", "4"))
+    await asyncio.sleep(0)
+    assert controller.reconciled[-1][-1] == "4"  # running
+    for version in ("5", "6", "7"):
+        on_child("MODIFIED", obj("d", version))
+    while controller.tasks:
+        await asyncio.gather(*controller.tasks)
+    assert len(controller.reconciled) == 3 and controller.reconciled[-1][-1] == "7"
