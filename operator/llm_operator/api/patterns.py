@@ -6,7 +6,10 @@ from __future__ import annotations
 # A Go-style duration as Kubernetes tools write it: 30s, 5m, 1h30m, 500ms.
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
 # Resource quantities as Kubernetes accepts them: 16Gi, 500m, 2, 1.5G.
-QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+# Kubernetes' resource.Quantity grammar, unsigned (a request or size is never negative):
+# digits with at most one point, then a binary (Ki..Ei) or decimal (n..E) suffix or an
+# exponent. "1.2.3" and "." do not match (the API server would refuse them in the Pod).
+QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 # What clients may send as "model": an OpenAI-style id such as llama-70b or org/model:tag.

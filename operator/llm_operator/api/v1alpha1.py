@@ -75,6 +75,16 @@ def parse_duration_seconds(value: str) -> float:
     )
 
 
+def positive_duration(json_name: str, attr: str, where: str) -> Rule:
+    """A rule that a duration field, when set, is above zero (the pattern allows `0s`)."""
+    return Rule(
+        cel=f"!has(self.{json_name}) || duration(self.{json_name}) > duration('0s')",
+        message=f"{where}.{json_name} must be above 0",
+        holds=lambda m: parse_duration_seconds(getattr(m, attr)) > 0,
+        field_path=f".{json_name}",
+    )
+
+
 class SecretKeyRef(ApiModel):
     """A key in a Secret in the LLMDeployment's namespace."""
 
@@ -88,7 +98,7 @@ class ModelArchitecture(ApiModel):
     """Numbers that size GPU memory. Known models come from the built-in catalog; set these
     for other models, or to override the catalog."""
 
-    parameters: Annotated[float, Field(gt=0)] | None = None
+    parameters: Annotated[float, Field(gt=0, le=1e15)] | None = None
     """Total parameter count, for example 70.6e9."""
     num_layers: Annotated[int, Field(ge=1, le=1024)] | None = None
     """Transformer layers (num_hidden_layers in the model's config.json)."""
@@ -359,6 +369,10 @@ class CanaryAnalysis(ApiModel):
     failure_limit: Annotated[int, Field(ge=1, le=100)] = 3
     """Failed intervals that roll the canary back."""
 
+    rules: ClassVar[tuple[Rule, ...]] = (
+        positive_duration("interval", "interval", "rollout.canary.analysis"),
+    )
+
 
 class CanarySpec(ApiModel):
     """Canary steps and the analysis that gates them."""
@@ -471,6 +485,10 @@ class RoutingHold(ApiModel):
     """With fallbacks: while no replica is ready, send requests down the fallback chain at once
     instead of holding them (they still wake the model up)."""
 
+    rules: ClassVar[tuple[Rule, ...]] = (
+        positive_duration("coldStartTimeout", "cold_start_timeout", "routing.hold"),
+    )
+
 
 class RoutingSpec(ApiModel):
     """Gateway routing for this model: timeouts and fallback routes."""
@@ -510,6 +528,8 @@ class RoutingSpec(ApiModel):
     with Retry-After."""
 
     rules: ClassVar[tuple[Rule, ...]] = (
+        positive_duration("requestTimeout", "request_timeout", "routing"),
+        positive_duration("firstByteTimeout", "first_byte_timeout", "routing"),
         Rule(
             cel="!has(self.fallbacks) || self.fallbacks.all(f, !has(f.llmDeployment) || "
             "self.fallbacks.filter(g, has(g.llmDeployment) && "
