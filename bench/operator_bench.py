@@ -147,28 +147,105 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
-def run_once(api: client.ApiClient, count: int, settle: float) -> dict[str, Any]:
-    namespace = f"bench-operator-{count}-{int(time.time())}"
-    core = client.CoreV1Api(api)
-    core.create_namespace({"metadata": {"name": namespace}})
+def start_operator(
+    namespace: str, source: Path | None, log: Any
+) -> tuple[subprocess.Popen[bytes], int]:
+    """`llm-operator run` over one namespace, from `source` (a checkout's operator/ directory,
+    e.g. a git worktree of an earlier commit) or the installed package; waits for /metrics."""
     metrics_port = free_port()
-    log = open(f"/tmp/{namespace}.log", "wb")  # noqa: SIM115
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = str(source.resolve())
     operator = subprocess.Popen(
         [sys.executable, "-m", "llm_operator.cli", "run", "--namespace", namespace,
          "--liveness-port", "0", "--metrics-port", str(metrics_port), "--log-level", "WARNING"],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline or operator.poll() is not None:
+                raise
+            time.sleep(0.2)
+    return operator, metrics_port
+
+
+def stop_operator(operator: subprocess.Popen[bytes]) -> None:
+    operator.terminate()
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        operator.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        operator.kill()
+        operator.wait()
+
+
+UNRELATED_NAMESPACE = "bench-operator-unrelated"
+
+
+def unrelated_namespace(api: client.ApiClient, count: int) -> str:
+    """A namespace holding `count` Deployments, Services and ConfigMaps each that are not
+    the operator's (no managed-by label): other teams' workloads. Made once and kept, since
+    15,000 creates take minutes on this machine."""
+    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+    ns = UNRELATED_NAMESPACE
+    with contextlib.suppress(ApiException):
+        core.create_namespace({"metadata": {"name": ns}})
+    have = {
+        "cm": {c.metadata.name for c in core.list_namespaced_config_map(ns).items},
+        "svc": {c.metadata.name for c in core.list_namespaced_service(ns).items},
+        "deploy": {c.metadata.name for c in apps.list_namespaced_deployment(ns).items},
+    }
+    labels = {"app": "other-team", "app.kubernetes.io/managed-by": "helm"}
+
+    def make(i: int) -> None:
+        name = f"other-{i:05d}"
+        meta = {"name": name, "labels": {**labels, "app.kubernetes.io/instance": name}}
+        if name not in have["cm"]:
+            # About 2 KiB, like a typical application config.
+            core.create_namespaced_config_map(
+                ns, {"metadata": meta, "data": {"app.yaml": "x: 1\n" * 400}}
+            )
+        if name not in have["svc"]:
+            core.create_namespaced_service(ns, {"metadata": meta, "spec": {
+                "selector": {"app.kubernetes.io/instance": name},
+                "ports": [{"port": 80, "targetPort": 8080}]}})  # fmt: skip
+        if name not in have["deploy"]:
+            # replicas 0 and paused: no pods, little work for the controller-manager.
+            apps.create_namespaced_deployment(ns, {"metadata": meta, "spec": {
+                "replicas": 0, "paused": True,
+                "selector": {"matchLabels": {"app.kubernetes.io/instance": name}},
+                "template": {"metadata": {"labels": meta["labels"]}, "spec": {"containers": [
+                    {"name": "app", "image": "registry.example/app:1",
+                     "env": [{"name": f"K{j}", "value": "v" * 20} for j in range(10)]}]}}}})  # fmt: skip
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(make, range(count)))
+    return ns
+
+
+def run_once(
+    api: client.ApiClient,
+    count: int,
+    settle: float,
+    source: Path | None = None,
+    label: str = "",
+    namespace: str | None = None,
+) -> dict[str, Any]:
+    """One pass. With `namespace` (the unrelated objects' one) the LLMDeployments are made
+    there and deleted at the end; otherwise in a fresh namespace, deleted at the end."""
+    core = client.CoreV1Api(api)
+    shared = namespace is not None
+    if namespace is None:
+        namespace = f"bench-operator-{count}-{int(time.time())}"
+        core.create_namespace({"metadata": {"name": namespace}})
+    log = open(f"/tmp/{namespace}-{label or 'run'}-{int(time.time())}.log", "wb")  # noqa: SIM115
+    operator, metrics_port = start_operator(namespace, source, log)
+    try:
         time.sleep(1)
+        rss_idle, _, _ = proc_stats(operator.pid)
         watcher = ChildWatcher(api, namespace)
         before = apiserver_writes(api)
         _, _, cpu_before = proc_stats(operator.pid)
@@ -204,9 +281,23 @@ def run_once(api: client.ApiClient, count: int, settle: float) -> dict[str, Any]
         watcher.stop.set()
         reconciles = own_counter(metrics_port, "llm_operator_reconciles_total")
         own_writes = own_counter(metrics_port, "llm_operator_api_writes_total")
+        # A restart over the converged namespace: it must write nothing.
+        stop_operator(operator)
+        operator, metrics_port = start_operator(namespace, source, log)
+        time.sleep(min(settle, 30))
+        restarted = apiserver_writes(api)
+        restart_own = own_counter(metrics_port, "llm_operator_api_writes_total")
+        restart_rss, _, _ = proc_stats(operator.pid)
         converge_delta = converged - before
         steady_delta = steady - converged
         return {
+            "label": label,
+            "unrelated": shared,
+            "rss_idle": rss_idle,
+            "restart_writes": operator_writes(restarted - steady),
+            "restart_own": restart_own,
+            "restart_rss": restart_rss,
+            "restart_window": min(settle, 30),
             "count": count,
             "create_seconds": create_seconds,
             "converge_seconds": converge_seconds,
@@ -229,40 +320,62 @@ def run_once(api: client.ApiClient, count: int, settle: float) -> dict[str, Any]
             "settle": settle,
         }
     finally:
-        operator.terminate()
-        try:
-            operator.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            operator.kill()
+        stop_operator(operator)
         log.close()
-        with contextlib.suppress(ApiException):
-            core.delete_namespace(namespace)
-        # The next run must not share the API server with this namespace's garbage collection.
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                core.read_namespace(namespace)
-            except ApiException:
-                break
-            time.sleep(1)
+        if shared:
+            custom = client.CustomObjectsApi(api)
+            with contextlib.suppress(ApiException):
+                custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+            # Wait for garbage collection of the children before the next pass.
+            deadline = time.monotonic() + 600
+            apps = client.AppsV1Api(api)
+            while time.monotonic() < deadline:
+                left = (
+                    apps.list_namespaced_deployment(
+                        namespace,
+                        label_selector="app.kubernetes.io/managed-by=llm-operator",
+                        limit=1,
+                    ).items
+                    + custom.list_namespaced_custom_object(
+                        GROUP, VERSION, namespace, PLURAL, limit=1
+                    )["items"]
+                )
+                if not left:
+                    break
+                time.sleep(1)
+        else:
+            with contextlib.suppress(ApiException):
+                core.delete_namespace(namespace)
+            # The next run must not share the API server with this namespace's garbage
+            # collection.
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                try:
+                    core.read_namespace(namespace)
+                except ApiException:
+                    break
+                time.sleep(1)
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| N | create to children present p50 / p99 | all N converged | operator writes per LLMDeployment while converging | writes in the quiet window | reconciles | RSS after / peak | CPU converging / quiet |",
-        "|---|---|---|---|---|---|---|---|",
+        "| operator | namespace | N | create to children present p50 / p99 | all N converged | operator writes per LLMDeployment while converging | writes in the quiet window | writes after a restart | reconciles | RSS idle / after / peak / restarted | CPU converging / quiet |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        where = f"+{r['unrelated_count']} unrelated of each kind" if r["unrelated"] else "empty"
         lines.append(
-            f"| {r['count']} | {r['p50'] * 1000:.0f} ms / {r['p99'] * 1000:.0f} ms | {r['converge_seconds']:.1f} s "
+            f"| {r['label'] or 'installed'} | {where} | {r['count']} | {r['p50'] * 1000:.0f} ms / {r['p99'] * 1000:.0f} ms | {r['converge_seconds']:.1f} s "
             f"| {r['writes_converge'] / r['count']:.2f} (API server) / {r['own_writes'] / r['count']:.2f} (operator's counter) "
-            f"| {r['own_writes_steady']:.0f} by the operator's counter, {r['writes_steady']} to those resources by anyone, in {r['settle']:.0f} s | {r['reconciles']:.0f} | {r['rss']:.0f} / {r['peak_rss']:.0f} MiB "
+            f"| {r['own_writes_steady']:.0f} by the operator's counter, {r['writes_steady']} to those resources by anyone, in {r['settle']:.0f} s "
+            f"| {r['restart_own']:.0f} by its counter, {r['restart_writes']} by anyone, in {r['restart_window']:.0f} s "
+            f"| {r['reconciles']:.0f} | {r['rss_idle']:.0f} / {r['rss']:.0f} / {r['peak_rss']:.0f} / {r['restart_rss']:.0f} MiB "
             f"| {r['cpu_converge']:.1f} s / {r['cpu_steady']:.2f} s |"
         )
     lines.append("")
     for r in results:
         lines.append(
-            f"- N={r['count']} writes while converging, by verb and resource: {r['writes_converge_detail']}"
+            f"- {r['label'] or 'installed'}, N={r['count']}{' (unrelated)' if r['unrelated'] else ''}: writes while converging, by verb and resource: {r['writes_converge_detail']}"
         )
     return "\n".join(lines) + "\n"
 
@@ -274,10 +387,42 @@ def main() -> int:
     parser.add_argument("--counts", default="1,100")
     parser.add_argument("--settle", type=float, default=15.0, help="seconds of each quiet window")
     parser.add_argument("--output", type=Path)
+    parser.add_argument(
+        "--operators",
+        default="",
+        help="label=operator-dir pairs, comma-separated (e.g. before=/tmp/wt/operator,"
+        "after=operator): each count runs once per operator, alternating, so load hits all",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="how many times to alternate")
+    parser.add_argument(
+        "--unrelated",
+        type=int,
+        default=0,
+        help="also run each pass in a namespace holding this many unrelated Deployments, "
+        "Services and ConfigMaps each (made once, kept)",
+    )
+    parser.add_argument(
+        "--unrelated-counts", default="100", help="the N of the passes in that namespace"
+    )
     args = parser.parse_args()
     config.load_kube_config()
     api = client.ApiClient()
-    results = [run_once(api, int(n), args.settle) for n in args.counts.split(",")]
+    operators: list[tuple[str, Path | None]] = [
+        (label, Path(path))
+        for label, path in (p.split("=", 1) for p in args.operators.split(",") if p)
+    ] or [("", None)]
+    shared = unrelated_namespace(api, args.unrelated) if args.unrelated else None
+    results = []
+    for _ in range(args.rounds):
+        for label, source in operators:
+            for n in args.counts.split(","):
+                if n:
+                    results.append(run_once(api, int(n), args.settle, source, label))
+            if shared:
+                for n in args.unrelated_counts.split(","):
+                    r = run_once(api, int(n), args.settle, source, label, namespace=shared)
+                    results.append({**r, "unrelated_count": args.unrelated})
+            print(markdown(results[-1:]), flush=True)
     table = markdown(results)
     print(table)
     if args.output:
