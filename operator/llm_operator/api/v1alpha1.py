@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import itertools
 import re
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, StrictInt
 
+from llm_operator.api.affinity import Affinity
 from llm_operator.api.base import ApiModel, Rule
 from llm_operator.api.gateway_config import ClientLimits
 from llm_operator.api.patterns import (
@@ -581,8 +582,9 @@ class SchedulingSpec(ApiModel):
     """Node labels every replica's node must carry."""
     tolerations: Annotated[list[Toleration], Field(max_length=64)] = []
     """Tolerations added to the nvidia.com/gpu toleration the operator always sets."""
-    affinity: dict[str, Any] | None = None
-    """A Kubernetes Affinity object, passed through to the pods."""
+    affinity: Affinity | None = None
+    """A Kubernetes Affinity (nodeAffinity, podAffinity, podAntiAffinity), passed through to
+    the pods."""
     priority_class_name: DnsSubdomainName | None = None
     """PriorityClass of the pods."""
     service_account_name: DnsSubdomainName | None = None

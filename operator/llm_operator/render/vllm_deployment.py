@@ -366,7 +366,7 @@ def _pod_spec(
     if node_selector:
         pod["nodeSelector"] = dict(sorted(node_selector.items()))
     if spec.scheduling.affinity is not None:
-        pod["affinity"] = spec.scheduling.affinity
+        pod["affinity"] = spec.scheduling.affinity.to_wire()
     if spec.scheduling.priority_class_name is not None:
         pod["priorityClassName"] = spec.scheduling.priority_class_name
     if spec.scheduling.service_account_name is not None:
