@@ -157,6 +157,7 @@ class Controller:
             self.children.pop(owner_key, None)
             self.failures.pop(owner_key, None)
             self.locks.pop(owner_key, None)
+            metrics.forget(*owner_key)
             for timers in (self.retries, self.rechecks):
                 handle = timers.pop(owner_key, None)
                 if handle:
@@ -341,6 +342,7 @@ class Controller:
             status = clear_canary(status)
         if outcome.problem is None:
             status = self.fallback_status(body, status, generation, now, outcome)
+        metrics.observe_status(namespace, name, body, status)
         if status_changed(previous, status):
             outcome.status = self.client.patch_status(
                 namespace, name, merge_patch(previous, status)
