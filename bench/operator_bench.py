@@ -404,6 +404,9 @@ def main() -> int:
     parser.add_argument(
         "--unrelated-counts", default="100", help="the N of the passes in that namespace"
     )
+    parser.add_argument(
+        "--unrelated-settle", type=float, default=15.0, help="quiet windows of those passes"
+    )
     args = parser.parse_args()
     config.load_kube_config()
     api = client.ApiClient()
@@ -420,7 +423,9 @@ def main() -> int:
                     results.append(run_once(api, int(n), args.settle, source, label))
             if shared:
                 for n in args.unrelated_counts.split(","):
-                    r = run_once(api, int(n), args.settle, source, label, namespace=shared)
+                    r = run_once(
+                        api, int(n), args.unrelated_settle, source, label, namespace=shared
+                    )
                     results.append({**r, "unrelated_count": args.unrelated})
             print(markdown(results[-1:]), flush=True)
     table = markdown(results)
