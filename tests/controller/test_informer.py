@@ -106,6 +106,22 @@ def test_watch_events_are_delivered_and_move_the_version() -> None:
     assert set(inf.known) == {("ns", "c")}
 
 
+def test_an_object_leaving_the_selection_is_deleted_under_the_owner_it_had() -> None:
+    transport = FakeTransport()
+    transport.lists = [[obj("a", "1", owner="m")]]
+    stripped = obj("a", "2")
+    stripped["metadata"]["labels"] = {}  # every label that named the owner removed
+    transport.watches = [[{"type": "DELETED", "object": stripped}]]
+    got: list[tuple[str, dict[str, Any]]] = []
+    inf = Informer(transport, DEPLOYMENT, "ns", SELECTOR, lambda t, o: got.append((t, o)))
+    inf.relist()
+    inf.watch_once()
+    kind, tomb = got[-1]
+    assert kind == "DELETED"
+    assert tomb["metadata"]["labels"] == {"llmoperator.io/deployment": "m"}
+    assert tomb["kind"] == "Deployment" and tomb["metadata"]["name"] == "a"
+
+
 @pytest.mark.parametrize("gone", ["event", "status"])
 def test_410_relists_delivering_what_was_missed_and_nothing_it_had(gone: str) -> None:
     transport = FakeTransport()

@@ -231,12 +231,14 @@ class Informer:
         obj.setdefault("kind", self.kind.kind)
         obj.setdefault("apiVersion", self.kind.api_version)
         at = _at(obj)
-        if type_ == "DELETED":
-            self.known.pop(at, None)
-        else:
-            self.known[at] = _tombstone(obj)
         if version:
             self.resource_version = str(version)
+        if type_ == "DELETED":
+            # The last copy we delivered names the owner even when the labels and owner
+            # references that did were just removed (the object left the selection).
+            self.deliver("DELETED", self.known.pop(at, obj))
+            return
+        self.known[at] = _tombstone(obj)
         self.deliver(str(type_), obj)
 
     # -- the thread -------------------------------------------------------------------------
