@@ -83,10 +83,15 @@ _OUTCOME = ("success",) * 4 + ("client_error",) + ("server_error",) * 5
 _USAGE = b'"usage":{'
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
+# The order vLLM and OpenAI write: one search instead of two.
+_BOTH_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)[^}]*?"completion_tokens":\s*(\d+)')
 
 
 def usage_at(data: bytes, i: int) -> tuple[int | None, int | None]:
     """(prompt, completion) tokens of the usage object at `data[i:]` (`"usage":{`)."""
+    both = _BOTH_TOKENS.search(data, i)
+    if both is not None:
+        return int(both[1]), int(both[2])
     p = _PROMPT_TOKENS.search(data, i)
     c = _COMPLETION_TOKENS.search(data, i)
     return (int(p[1]) if p else None), (int(c[1]) if c else None)
@@ -290,9 +295,11 @@ class _Relay:
         return self.first - start, tpot
 
     def read_usage(self, call: Call) -> None:
-        """The answer's tokens, from its usage object (a 2xx answer that has ended)."""
+        """The answer's tokens, from its usage object (a 2xx answer that has ended). The
+        object is at the end (a JSON answer's last key, a stream's last event before
+        [DONE]): it is looked for there once, not in every piece."""
         usage = self.usage
-        if usage is None and not self.sse:
+        if usage is None:
             body = self.previous + self.tail
             i = body.rfind(_USAGE)
             if i >= 0:
@@ -302,14 +309,9 @@ class _Relay:
 
     def screen(self, data: bytes) -> bytes:
         """One piece's usage bookkeeping; what of it goes to the client now."""
-        if not self.sse:
-            self.previous, self.tail = self.tail, data
-            return data
         if self.strip:
             return self._without_usage(data)
-        i = data.find(_USAGE)
-        if i >= 0:
-            self.usage = usage_at(data, i)
+        self.previous, self.tail = self.tail, data
         return data
 
     def _without_usage(self, data: bytes) -> bytes:
@@ -331,12 +333,12 @@ class _Relay:
         if self.conn.closed:
             return
         if data is not None:
-            # `screen` when it has work; `find`, not `in` (see bodyscan.py: `in` costs ~3k
-            # instructions more a test on bytes).
-            if not self.sse or self.strip or data.find(_USAGE) >= 0:
-                data = self.screen(data)
+            if self.strip:
+                data = self._without_usage(data)
                 if not data:
                     return  # an empty chunk would end the chunked body
+            else:  # `screen`, inline: this runs once per piece read
+                self.previous, self.tail = self.tail, data
             self.nbytes += len(data)
             if self.sse:  # `count_events`, inline: this runs once per piece read
                 n = data.count(b"\ndata:")
