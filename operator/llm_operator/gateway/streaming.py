@@ -80,6 +80,7 @@ class _Head:
 # subscript, not a call, once per answer.
 _OUTCOME = ("success",) * 4 + ("client_error",) + ("server_error",) * 5
 
+_DONE = b"data: [DONE]\n\n"
 _USAGE = b'"usage":{'
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
@@ -280,8 +281,8 @@ class _Relay:
         n = data.count(b"\ndata:")
         if self.at_line_start and data.startswith(b"data:"):
             n += 1
-        self.at_line_start = data.endswith(b"\n")
-        if n and data.endswith(b"data: [DONE]\n\n"):
+        self.at_line_start = data[-1] == 10  # b"\n"; a subscript is cheaper than endswith
+        if n and data[-14:] == _DONE:
             n -= 1
         self.new_events += n
 
@@ -344,8 +345,8 @@ class _Relay:
                 n = data.count(b"\ndata:")
                 if self.at_line_start and data.startswith(b"data:"):
                     n += 1
-                self.at_line_start = data.endswith(b"\n")
-                if n and data.endswith(b"data: [DONE]\n\n"):
+                self.at_line_start = data[-1] == 10
+                if n and data[-14:] == _DONE:
                     n -= 1
                 self.new_events += n
             self.pending.append(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
