@@ -427,7 +427,7 @@ def main() -> int:
                         api, int(n), args.unrelated_settle, source, label, namespace=shared
                     )
                     results.append({**r, "unrelated_count": args.unrelated})
-            print(markdown(results[-1:]), flush=True)
+            print(markdown(results), flush=True)  # all so far: a cut-short run keeps them
     table = markdown(results)
     print(table)
     if args.output:
