@@ -264,6 +264,11 @@ def test_install_runs_restricted_and_its_service_account_reconciles_a_sample_to_
     assert not can(api_client, user, "list", "llmdeployments", None, GROUP)
     assert not can(api_client, user, "update", "llmdeployments", workload_namespace, GROUP)
     assert not can(api_client, user, "create", "pods", workload_namespace)
+    # Stalled engines are deleted (progress-based liveness), never patched or watched.
+    assert can(api_client, user, "delete", "pods", workload_namespace)
+    assert not can(api_client, user, "patch", "pods", workload_namespace)
+    assert not can(api_client, user, "watch", "pods", workload_namespace)
+    assert not can(api_client, user, "delete", "pods", "default")
     gateway_user = f"system:serviceaccount:{namespace}:{fullname}-gateway"
     assert can(api_client, gateway_user, "watch", "pods", workload_namespace)
     assert not can(api_client, gateway_user, "watch", "pods", "default")

@@ -48,7 +48,15 @@ def test_every_contract_names_modules_that_exist(contract_id: str) -> None:
 def test_every_pure_module_beside_the_packages_is_in_the_contract() -> None:
     """A new module of pure decisions must be listed, or it is checked by nothing."""
     pure = set(contracts()["pure-core"]["source_modules"])
-    for name in ("rollout", "reconcile", "engine_health", "constants", "kubeformat"):
+    for name in (
+        "rollout",
+        "reconcile",
+        "engine_health",
+        "constants",
+        "kubeformat",
+        "stall",
+        "cost",
+    ):
         assert f"llm_operator.{name}" in pure
 
 

@@ -21,6 +21,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "llm_operator.rolloutctl",
         "a canary: rollout status|promote|abort|pause|resume NAME",
     ),
+    "cost": (
+        "llm_operator.costctl",
+        "GPU-hours, tokens and price per million tokens per LLMDeployment (-n NS | -A)",
+    ),
     "render": ("llm_operator.render.cli", "render an LLMDeployment YAML into Kubernetes manifests"),
 }
 

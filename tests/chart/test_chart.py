@@ -52,8 +52,9 @@ OPERATOR_NAMESPACED: set[Rule] = (
     # with networkPolicy.enabled off too, so the ones made while it was on can be deleted.
     | {("networking.k8s.io", "networkpolicies", v, "") for v in CHILD_VERBS if v != "get"}
     | {(g, "events", v, "") for g in ("", "events.k8s.io") for v in ("create", "patch")}
-    # The engine pods, listed while replicas are not ready to say why: read only, no watch.
-    | {("", "pods", "list", "")}
+    # The engine pods, listed while replicas are not ready to say why and for stalls and
+    # cost, deleted when stalled (progress-based liveness); no watch.
+    | {("", "pods", "list", ""), ("", "pods", "delete", "")}
     # The Secrets external fallbacks name, read one by one: get, never list or watch.
     | {("", "secrets", "get", "")}
 )

@@ -42,6 +42,10 @@ EXAMPLES: dict[str, tuple[str, Any]] = {
     ),
     "network_policy_prometheus_pod_selector": ("app=prom", "app=prom"),
     "prometheus_url": ("http://127.0.0.1:9090", "http://127.0.0.1:9090"),
+    "stall_timeout_seconds": ("45", 45),
+    "stall_restarts_per_minute": ("3", 3),
+    "gpu_hour_price": ("2.5", 2.5),
+    "cost_status_interval_seconds": ("60", 60),
 }
 
 
@@ -157,6 +161,7 @@ class Started:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.child_kinds: list[str] = []
         self.controller: Any = None
+        self.day2: Any = None
 
         def register(registry: Any, controller: Any, namespaces: Any, kinds: list[str]) -> None:
             self.controller, self.child_kinds = controller, kinds
@@ -166,6 +171,13 @@ class Started:
 
         monkeypatch.setattr(run, "KubeClient", lambda: object())
         monkeypatch.setattr(run, "register", register)
+        day2 = run.Day2
+
+        def built_day2(**kwargs: Any) -> Any:
+            self.day2 = day2(**kwargs)
+            return self.day2
+
+        monkeypatch.setattr(run, "Day2", built_day2)
         monkeypatch.setattr(run.asyncio, "run", no_loop)
 
 
@@ -193,6 +205,8 @@ def test_main_renders_with_the_settings_and_passes_the_prometheus_url(
         if setting.field == "gateway_namespace":
             continue
         model = started.controller.config if setting.target == "render" else started.controller
+        if setting.field != "prometheus_url" and setting.target == "controller":
+            model = started.day2  # the day-2 loop's settings
         assert getattr(model, setting.field) == expected(setting), setting.field
     assert started.controller.prometheus_url == "http://127.0.0.1:9090"
     assert started.controller.routes is None

@@ -146,11 +146,12 @@ Exactly the calls the operator makes; no "*", no Secrets (pods reference Secrets
   resources: ["scaledobjects"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 {{- end }}
-# The engine pods, read only: listed by label while a model's replicas are not ready, to say
-# why in its status (crash loop, image pull, scheduling). Never watched, never written.
+# The engine pods: listed by label while a model's replicas are not ready, to say why in its
+# status (crash loop, image pull, scheduling), and every 15 s for stalls and GPU cost; deleted
+# when stalled (docs/operations.md). Never watched, never patched.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["list", "delete"]
 # Events about LLMDeployments (kopf posts core Events; both APIs are allowed).
 - apiGroups: [""]
   resources: ["events"]

@@ -732,6 +732,24 @@ class CanaryStatus(ApiModel):
     """What it is doing or waiting for, for a person."""
 
 
+class CostStatus(ApiModel):
+    """What the engine pods cost since countedSince (written by the operator's day-2 loop)."""
+
+    gpu_seconds: float | None = None
+    """GPU-seconds the engine pods held: each pod's run time (status.startTime to its end)
+    times the GPUs in its limits."""
+    tokens: int | None = None
+    """Prompt and generated tokens the engine pods reported (their vLLM counters)."""
+    gpu_hour_price: float | None = None
+    """The operator's price of one GPU-hour (--gpu-hour-price), when set."""
+    per_million_tokens: float | None = None
+    """gpuSeconds / 3600 x gpuHourPrice per million tokens, once tokens were served."""
+    counted_since: str | None = None
+    """When the operator started counting (RFC 3339)."""
+    updated_at: str | None = None
+    """When these numbers were taken (RFC 3339)."""
+
+
 class LLMDeploymentStatus(ApiModel):
     """Observed state, written only by the operator."""
 
@@ -760,6 +778,9 @@ class LLMDeploymentStatus(ApiModel):
     """GPU sizing."""
     canary: CanaryStatus | None = None
     """Canary progress, while one runs."""
+    cost: CostStatus | None = None
+    """GPU-seconds and tokens, updated when an engine pod starts or stops and at most every
+    --cost-status-interval-seconds otherwise."""
 
 
 class ObjectMeta(ApiModel):

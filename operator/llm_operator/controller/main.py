@@ -24,6 +24,7 @@ from prometheus_client import start_http_server
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from llm_operator.controller.day2 import Day2
 from llm_operator.controller.reconciler import Controller
 from llm_operator.controller.routes import RoutesWriter
 from llm_operator.controller.watches import register
@@ -39,6 +40,16 @@ class ControllerSettings(BaseModel):
 
     prometheus_url: Annotated[str, Field(pattern=r"^https?://[^\s/]+\S*$")] | None = None
     """Prometheus that canary analysis queries (http:// or https://). Empty: no analysis."""
+    stall_timeout_seconds: Annotated[float, Field(ge=0, le=86400)] = 300
+    """Restart an engine pod whose requests run or wait while no token is generated for this
+    long (needs --prometheus-url). 0: never."""
+    stall_restarts_per_minute: Annotated[int, Field(ge=1, le=1000)] = 1
+    """At most this many stalled engine pods restarted per minute in the whole cluster."""
+    gpu_hour_price: Annotated[float, Field(ge=0)] | None = None
+    """Price of one GPU-hour, for status.cost.perMillionTokens. Empty: no price."""
+    cost_status_interval_seconds: Annotated[float, Field(ge=10, le=86400)] = 600
+    """Write status.cost at most this often while only the seconds grow (a pod starting or
+    stopping writes at once)."""
 
 
 Target = Literal["render", "controller"]
@@ -262,6 +273,16 @@ def main(argv: list[str]) -> int:
     controller = Controller(
         client=client, config=config, routes=routes, prometheus_url=args.prometheus_url
     )
+    # Progress-based liveness (stalls are seen in Prometheus only) and GPU cost.
+    day2 = Day2(
+        controller=controller,
+        namespace_label=config.metric_namespace_label,
+        pod_label=config.metric_pod_label,
+        stall_timeout_seconds=args.stall_timeout_seconds,
+        stall_restarts_per_minute=args.stall_restarts_per_minute,
+        gpu_hour_price=args.gpu_hour_price,
+        cost_status_interval_seconds=args.cost_status_interval_seconds,
+    )
     registry = kopf.OperatorRegistry()
     child_kinds = [k.kind for k in CHILD_KINDS if k.kind != "ScaledObject" or config.keda_enabled]
     namespaces = [] if args.all_namespaces else list(dict.fromkeys(args.namespace))
@@ -273,6 +294,7 @@ def main(argv: list[str]) -> int:
         asyncio.get_running_loop().set_default_executor(
             concurrent.futures.ThreadPoolExecutor(API_CONCURRENCY, "llm-operator-api")
         )
+        controller.tasks.add(asyncio.ensure_future(day2.run()))  # referenced while it runs
         await kopf.operator(
             registry=registry,
             clusterwide=not namespaces,

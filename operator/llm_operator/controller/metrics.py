@@ -106,3 +106,41 @@ def observe_status(namespace: str, name: str, body: dict[str, Any], status: dict
         _set(CANARY_PHASE, (*owner, str(canary["phase"])), 1)
     _set(CANARY_WEIGHT, owner, canary.get("weight") or 0)
     _drop_gone(owner, before)
+
+
+# -- day 2: cost and progress-based liveness (controller/day2.py) ------------------------------
+GPU_SECONDS = Gauge(
+    "llm_operator_gpu_seconds",
+    "GPU-seconds the engine pods held (run time x GPUs per pod), since status.cost.countedSince",
+    _OWNER,
+)
+TOKENS_SERVED = Gauge(
+    "llm_operator_tokens_served",
+    "Prompt and generated tokens of the engine pods, counted with the GPU-seconds",
+    _OWNER,
+)
+STALL_RESTARTS = Counter(
+    "llm_operator_stall_restarts_total",
+    "Engine pods deleted because requests waited while no token was generated",
+    _OWNER,
+)
+
+
+#: Owners (namespace, label value) the day-2 loop exported series for.
+_COSTED: set[tuple[str, str]] = set()
+
+
+def observe_cost(namespace: str, name: str, gpu_seconds: float, tokens: float) -> None:
+    labels = (namespace, label_value(name))
+    GPU_SECONDS.labels(*labels).set(gpu_seconds)
+    TOKENS_SERVED.labels(*labels).set(tokens)
+    STALL_RESTARTS.labels(*labels)  # 0 until the first restart, so rate() sees the first one
+    _COSTED.add(labels)
+
+
+def forget_cost(namespace: str, name: str) -> None:
+    labels = (namespace, label_value(name))
+    if labels in _COSTED:
+        _COSTED.discard(labels)
+        for series in (GPU_SECONDS, TOKENS_SERVED, STALL_RESTARTS):
+            series.remove(*labels)
