@@ -1,7 +1,8 @@
 """Regenerate every generated file, or check that none has drifted (`--check`).
 
-One command for all of them: the CRD from the API models, the chart's CRD template from the
-CRD, and the plain-YAML install from the chart. CI runs `llm-operator generate --check`.
+One command for all of them: the CRD from the API models, the Grafana dashboards the chart
+ships (dashboards.py), the chart's CRD template from the CRD, and the plain-YAML install from
+the chart. CI runs `llm-operator generate --check`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from llm_operator_dev import crdgen
+from llm_operator_dev import crdgen, dashboards
 
 REGENERATE_COMMAND = "llm-operator generate"
 
@@ -28,6 +29,8 @@ def generators(root: Path) -> list[tuple[Path, Callable[[], str]]]:
     produced: list[tuple[Path, Callable[[], str]]] = [
         (root / "crds" / crdgen.CRD_FILENAME, crdgen.render_crd_yaml),
     ]
+    if (root / dashboards.DASHBOARD_DIR).parent.is_dir():  # a root without the chart has none
+        produced += dashboards.generators(root)
     try:
         chartgen = importlib.import_module("llm_operator_dev.chartgen")
     except ModuleNotFoundError:  # the chart generator arrives with the Helm chart
