@@ -22,6 +22,9 @@ class Kube(FakeKube):
         super().__init__()
         self.owner = body(BASE)
 
+    def delete_pod(self, namespace: str, name: str, uid: str) -> None:
+        self.writes.append(("delete", "Pod", name))
+
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         super().patch_status(namespace, name, status)
         self.owner = {**self.owner, "status": {**(self.owner.get("status") or {}), **status}}

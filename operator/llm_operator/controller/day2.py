@@ -40,6 +40,7 @@ from llm_operator.stall import (
     RUNNING_METRIC,
     WAITING_METRIC,
     PodView,
+    Restart,
     Sample,
     StallTracker,
     per_pod_query,
@@ -161,7 +162,7 @@ class Day2:
             )
         if samples and self.stall_timeout_seconds > 0:  # no Prometheus: no samples
             for restart in self.tracker.observe(views, samples, now):
-                await self._restart(bodies, restart, pods)
+                await self._restart(bodies[(restart.pod.namespace, restart.pod.owner)], restart)
         for owner, owned_pods in by_owner.items():
             await self._account(owner, bodies[owner], owned_pods, tokens, now)
         for gone in set(self.ledgers) - set(bodies):
@@ -169,21 +170,19 @@ class Day2:
             self.since.pop(gone, None)
             metrics.forget_cost(*gone)
 
-    async def _restart(
-        self, bodies: dict[OwnerKey, dict[str, Any]], restart: Any, pods: list[dict[str, Any]]
-    ) -> None:
-        pod = next(p for p in pods if p["metadata"]["uid"] == restart.pod.uid)
-        body = bodies[(restart.pod.namespace, restart.pod.owner)]
-        log.warning(
-            "%s/%s: %s: %s", restart.pod.namespace, restart.pod.owner, STALL_REASON, restart.message
-        )
+    async def _restart(self, body: dict[str, Any], restart: Restart) -> None:
+        pod = restart.pod
         try:
-            await asyncio.to_thread(self.controller.client.delete, pod)
+            await asyncio.to_thread(
+                self.controller.client.delete_pod, pod.namespace, pod.name, pod.uid
+            )
         except ApiException as error:
-            log.warning("could not delete stalled pod %s: API %s", restart.pod.name, error.status)
+            log.warning("could not delete stalled pod %s/%s: API %s", pod.namespace, pod.name,
+                        error.status)  # fmt: skip
             return
+        log.warning("%s/%s: %s: %s", pod.namespace, pod.owner, STALL_REASON, restart.message)
         metrics.WRITES.labels(verb="delete", kind="Pod").inc()
-        metrics.STALL_RESTARTS.labels(restart.pod.namespace, label_value(restart.pod.owner)).inc()
+        metrics.STALL_RESTARTS.labels(pod.namespace, label_value(pod.owner)).inc()
         await asyncio.to_thread(
             self.controller.client.post_event, body, "Warning", STALL_REASON, restart.message
         )

@@ -134,6 +134,19 @@ class KubeClient:
             item.setdefault("apiVersion", POD.api_version)
         return items
 
+    def delete_pod(self, namespace: str, name: str, uid: str) -> None:
+        """Delete one engine pod (a stalled one: its Deployment makes a new one), only if it is
+        still that pod (UID precondition); already gone is fine."""
+        try:
+            self._call(
+                "DELETE",
+                POD.object_path(namespace, name),
+                {"preconditions": {"uid": uid}, "propagationPolicy": "Background"},
+            )
+        except ApiException as error:
+            if error.status not in (404, 409):
+                raise
+
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         """Replace status with a merge patch (null removes keys the new status lacks); the
         LLMDeployment as it now is."""
