@@ -165,3 +165,18 @@ def test_cost_status_is_written_when_a_pod_starts_or_stops_and_not_when_only_sec
     # After the interval, the grown numbers are written once.
     look(day2, clock, 300 + 600 * 1.2 + 1)
     assert len(kube.statuses) == 2
+
+
+def test_a_restarted_operator_writes_no_cost_before_a_pod_change_or_a_whole_interval() -> None:
+    day2, kube, _, clock = setup(cost_status_interval_seconds=600)
+    kube.owner["status"] = {
+        "cost": {"gpuSeconds": 10.0, "tokens": 0, "updatedAt": "2025-01-01T00:00:00Z"}
+    }
+    day2.controller.remember_owner(kube.owner)
+    kube.pods = [engine_pod("a")]
+    for at in range(0, 600, 15):  # the last write was a year ago: still nothing for 600 s
+        look(day2, clock, at)
+    assert kube.statuses == []
+    look(day2, clock, 600 * 1.2 + 1)
+    [written] = kube.statuses
+    assert written["cost"]["gpuSeconds"] == 10.0 + 2 * (600 * 1.2 + 1)  # base + a since T0

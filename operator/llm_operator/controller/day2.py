@@ -76,6 +76,7 @@ class Day2:
     ledgers: dict[OwnerKey, Ledger] = field(default_factory=dict)
     since: dict[OwnerKey, str] = field(default_factory=dict)
     jitter: dict[OwnerKey, float] = field(default_factory=dict)
+    first_seen: dict[OwnerKey, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tracker = StallTracker(self.stall_timeout_seconds, self.stall_restarts_per_minute)
@@ -167,7 +168,8 @@ class Day2:
             await self._account(owner, bodies[owner], owned_pods, tokens, now)
         for gone in set(self.ledgers) - set(bodies):
             del self.ledgers[gone]
-            self.since.pop(gone, None)
+            for table in (self.since, self.jitter, self.first_seen):
+                table.pop(gone, None)
             metrics.forget_cost(*gone)
 
     async def _restart(self, body: dict[str, Any], restart: Restart) -> None:
@@ -208,6 +210,7 @@ class Day2:
             self.since[owner] = str(previous.get("countedSince") or rfc3339(now))
             # Spread the interval's writes so that many LLMDeployments do not write in step.
             self.jitter[owner] = random.uniform(0.0, 0.2)  # spread, not secret
+            self.first_seen[owner] = now
         runs = [run for run in (pod_run(p) for p in pods) if run is not None]
         changed = ledger.observe_pods(runs, now) and not first
         for pod in pods:
@@ -221,8 +224,10 @@ class Day2:
             previous, seconds, served, pods_changed=changed, now=now, interval_seconds=interval
         ):
             return
-        if first:
-            return  # just after a start: the next change or interval writes (no burst)
+        if not changed and now - self.first_seen[owner] < interval:
+            # Just after an operator start: a pod change or a whole interval of its own
+            # first, so a restart writes nothing (no burst of status writes at start-up).
+            return
         cost = cost_status(
             gpu_seconds=seconds,
             tokens=served,
