@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint check-generated generate unit e2e cluster demo demo-down
+.PHONY: setup test lint check-generated generate unit e2e cluster chaos demo demo-down
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ e2e: setup cluster
 # The whole suite: code health, generated files, unit, real-traffic and end-to-end tests.
 test: setup lint check-generated cluster
 	$(BIN)/pytest tests e2e
+
+# The drills (faults, load, bad input): the tests marked `drill`, then the gateway's
+# connection, stream and soak bench (SOAK_SECONDS, default 600; results in bench/results).
+chaos: setup cluster
+	$(BIN)/pytest -m drill tests e2e
+	$(BIN)/python bench/gateway_soak.py --soak-seconds $${SOAK_SECONDS:-600}
 
 # The main job: a local control plane, the operator, and a sample LLMDeployment.
 demo: setup

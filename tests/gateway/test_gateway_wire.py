@@ -575,6 +575,7 @@ async def test_pipelined_rejection_waits_for_the_earlier_response(env: Env) -> N
     assert rest.startswith(b"HTTP/1.1 413 "), rest[:200]
 
 
+@pytest.mark.drill
 async def test_a_client_that_pipelines_without_reading_is_held_back(env: Env) -> None:
     """Issue 17's defect: a client pipelining requests without reading the answers grew the
     gateway to gigabytes. Now the gateway stops reading from it (a short pipeline queue, no
@@ -630,6 +631,7 @@ async def test_a_client_that_pipelines_without_reading_is_held_back(env: Env) ->
     print(f"client sent {sent} of {total} requests before blocking; {held} queued")
 
 
+@pytest.mark.drill
 @pytest.mark.parametrize(
     ("request_bytes", "status"),
     [

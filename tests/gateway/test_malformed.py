@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tests.gateway.test_gateway_wire import Env, post, raw_exchange, table
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.drill]
 
 
 @pytest.fixture
