@@ -148,7 +148,10 @@ def overview() -> db.Dashboard:
                 "Failed share by model",
                 "percentunit",
                 (
-                    f"sum by (model) (rate(llm_gateway_requests_total{{{FAILED}}}[{RATE}]) * {MODELS_IN_NAMESPACE})"
+                    # The gateway writes an outcome's series at its first request: a model
+                    # that never failed has none, and its failed share is a true 0.
+                    f"(sum by (model) (rate(llm_gateway_requests_total{{{FAILED}}}[{RATE}]) * {MODELS_IN_NAMESPACE})"
+                    f" or 0 * sum by (model) (rate(llm_gateway_requests_total[{RATE}]) * {MODELS_IN_NAMESPACE}))"
                     f" / sum by (model) (rate(llm_gateway_requests_total[{RATE}]) * {MODELS_IN_NAMESPACE})",
                     "{{model}}",
                 ),
