@@ -117,7 +117,8 @@ class Ledger:
         self.token_last[uid] = counter
 
     def gpu_seconds(self, now: float) -> float:
-        live = sum(self._seconds(run, now) for run, _ in self.runs.values())
+        # A copy: the metrics server's thread calls this while the loop may change `runs`.
+        live = sum(self._seconds(run, now) for run, _ in list(self.runs.values()))
         return self.base_gpu_seconds + self.closed + live
 
     def total_tokens(self) -> float:

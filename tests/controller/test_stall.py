@@ -8,6 +8,8 @@ import asyncio
 import copy
 from typing import Any
 
+from prometheus_client import REGISTRY
+
 from llm_operator.controller import metrics
 from llm_operator.controller.day2 import ENGINE_PODS, Day2
 from llm_operator.controller.reconciler import Controller
@@ -138,7 +140,11 @@ def test_without_prometheus_nothing_is_restarted_but_gpu_seconds_still_count() -
         look(day2, clock, at)
     assert not [w for w in kube.writes if w[1] == "Pod"]
     # 285 s x 2 GPUs since the pod's startTime.
-    assert metrics.GPU_SECONDS.labels("ns", "m")._value.get() == 570
+    labels = {"llmdeployment_namespace": "ns", "llmoperator_io_deployment": "m"}
+    assert REGISTRY.get_sample_value("llm_operator_gpu_seconds", labels) == 570
+    # Computed when scraped: 15 s later, 30 more GPU-seconds without another look.
+    clock[0] += 15
+    assert REGISTRY.get_sample_value("llm_operator_gpu_seconds", labels) == 600
 
 
 def test_cost_status_is_written_when_a_pod_starts_or_stops_and_not_when_only_seconds_grow() -> None:

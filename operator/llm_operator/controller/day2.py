@@ -218,7 +218,7 @@ class Day2:
             if value is not None:
                 ledger.observe_tokens(pod["metadata"]["uid"], value)
         seconds, served = ledger.gpu_seconds(now), ledger.total_tokens()
-        metrics.observe_cost(*owner, seconds, served)
+        metrics.observe_cost(*owner, lambda: ledger.gpu_seconds(self.epoch()), served)
         interval = self.cost_status_interval_seconds * (1.0 + self.jitter[owner])
         if not status_due(
             previous, seconds, served, pods_changed=changed, now=now, interval_seconds=interval

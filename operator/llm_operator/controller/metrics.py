@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -130,9 +131,12 @@ STALL_RESTARTS = Counter(
 _COSTED: set[tuple[str, str]] = set()
 
 
-def observe_cost(namespace: str, name: str, gpu_seconds: float, tokens: float) -> None:
+def observe_cost(
+    namespace: str, name: str, gpu_seconds: Callable[[], float], tokens: float
+) -> None:
+    """GPU-seconds are computed when scraped (pods run between two looks of the loop)."""
     labels = (namespace, label_value(name))
-    GPU_SECONDS.labels(*labels).set(gpu_seconds)
+    GPU_SECONDS.labels(*labels).set_function(gpu_seconds)
     TOKENS_SERVED.labels(*labels).set(tokens)
     STALL_RESTARTS.labels(*labels)  # 0 until the first restart, so rate() sees the first one
     _COSTED.add(labels)
