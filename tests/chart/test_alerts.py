@@ -146,3 +146,37 @@ def test_thresholds_come_from_values() -> None:
 def test_off_by_default() -> None:
     kinds = {o["kind"] for o in render()}
     assert not kinds & {"PrometheusRule", "PodMonitor"}
+
+
+def test_the_pod_monitor_selects_every_rendered_engine_pod_and_no_chart_pod() -> None:
+    objs = render(None, "metrics.podMonitor.enabled=true")
+    (monitor,) = [o for o in objs if o["kind"] == "PodMonitor"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == {"any": True}
+    selector = spec["selector"]["matchLabels"].items()
+    goldens = sorted((REPO / "tests" / "golden").glob("*/expected.yaml"))
+    engines = [
+        o
+        for g in goldens
+        for o in yaml.safe_load_all(g.read_text())
+        if o and o["kind"] == "Deployment"
+    ]
+    assert engines
+    for deployment in engines:
+        template = deployment["spec"]["template"]
+        assert selector <= template["metadata"]["labels"].items()
+        (container,) = [c for c in template["spec"]["containers"] if c["name"] == "vllm"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        (endpoint,) = spec["podMetricsEndpoints"]
+        annotations = template["metadata"]["annotations"]
+        # The same port and path the scrape annotations name (what the dev Prometheus uses).
+        assert str(ports[endpoint["port"]]) == annotations["prometheus.io/port"]
+        assert endpoint["path"] == annotations["prometheus.io/path"]
+    chart_pods = [o["spec"]["template"] for o in objs if o["kind"] == "Deployment"]
+    assert chart_pods and not [p for p in chart_pods if selector <= p["metadata"]["labels"].items()]
+    namespaced = render(None, "metrics.podMonitor.enabled=true", "watchNamespaces={a,b}")
+    (monitor,) = [o for o in namespaced if o["kind"] == "PodMonitor"]
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["a", "b"]}
+    labels = set(monitor["spec"]["podTargetLabels"])
+    assert {"llmoperator.io/deployment", "llmoperator.io/track"} <= labels
