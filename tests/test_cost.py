@@ -112,9 +112,9 @@ def test_status_is_written_on_a_pod_change_or_after_the_interval_never_when_unmo
     assert status_due(written, 160.0, 10, pods_changed=True, **due)  # a pod started or stopped
     late = {"now": S0 + 600, "interval_seconds": 600.0}
     assert status_due(written, 1300.0, 10, pods_changed=False, **late)
-    # Never written: first at a pod change, not at the first look.
-    assert not status_due({}, 5.0, 0, pods_changed=False, **due)
-    assert status_due({}, 5.0, 0, pods_changed=True, **due)
+    # Never written: as soon as there is something to say.
+    assert status_due({}, 5.0, 0, pods_changed=False, **due)
+    assert not status_due({}, 0.0, 0, pods_changed=False, **due)
 
 
 LLMDS = [

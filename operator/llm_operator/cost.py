@@ -165,17 +165,16 @@ def status_due(
     interval_seconds: float,
 ) -> bool:
     """Whether status.cost should be written now: the numbers moved, and a pod started or
-    stopped or the interval has passed since the last write (never written yet: at the
-    first pod start or stop)."""
+    stopped, or it was never written, or the interval has passed since the last write. (The
+    loop also waits an interval after its own start: no burst of writes at start-up.)"""
     previous = previous or {}
-    moved = round(gpu_seconds, 1) != previous.get("gpuSeconds") or int(tokens) != previous.get(
-        "tokens"
-    )
+    seconds_moved = round(gpu_seconds, 1) != previous.get("gpuSeconds", 0.0)
+    moved = seconds_moved or int(tokens) != previous.get("tokens", 0)
     if not moved:
         return False
     last = parse_rfc3339(previous.get("updatedAt"))
     if pods_changed or last is None:
-        return pods_changed
+        return True
     return now - last >= interval_seconds
 
 

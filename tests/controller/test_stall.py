@@ -174,6 +174,7 @@ def test_cost_status_is_written_when_a_pod_starts_or_stops_and_not_when_only_sec
 
 
 def test_a_restarted_operator_writes_no_cost_before_a_pod_change_or_a_whole_interval() -> None:
+    """Also the first write of an LLMDeployment whose pods were there at the first look."""
     day2, kube, _, clock = setup(cost_status_interval_seconds=600)
     kube.owner["status"] = {
         "cost": {"gpuSeconds": 10.0, "tokens": 0, "updatedAt": "2025-01-01T00:00:00Z"}
@@ -186,3 +187,14 @@ def test_a_restarted_operator_writes_no_cost_before_a_pod_change_or_a_whole_inte
     look(day2, clock, 600 * 1.2 + 1)
     [written] = kube.statuses
     assert written["cost"]["gpuSeconds"] == 10.0 + 2 * (600 * 1.2 + 1)  # base + a since T0
+
+
+def test_a_never_written_cost_is_written_an_interval_after_the_first_look() -> None:
+    day2, kube, _, clock = setup(cost_status_interval_seconds=60)
+    kube.pods = [engine_pod("a")]
+    for at in range(0, 60, 15):
+        look(day2, clock, at)
+    assert kube.statuses == []
+    look(day2, clock, 60 * 1.2)
+    [written] = kube.statuses
+    assert written["cost"]["gpuSeconds"] == 2 * 60 * 1.2
