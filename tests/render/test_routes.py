@@ -261,3 +261,35 @@ def test_client_limits_reach_the_table() -> None:
     wire = table.to_wire()
     assert wire["models"][0]["clientLimits"] == limits
     assert "clientLimits" not in wire["models"][1]
+
+
+def test_a_failed_llmdeployment_is_not_routed_and_holds_no_served_name() -> None:
+    # Issue 17's defect: a Failed LLMDeployment (nothing of it runs) kept its served name,
+    # pointing at a Service that does not exist, and a Ready one of the same name got nothing.
+    failed = LLMDeployment.model_validate(
+        {
+            "metadata": {
+                "name": "old",
+                "namespace": "ml",
+                "creationTimestamp": "2026-01-01T00:00:00Z",
+            },
+            "spec": {"model": {"name": "org/x", "servedName": "chat"}},
+            "status": {"phase": "Failed"},
+        }
+    )
+    ready = LLMDeployment.model_validate(
+        {
+            "metadata": {
+                "name": "new",
+                "namespace": "ml",
+                "creationTimestamp": "2026-02-01T00:00:00Z",
+            },
+            "spec": {"model": {"name": "org/y", "servedName": "chat"}},
+            "status": {"phase": "Ready"},
+        }
+    )
+    table, problems = render_routes([failed, ready])
+    [route] = table.models
+    assert route.name == "chat"
+    assert route.tracks[0].pods is not None and "new" in route.tracks[0].pods.label_selector()
+    assert problems == ["ml/old: not routed while Failed"]

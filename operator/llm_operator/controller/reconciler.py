@@ -509,10 +509,12 @@ def key_of(body: dict[str, Any]) -> OwnerKey:
     return body["metadata"]["namespace"], body["metadata"]["name"]
 
 
-def routing_inputs(body: dict[str, Any]) -> tuple[Any, Any]:
-    """What the routing table reads of an LLMDeployment: its spec and its canary's weight."""
-    canary = (body.get("status") or {}).get("canary") or {}
-    return body.get("spec"), canary.get("weight")
+def routing_inputs(body: dict[str, Any]) -> tuple[Any, Any, bool]:
+    """What the routing table reads of an LLMDeployment: its spec, its canary's weight and
+    whether it is Failed (not routed)."""
+    status = body.get("status") or {}
+    canary = status.get("canary") or {}
+    return body.get("spec"), canary.get("weight"), status.get("phase") == "Failed"
 
 
 def owns_replicas(managed_fields: list[dict[str, Any]]) -> bool:

@@ -191,6 +191,11 @@ def render_routes(llmds: Sequence[LLMDeployment]) -> tuple[GatewayConfig, list[s
     for llmd in ordered:
         namespace, name = llmd.metadata.namespace or "default", llmd.metadata.name or ""
         served_name = llmd.spec.model.effective_served_name
+        if llmd.status is not None and llmd.status.phase == "Failed":
+            # Failed: nothing of it runs (no Deployment, no Service). Routing it would send its
+            # name to nowhere, and hold the name from an LLMDeployment that serves it.
+            problems.append(f"{namespace}/{name}: not routed while Failed")
+            continue
         if served_name in owner_of:
             problems.append(
                 f"{namespace}/{name}: served name {served_name!r} is already routed to "
