@@ -57,9 +57,18 @@ CANNOT_START = "EngineCannotStart"
 NOT_READY = "EngineNotReady"
 UNSCHEDULABLE = "Unschedulable"
 DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
+PODS_NOT_CREATED = "PodsNotCreated"
 #: Every reason this module reports (the controller treats them as the engine's, not the spec's).
 REASONS = frozenset(
-    {CRASH_LOOP, IMAGE_PULL_FAILED, CANNOT_START, NOT_READY, UNSCHEDULABLE, DEADLINE_EXCEEDED}
+    {
+        CRASH_LOOP,
+        IMAGE_PULL_FAILED,
+        CANNOT_START,
+        NOT_READY,
+        UNSCHEDULABLE,
+        DEADLINE_EXCEEDED,
+        PODS_NOT_CREATED,
+    }
 )
 
 IMAGE_PULL_WAITING = frozenset(
@@ -75,6 +84,7 @@ MAX_DETAIL = 200  # characters of a kubelet or termination message kept in a con
 
 # Most telling first: what a person must fix, before what may pass by itself.
 _RANK = {
+    PODS_NOT_CREATED: -1,
     CRASH_LOOP: 0,
     IMAGE_PULL_FAILED: 1,
     CANNOT_START: 2,
@@ -133,6 +143,16 @@ def deadline_exceeded(deployment: Mapping[str, Any]) -> str | None:
     ):
         return str(progressing.get("message") or "the rollout timed out")
     return None
+
+
+def pods_not_created(deployment: Mapping[str, Any]) -> str | None:
+    """Why the ReplicaSet cannot create pods (a missing ServiceAccount or PriorityClass, a
+    quota, an admission webhook): the Deployment controller copies the ReplicaSet's
+    ReplicaFailure condition onto the Deployment. None when pods can be created."""
+    failure = _condition((deployment.get("status") or {}).get("conditions"), "ReplicaFailure")
+    if failure is None or failure.get("status") != "True":
+        return None
+    return str(failure.get("message") or failure.get("reason") or "pods cannot be created")
 
 
 def _owning_deployment(
@@ -283,9 +303,15 @@ def engine_problems(
     problems: list[EngineProblem] = []
     timed_out: set[str] = set()
     for deployment in deployments:
+        name = str((deployment.get("metadata") or {}).get("name"))
+        refused = pods_not_created(deployment)
+        if refused is not None:
+            # No pod will appear to say anything: this is the whole story, and it will not
+            # pass by itself (the issue: "replicas are being created", Pending, forever).
+            detail = refused[:MAX_DETAIL]
+            problems.append(EngineProblem(PODS_NOT_CREATED, f"Deployment {name}: {detail}", True))
         message = deadline_exceeded(deployment)
         if message is not None:
-            name = str((deployment.get("metadata") or {}).get("name"))
             timed_out.add(name)
             problems.append(EngineProblem(DEADLINE_EXCEEDED, f"Deployment {name}: {message}", True))
     for pod in pods:

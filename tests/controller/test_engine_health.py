@@ -419,3 +419,24 @@ def test_the_back_off_delay_is_left_out_so_the_message_stays_put() -> None:
     pods = [pod(containers=[container(restarts=3, state=BACK_OFF, last=crashed())])]
     summary = summarize(engine_problems([deployment()], pods, now=NOW))
     assert summary is not None and "back-off 40s" not in summary.message
+
+
+def test_pods_that_cannot_be_created_are_said_at_once() -> None:
+    # Issue 17's defect: a missing ServiceAccount (or PriorityClass) stops the ReplicaSet from
+    # creating any pod; the status said "replicas are being created", Pending, forever.
+    d = deployment()
+    d["status"]["conditions"].append(
+        {
+            "type": "ReplicaFailure",
+            "status": "True",
+            "reason": "FailedCreate",
+            "message": 'pods "m-7d9c-" is forbidden: error looking up service account '
+            'ml/llm-engine: serviceaccount "llm-engine" not found',
+        }
+    )
+    [problem] = engine_problems([d], [], now=NOW)
+    assert problem.degraded and problem.reason == "PodsNotCreated"
+    assert 'serviceaccount "llm-engine" not found' in problem.message
+    assert problem.message.startswith("Deployment m: ")
+    healthy = deployment()
+    assert engine_problems([healthy], [], now=NOW) == []
