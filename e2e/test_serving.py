@@ -202,6 +202,27 @@ def test_an_engine_that_exits_at_start_is_degraded_with_its_reason(serving: Serv
     assert state == "Degraded", why
 
 
+def test_pods_that_cannot_be_created_are_degraded_with_the_api_servers_reason(
+    serving: Serving,
+) -> None:
+    # A ServiceAccount that does not exist: the ReplicaSet cannot create a single pod.
+    body = llmd("nosa")
+    body["spec"]["scheduling"] = {"serviceAccountName": "no-such-account"}
+    serving.apply(body)
+
+    def degraded() -> dict[str, Any] | None:
+        obj = serving.get("nosa")
+        conditions = {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
+        cond = conditions.get("Degraded")
+        return obj if cond and cond["status"] == "True" else None
+
+    obj = kube.wait_until("nosa Degraded", degraded, timeout=90)
+    cond = next(c for c in obj["status"]["conditions"] if c["type"] == "Degraded")
+    assert cond["reason"] == "PodsNotCreated", cond
+    assert "no-such-account" in cond["message"], cond
+    assert obj["status"]["phase"] == "Degraded"
+
+
 def test_prometheus_scrapes_every_engine_the_operator_and_the_gateway(serving: Serving) -> None:
     url = os.environ.get("LLMOP_PROMETHEUS_URL") or _local_prometheus(serving.cluster)
     if url is None:
