@@ -222,3 +222,20 @@ async def test_a_burst_of_child_events_is_one_reconcile_that_reads_them_all() ->
     while controller.tasks:
         await asyncio.gather(*controller.tasks)
     assert len(controller.reconciled) == 3 and controller.reconciled[-1][-1] == "7"
+
+
+async def test_the_heap_is_trimmed_after_activity_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watches, "TRIM_SECONDS", 0.01)
+    trimmer = watches.HeapTrimmer()
+    assert trimmer.trim is not None  # glibc here
+    calls: list[int] = []
+    trimmer.trim = lambda pad: calls.append(pad) or 1  # type: ignore[func-returns-value]
+    task = asyncio.create_task(trimmer.run())
+    await asyncio.sleep(0.05)
+    assert calls == []  # quiet: no work
+    controller = FakeController()
+    controller.locks[("ns", "m")] = asyncio.Lock()
+    watches.child_dispatcher(controller, trimmer)("ADDED", obj("d", "1"))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    task.cancel()
+    assert calls == [0]

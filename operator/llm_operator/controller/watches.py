@@ -10,6 +10,8 @@ annotations of the LLMDeployment, and the operator wants a steady cluster to see
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +28,40 @@ from llm_operator.kube.resources import CHILD_KINDS
 log = logging.getLogger("llm_operator.controller")
 
 
-def child_dispatcher(controller: Controller) -> Callable[[str, dict[str, Any]], None]:
+#: Seconds between looks at whether the heap should be trimmed.
+TRIM_SECONDS = 10.0
+
+
+class HeapTrimmer:
+    """Hands the allocator's free pages back to the kernel after a burst of events.
+
+    glibc keeps what a burst (the start-up lists, a thousand reconciles at once) freed in
+    its arenas, one per thread that allocated, so RSS stays at the peak although the Python
+    heap is back down (bench/results/operator.md). malloc_trim(0) releases the free pages of
+    every arena. Only after activity, so a quiet operator does no work.
+    """
+
+    def __init__(self) -> None:
+        self.busy = False
+        name = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(name) if name else None
+        # musl and other libcs have no malloc_trim: nothing to do there.
+        self.trim: Callable[[int], int] | None = getattr(libc, "malloc_trim", None)
+
+    def touch(self) -> None:
+        self.busy = True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(TRIM_SECONDS)
+            if self.busy and self.trim is not None:
+                self.busy = False
+                await asyncio.to_thread(self.trim, 0)
+
+
+def child_dispatcher(
+    controller: Controller, trimmer: HeapTrimmer | None = None
+) -> Callable[[str, dict[str, Any]], None]:
     """The loop's side of the child watches: cache the event, then reconcile the owner.
 
     Reconciles are coalesced: while one is queued for an owner and has not yet read the
@@ -45,6 +80,8 @@ def child_dispatcher(controller: Controller) -> Callable[[str, dict[str, Any]], 
         await controller.reconcile(owner_key)
 
     def on_child(type_: str, obj: dict[str, Any]) -> None:
+        if trimmer is not None:
+            trimmer.touch()
         owner_key = controller.remember_child(obj, deleted=type_ == "DELETED")
         if owner_key is None or owner_key not in controller.bodies or owner_key in pending:
             return
@@ -62,8 +99,10 @@ def register(
     namespaces: list[str],
     child_kinds: list[str],
 ) -> None:
-    on_child = child_dispatcher(controller)
+    trimmer = HeapTrimmer()
+    on_child = child_dispatcher(controller, trimmer)
     informers: list[Informer] = []
+    background: set[asyncio.Task[None]] = set()
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -106,10 +145,13 @@ def register(
                 informers.append(informer)
         if controller.routes is not None:
             await asyncio.to_thread(controller.routes.prime)
+        trimmer.touch()  # the start-up lists were a burst
+        background.add(asyncio.create_task(trimmer.run()))
         log.info("cache primed with %d owners' children", len(controller.children))
 
     @kopf.on.event(GROUP, VERSION, PLURAL, id="llmdeployment", registry=registry)
     async def llmdeployment_event(event: kopf.RawEvent, **_: Any) -> None:
+        trimmer.touch()
         body = dict(event["object"])
         deleted = event["type"] == "DELETED"
         owner_key = controller.remember_owner(body, deleted=deleted)
@@ -120,3 +162,5 @@ def register(
     async def stop_watches(**_: Any) -> None:
         for informer in informers:
             informer.stop()
+        for task in background:
+            task.cancel()
