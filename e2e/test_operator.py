@@ -191,6 +191,13 @@ def test_create_makes_every_child_with_owner_and_reaches_ready(
     assert conditions["Ready"] == "True" and conditions["Degraded"] == "False"
     # The operator never writes into spec: GitOps tools must see no drift.
     assert get(api_client, namespace, "qwen")["spec"] == SPEC["spec"]
+    # Its status writes say who made them (issue 17: they said "OpenAPI-Generator").
+    managers = {
+        (m["manager"], m.get("subresource", ""))
+        for m in get(api_client, namespace, "qwen")["metadata"]["managedFields"]
+    }
+    # (The test itself created the object with the Python client: that entry is its own.)
+    assert {m for m, sub in managers if sub == "status"} == {"llm-operator"}, managers
 
 
 def test_a_new_image_rolls_the_deployment(

@@ -154,6 +154,8 @@ class KubeClient:
             "PATCH",
             LLMDEPLOYMENT.object_path(namespace, name) + "/status",
             {"status": status},
+            # Named, so managedFields say who wrote the status (not "OpenAPI-Generator").
+            query=[("fieldManager", FIELD_MANAGER)],
             content_type="application/merge-patch+json",
         )
         return result
@@ -168,6 +170,7 @@ class KubeClient:
             "PATCH",
             LLMDEPLOYMENT.object_path(namespace, name),
             {"metadata": {"annotations": {annotation: value}}},
+            query=[("fieldManager", FIELD_MANAGER)],
             content_type="application/merge-patch+json",
         )
 
