@@ -669,10 +669,12 @@ def test_the_chart_defaults_are_the_documented_operator_settings() -> None:
         keda_enabled=False,
         gateway_namespace=NAMESPACE,
         gateway_queue_metric="llm_gateway_requests_held",
+        run_as_user=10001,  # the chart runs engines as non-root; the bare operator does not
     )
     assert parsed.controller == ControllerSettings()
     # Null and empty values are left out: the operator's own default applies.
-    assert "LLMOP_RUN_AS_USER" not in env and "LLMOP_PROMETHEUS_URL" not in env
+    assert "LLMOP_PROMETHEUS_URL" not in env
+    assert "LLMOP_STARTUP_TIMEOUT_SECONDS" not in env
     assert "LLMOP_DEFAULT_ENGINE_IMAGE" not in env
 
 
