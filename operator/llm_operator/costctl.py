@@ -14,6 +14,7 @@ import kubernetes
 
 from llm_operator.api import GROUP, PLURAL, VERSION
 from llm_operator.cost import cost_rows, format_rows
+from llm_operator.rolloutctl import api_client
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -31,24 +32,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _api(args: argparse.Namespace) -> tuple[kubernetes.client.ApiClient, str]:
-    configuration = kubernetes.client.Configuration()
-    namespace = args.namespace
-    try:
-        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=args.kubeconfig, context=args.context, client_configuration=configuration
-        )
-        if namespace is None:
-            _, active = kubernetes.config.list_kube_config_contexts(args.kubeconfig)  # type: ignore[no-untyped-call]
-            namespace = (active or {}).get("context", {}).get("namespace")
-    except (kubernetes.config.ConfigException, FileNotFoundError, TypeError):
-        kubernetes.config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    return kubernetes.client.ApiClient(configuration), namespace or "default"
-
-
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    api, namespace = _api(args)
+    api, namespace = api_client(args)
     objects = kubernetes.client.CustomObjectsApi(api)
     listed: Any
     if args.all_namespaces:

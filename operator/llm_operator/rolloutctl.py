@@ -46,7 +46,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _client(args: argparse.Namespace) -> tuple[KubeClient, str]:
+def api_client(args: argparse.Namespace) -> tuple[kubernetes.client.ApiClient, str]:
+    """An API client from --kubeconfig/--context (or in-cluster) and the namespace to use:
+    --namespace, else the context's, else default. Shared by the CLI commands."""
     configuration = kubernetes.client.Configuration()
     namespace = args.namespace
     try:
@@ -58,7 +60,12 @@ def _client(args: argparse.Namespace) -> tuple[KubeClient, str]:
             namespace = (active or {}).get("context", {}).get("namespace")
     except (kubernetes.config.ConfigException, FileNotFoundError, TypeError):
         kubernetes.config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    return KubeClient(kubernetes.client.ApiClient(configuration)), namespace or "default"
+    return kubernetes.client.ApiClient(configuration), namespace or "default"
+
+
+def _client(args: argparse.Namespace) -> tuple[KubeClient, str]:
+    api, namespace = api_client(args)
+    return KubeClient(api), namespace
 
 
 def describe(body: dict[str, Any]) -> str:

@@ -108,6 +108,18 @@ def sdk(gateway: GatewayProc, key: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
 
 
+async def until_let_in(gateway: GatewayProc, key: str, within: float = 5.0) -> None:
+    """Until the gateway takes `key` (a changed key file is read by a poll), bounded."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            await sdk(gateway, key).models.list()
+            return
+        except openai.AuthenticationError:
+            assert time.monotonic() < deadline, f"the key was not taken within {within} s"
+            await asyncio.sleep(0.1)
+
+
 def audit_lines(gateway: GatewayProc, count: int) -> list[dict[str, Any]]:
     """The access log's lines once there are `count` (it is written in batches)."""
     deadline = time.monotonic() + 5
@@ -134,14 +146,7 @@ async def test_keys_from_a_directory_rotate_without_a_restart(
         await sdk(gateway, "table-key").models.list()
 
     write_keys(keys, {"team-a": "sk-a-2", "team-b": "sk-b-1"})  # team-a's key rotated
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            await sdk(gateway, "sk-a-2").models.list()
-            break
-        except openai.AuthenticationError:
-            assert time.monotonic() < deadline, "the rotated key was not taken within 5 s"
-            await asyncio.sleep(0.1)
+    await until_let_in(gateway, "sk-a-2")
     with pytest.raises(openai.AuthenticationError):
         await sdk(gateway, "sk-a-1").models.list()
     await sdk(gateway, "sk-b-1").models.list()
@@ -270,11 +275,4 @@ async def test_an_empty_or_missing_keys_directory_lets_nobody_in(
     with pytest.raises(openai.AuthenticationError):
         await sdk(gateway, "anything").chat.completions.create(model="llama", messages=MSG)
     write_keys(tmp_path / "not-there-yet", {"team-a": "sk-a"})  # the Secret arrives
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            await sdk(gateway, "sk-a").models.list()
-            break
-        except openai.AuthenticationError:
-            assert time.monotonic() < deadline, "the key was not taken within 5 s"
-            await asyncio.sleep(0.1)
+    await until_let_in(gateway, "sk-a")
