@@ -276,3 +276,27 @@ async def test_an_empty_or_missing_keys_directory_lets_nobody_in(
         await sdk(gateway, "anything").chat.completions.create(model="llama", messages=MSG)
     write_keys(tmp_path / "not-there-yet", {"team-a": "sk-a"})  # the Secret arrives
     await until_let_in(gateway, "sk-a")
+
+
+async def test_the_audit_log_can_go_to_a_file(
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], tmp_path: Path
+) -> None:
+    llama, _ = sims
+    audit = tmp_path / "audit.log"
+    table = {
+        "models": [
+            {
+                "name": "llama",
+                "tracks": [{"name": "stable", "weight": 100, "addresses": [addr(llama[0])]}],
+            }
+        ]
+    }
+    gateway.start(table, "--access-log-file", str(audit))
+    await sdk(gateway, "none").chat.completions.create(model="llama", messages=MSG, max_tokens=2)
+    deadline = time.monotonic() + 5
+    while not (audit.exists() and '"msg":"request"' in audit.read_text()):
+        assert time.monotonic() < deadline, "no audit line in the file within 5 s"
+        time.sleep(0.05)
+    [line] = [json.loads(x) for x in audit.read_text().splitlines()]
+    assert line["model"] == "llama" and line["status"] == 200 and line["tokens_out"] == 2
+    assert '"msg":"request"' not in gateway.access_path.read_text()  # not on stdout too
