@@ -238,3 +238,13 @@ class KubeClient:
             if error.status == 404:
                 return None
             raise
+
+    def get_path(self, path: str) -> dict[str, Any] | None:
+        """Any one object by its API path; None when it does not exist."""
+        try:
+            result: dict[str, Any] = self._call("GET", path)
+            return result
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
