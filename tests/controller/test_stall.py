@@ -8,11 +8,14 @@ import asyncio
 import copy
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
 from prometheus_client import REGISTRY
 
 from llm_operator.controller import metrics
 from llm_operator.controller.day2 import ENGINE_PODS, Day2
 from llm_operator.controller.reconciler import Controller
+from llm_operator.controller.standby import Standby
+from llm_operator.kubeformat import rfc3339
 from llm_operator.render import RenderConfig
 from tests.controller.test_reconciler import BASE, FakeKube, body
 
@@ -198,3 +201,59 @@ def test_a_never_written_cost_is_written_an_interval_after_the_first_look() -> N
     look(day2, clock, 60 * 1.2)
     [written] = kube.statuses
     assert written["cost"]["gpuSeconds"] == 2 * 60 * 1.2
+
+
+class Peerings:
+    """The peering objects a standby replica reads (controller/standby.py)."""
+
+    def __init__(self, status: dict[str, Any] | None) -> None:
+        self.status = status
+        self.paths: list[str] = []
+
+    def get_path(self, path: str) -> dict[str, Any] | None:
+        self.paths.append(path)
+        return None if self.status is None else {"status": self.status}
+
+
+def peer(priority: int, at: float) -> dict[str, Any]:
+    return {"priority": priority, "lifetime": 60, "lastseen": rfc3339(at)}
+
+
+def test_a_standby_replica_restarts_nothing_and_counts_no_cost_until_the_active_one_dies() -> None:
+    day2, kube, prometheus, clock = setup(stall_timeout_seconds=60)
+    # The active peer's last keep-alive, at 100 s, holds it alive until 160 s.
+    peerings = Peerings({"me": peer(5, T0 + 100), "active": peer(9, T0 + 100)})
+    day2.standby = Standby(
+        client=peerings,  # type: ignore[arg-type]
+        peering_name="llm-operator",
+        identity="me",
+        priority=5,
+        epoch=lambda: clock[0],
+    )
+    kube.pods = [engine_pod("hung")]
+    busy(prometheus, "hung", running=3, waiting=5, tokens=42)
+    for at in range(0, 160, 15):
+        look(day2, clock, at)
+    assert peerings.paths[0] == "/apis/kopf.dev/v1/clusterkopfpeerings/llm-operator"
+    assert not [w for w in kube.writes if w[1] == "Pod"] and kube.events == []
+    assert not day2.ledgers and kube.pod_lists == []
+    # The active peer's keep-alive lapses (lastseen + lifetime passed): this one takes over.
+    for at in range(165, 300, 15):
+        look(day2, clock, at)
+    assert [w for w in kube.writes if w[1] == "Pod"] == [("delete", "Pod", "hung")]
+
+
+def test_an_unreadable_peering_skips_the_round_and_a_missing_one_is_standalone() -> None:
+    day2, kube, _, clock = setup(stall_timeout_seconds=60)
+
+    class Unreadable(Peerings):
+        def get_path(self, path: str) -> dict[str, Any] | None:
+            raise ApiException(status=403)
+
+    day2.standby = Standby(client=Unreadable(None), peering_name="p", identity="me", priority=1)  # type: ignore[arg-type]
+    kube.pods = [engine_pod("a")]
+    look(day2, clock, 0)
+    assert kube.pod_lists == []
+    day2.standby = Standby(client=Peerings(None), peering_name="p", identity="me", priority=1)  # type: ignore[arg-type]
+    look(day2, clock, 15)
+    assert kube.pod_lists != []

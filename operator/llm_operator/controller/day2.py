@@ -30,6 +30,7 @@ from prometheus_api_client.exceptions import PrometheusApiClientException
 from llm_operator.constants import LABEL_COMPONENT, LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY
 from llm_operator.controller import metrics
 from llm_operator.controller.reconciler import Controller, OwnerKey
+from llm_operator.controller.standby import Standby
 from llm_operator.cost import Ledger, cost_status, pod_run, status_due
 from llm_operator.kubeformat import parse_rfc3339, rfc3339
 from llm_operator.render.names import label_value
@@ -71,6 +72,8 @@ class Day2:
     stall_restarts_per_minute: int = 1
     gpu_hour_price: float | None = None
     cost_status_interval_seconds: float = 600.0
+    standby: Standby = field(default_factory=lambda: Standby(client=None))
+    """With kopf peering, only the active replica restarts pods and counts cost."""
     epoch: Any = time.time
     tracker: StallTracker = field(init=False)
     ledgers: dict[OwnerKey, Ledger] = field(default_factory=dict)
@@ -137,6 +140,8 @@ class Day2:
 
     async def tick(self) -> None:
         bodies = dict(self.controller.bodies)
+        active = await asyncio.to_thread(self.standby.active, {ns for ns, _ in bodies})
+        bodies = {key: body for key, body in bodies.items() if key[0] in active}
         owners = {(ns, label_value(name)): (ns, name) for ns, name in bodies}
         pods = await asyncio.to_thread(self._pods, {ns for ns, _ in bodies})
         if pods is None:

@@ -14,10 +14,11 @@ import concurrent.futures
 import logging
 import os
 import random
+import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import kopf
 from prometheus_client import start_http_server
@@ -27,6 +28,7 @@ from pydantic.alias_generators import to_camel
 from llm_operator.controller.day2 import Day2
 from llm_operator.controller.reconciler import Controller
 from llm_operator.controller.routes import RoutesWriter
+from llm_operator.controller.standby import Standby
 from llm_operator.controller.watches import register
 from llm_operator.kube.client import API_CONCURRENCY, KubeClient
 from llm_operator.kube.resources import CHILD_KINDS
@@ -283,9 +285,20 @@ def main(argv: list[str]) -> int:
         gpu_hour_price=args.gpu_hour_price,
         cost_status_interval_seconds=args.cost_status_interval_seconds,
     )
+    # kopf's identity in the peering (the pod's name in the chart) and this replica's priority:
+    # the day-2 loop applies kopf's rule to the same peering object (controller/standby.py).
+    identity = os.environ.get("POD_ID") or f"{socket.gethostname()}/{os.getpid()}"
+    priority = random.SystemRandom().randint(1, 1_000_000) if args.peering else 0
+    namespaces = [] if args.all_namespaces else list(dict.fromkeys(args.namespace))
+    day2.standby = Standby(
+        client=client,
+        peering_name=args.peering or None,
+        identity=identity,
+        priority=priority,
+        clusterwide=not namespaces,
+    )
     registry = kopf.OperatorRegistry()
     child_kinds = [k.kind for k in CHILD_KINDS if k.kind != "ScaledObject" or config.keda_enabled]
-    namespaces = [] if args.all_namespaces else list(dict.fromkeys(args.namespace))
     register(registry, controller, namespaces, child_kinds)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
 
@@ -301,8 +314,9 @@ def main(argv: list[str]) -> int:
             namespaces=namespaces,
             standalone=not args.peering,
             peering_name=args.peering or None,
-            # Peers of equal priority all keep working; distinct ones make a real standby.
-            priority=random.SystemRandom().randint(1, 1_000_000) if args.peering else None,
+            # Distinct priorities make a real standby (kopf pauses peers of equal priority).
+            priority=priority if args.peering else None,
+            identity=cast(Any, identity),  # kopf's Identity: a NewType of str it does not export
             liveness_endpoint=liveness,
         )
 
