@@ -27,6 +27,8 @@ EXAMPLES: dict[str, tuple[str, Any]] = {
     "model_source_mount_path": ("/weights", "/weights"),
     "hpa_enabled": ("false", False),
     "keda_enabled": ("true", True),
+    "prometheus_operator_enabled": ("true", True),
+    "runbook_base_url": ("https://wiki.example/llm", "https://wiki.example/llm"),
     "hpa_metric_name": ("queue_depth", "queue_depth"),
     "keda_prometheus_address": ("http://prom.mon:9090", "http://prom.mon:9090"),
     "metric_namespace_label": ("kubernetes_namespace", "kubernetes_namespace"),

@@ -146,6 +146,13 @@ Exactly the calls the operator makes; no "*", no Secrets (pods reference Secrets
   resources: ["scaledobjects"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 {{- end }}
+{{- if .Values.operator.prometheusOperator }}
+# Per-LLMDeployment PodMonitors and PrometheusRules (spec.monitoring). No get: nothing reads
+# one by name.
+- apiGroups: ["monitoring.coreos.com"]
+  resources: ["podmonitors", "prometheusrules"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+{{- end }}
 # The engine pods: listed by label while a model's replicas are not ready, to say why in its
 # status (crash loop, image pull, scheduling), and every 15 s for stalls and GPU cost; deleted
 # when stalled (docs/operations.md). Never watched, never patched.

@@ -591,6 +591,57 @@ class SchedulingSpec(ApiModel):
     """ServiceAccount the pods run as. Defaults to the namespace's default."""
 
 
+class PodMonitorSpec(ApiModel):
+    """A prometheus-operator PodMonitor for this LLMDeployment's engine pods (both tracks)."""
+
+    enabled: bool = False
+    """Render it (the operator must run with prometheus-operator's CRDs: --prometheus-operator)."""
+    interval: Duration = "15s"
+    """Scrape interval."""
+    labels: Annotated[dict[str, str], Field(max_length=32)] = {}
+    """Labels on the PodMonitor, for example the one your Prometheus' podMonitorSelector picks."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        positive_duration("interval", "interval", "monitoring.podMonitor"),
+    )
+
+
+class AlertsSpec(ApiModel):
+    """A prometheus-operator PrometheusRule with this model's own objectives: the chart's
+    alerts (docs/runbooks.md) scoped to this LLMDeployment, with the thresholds set here."""
+
+    enabled: bool = False
+    """Render it (the operator must run with prometheus-operator's CRDs: --prometheus-operator)."""
+    ttft_p95_seconds: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=2.0, alias="ttftP95Seconds"
+    )
+    """Objective for the gateway's TTFT p95 of this model, seconds (LLMTTFTp95AboveObjective)."""
+    error_ratio: Annotated[float, Field(gt=0, le=1)] = 0.05
+    """Share of failed requests above which LLMErrorRateHigh fires."""
+    stalled_for: Duration = "5m"
+    """How long an engine with requests may generate no token before LLMEngineStalled."""
+    idle_for: Duration = "1h"
+    """How long ready replicas may generate no token before LLMGPUsIdle."""
+    labels: Annotated[dict[str, str], Field(max_length=32)] = {}
+    """Labels on the PrometheusRule, for example the one your Prometheus' ruleSelector picks."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        positive_duration("stalledFor", "stalled_for", "monitoring.alerts"),
+        positive_duration("idleFor", "idle_for", "monitoring.alerts"),
+    )
+
+
+class MonitoringSpec(ApiModel):
+    """prometheus-operator objects for this LLMDeployment, opt-in. The chart's own PodMonitor
+    and PrometheusRule cover every engine with one set of thresholds; these serve a team's own
+    Prometheus, or a model whose objectives differ."""
+
+    pod_monitor: PodMonitorSpec = PodMonitorSpec()
+    """A PodMonitor for the engine pods."""
+    alerts: AlertsSpec = AlertsSpec()
+    """A PrometheusRule with this model's alerts."""
+
+
 class LLMDeploymentSpec(ApiModel):
     """Desired state of an LLMDeployment."""
 
@@ -612,6 +663,8 @@ class LLMDeploymentSpec(ApiModel):
     """Gateway routing and fallbacks."""
     scheduling: SchedulingSpec = SchedulingSpec()
     """Node placement."""
+    monitoring: MonitoringSpec = MonitoringSpec()
+    """prometheus-operator monitoring objects for this LLMDeployment (opt-in)."""
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(

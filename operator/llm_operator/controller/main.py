@@ -31,7 +31,7 @@ from llm_operator.controller.routes import RoutesWriter
 from llm_operator.controller.standby import Standby
 from llm_operator.controller.watches import register
 from llm_operator.kube.client import API_CONCURRENCY, KubeClient
-from llm_operator.kube.resources import CHILD_KINDS
+from llm_operator.kube.resources import CHILD_KINDS, OPTIONAL_KINDS
 from llm_operator.render import RenderConfig
 
 
@@ -91,6 +91,15 @@ _OVERRIDES: dict[str, dict[str, Any]] = {
         "help": "KEDA's CRDs are installed: allow autoscaling.provider keda and watch "
         "ScaledObjects.",
     },
+    # The monitoring.coreos.com CRDs must exist before PodMonitors can be watched.
+    "prometheus_operator_enabled": {
+        "flag": "--prometheus-operator",
+        "env": "LLMOP_PROMETHEUS_OPERATOR",
+        "value": "operator.prometheusOperator",
+        "help": "prometheus-operator's CRDs are installed: allow spec.monitoring (a PodMonitor "
+        "and a PrometheusRule per LLMDeployment) and watch them.",
+    },
+    "runbook_base_url": {"value": "metrics.prometheusRule.runbookBaseUrl"},
     # Help differs from the field docstring, which is out of date: the renderer refuses
     # provider hpa when off (RenderError), and render/engine.py is now render/vllm_deployment.py.
     "hpa_enabled": {
@@ -298,7 +307,11 @@ def main(argv: list[str]) -> int:
         clusterwide=not namespaces,
     )
     registry = kopf.OperatorRegistry()
-    child_kinds = [k.kind for k in CHILD_KINDS if k.kind != "ScaledObject" or config.keda_enabled]
+    child_kinds = [
+        k.kind
+        for k in CHILD_KINDS
+        if k.kind not in OPTIONAL_KINDS or getattr(config, OPTIONAL_KINDS[k.kind])
+    ]
     register(registry, controller, namespaces, child_kinds)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
 

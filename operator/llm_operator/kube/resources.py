@@ -43,7 +43,15 @@ CHILD_KINDS: tuple[Kind, ...] = (
     Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
     Kind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers"),
     Kind("keda.sh/v1alpha1", "ScaledObject", "scaledobjects"),
+    Kind("monitoring.coreos.com/v1", "PodMonitor", "podmonitors"),
+    Kind("monitoring.coreos.com/v1", "PrometheusRule", "prometheusrules"),
 )
+#: Kinds whose CRDs another project installs: watched only when the installation says so.
+OPTIONAL_KINDS = {
+    "ScaledObject": "keda_enabled",
+    "PodMonitor": "prometheus_operator_enabled",
+    "PrometheusRule": "prometheus_operator_enabled",
+}
 # Written, never watched: the gateway's copy of the fallback keys LLMDeployments reference.
 SECRET = Kind("v1", "Secret", "secrets")
 BY_KIND = {k.kind: k for k in (*CHILD_KINDS, SECRET)}

@@ -3,7 +3,8 @@
 `render_all(llmd, config)` returns the stable track's objects in a fixed order: the
 NetworkPolicy (when the installation enables them; first, so no engine pod runs unfenced),
 Deployment, Service, PodDisruptionBudget (when more than one replica can run), then the
-autoscaler (HorizontalPodAutoscaler, or a KEDA ScaledObject). The canary track's Deployment
+autoscaler (HorizontalPodAutoscaler, or a KEDA ScaledObject), and the PodMonitor and
+PrometheusRule that spec.monitoring asks for. The canary track's Deployment
 comes from `render_deployment(..., track="canary", replicas=n)`. ownerReferences are included
 once the LLMDeployment has a uid (as it does inside the operator). Anything the core refuses
 raises `PlanError` (`RenderError` is one) with a message a person can act on.
@@ -23,6 +24,7 @@ from llm_operator.render.autoscaler import (
 )
 from llm_operator.render.config import RenderConfig, RenderError
 from llm_operator.render.disruption_budget import render_pdb
+from llm_operator.render.monitoring import render_pod_monitor, render_prometheus_rule
 from llm_operator.render.names import Track, object_name, owner_reference
 from llm_operator.render.network_policy import render_network_policy
 from llm_operator.render.service import render_service, service_endpoint
@@ -43,6 +45,8 @@ __all__ = [
     "render_hpa",
     "render_network_policy",
     "render_pdb",
+    "render_pod_monitor",
+    "render_prometheus_rule",
     "render_scaled_object",
     "render_service",
     "service_endpoint",
@@ -63,6 +67,8 @@ def render_all(
         render_service(llmd),
         render_pdb(llmd),
         render_autoscaler(llmd, config),
+        render_pod_monitor(llmd, config),
+        render_prometheus_rule(llmd, config),
     ]
     return [obj for obj in objects if obj is not None]
 

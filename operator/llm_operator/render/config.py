@@ -48,6 +48,14 @@ class RenderConfig(BaseModel):
     LLMDeployment asking for provider hpa is refused (Degraded, CannotPlan) with what to do."""
     keda_enabled: bool = True
     """KEDA's CRDs are installed: provider keda is allowed."""
+    prometheus_operator_enabled: bool = False
+    """prometheus-operator's CRDs (monitoring.coreos.com) are installed: spec.monitoring may
+    ask for a PodMonitor and a PrometheusRule per LLMDeployment. Off: those are refused
+    (Degraded) with what to do."""
+    runbook_base_url: str = (
+        "https://github.com/llm-operator/llm-operator/blob/main/docs/runbooks.md"
+    )
+    """Where the runbooks live; each per-LLMDeployment alert links this plus its anchor."""
     hpa_metric_name: str = DEFAULT_HPA_METRIC
     """Pods metric the HPA reads, as prometheus-adapter names it."""
     keda_prometheus_address: str = "http://prometheus-operated.monitoring.svc:9090"
