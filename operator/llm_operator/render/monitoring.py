@@ -5,8 +5,8 @@ scoped to it, with its own thresholds.
 The expressions are the chart's with every selector fixed to this LLMDeployment: engine series
 by `namespace` and `llmoperator_io_deployment` (the PodMonitor's podTargetLabels), the
 operator's gauges by `llmdeployment_namespace` and `llmoperator_io_deployment`, the gateway's
-by `model` (the served name). Aggregations drop every label, so each alert carries the
-LLMDeployment as static labels instead. The operator's own reconcile-error alert stays in the
+by `model` (the served name). Aggregations drop every label (and so two operator replicas'
+gauges count once), so each alert carries the LLMDeployment as static labels instead. The operator's own reconcile-error alert stays in the
 chart: it is not any one model's. tests/render/test_monitoring.py runs promtool on them.
 """
 
@@ -148,7 +148,7 @@ def alert_rules(llmd: LLMDeployment, runbook_base_url: str) -> list[dict[str, An
         ),
         alert(
             "LLMCanaryRolledBack",
-            f'llm_operator_canary_phase{{{operator},phase="RolledBack"}} == 1',
+            f'max(llm_operator_canary_phase{{{operator},phase="RolledBack"}}) == 1',
             "warning",
             "canary rolled back",
             "The canary failed its analysis and was rolled back; the stable revision serves "
@@ -156,7 +156,7 @@ def alert_rules(llmd: LLMDeployment, runbook_base_url: str) -> list[dict[str, An
         ),
         alert(
             "LLMFallbackActive",
-            f'llm_operator_condition{{{operator},type="FallbackActive"}} == 1',
+            f'max(llm_operator_condition{{{operator},type="FallbackActive"}}) == 1',
             "warning",
             "requests fall back",
             "The FallbackActive condition has been True for 5 minutes: the gateway sends part "
