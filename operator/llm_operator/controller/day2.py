@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import requests
+import urllib3
 from kubernetes.client.exceptions import ApiException
 from prometheus_api_client.exceptions import PrometheusApiClientException
 
@@ -89,6 +90,8 @@ class Day2:
             await asyncio.sleep(CHECK_SECONDS)
             try:
                 await self.tick()
+            except (OSError, urllib3.exceptions.HTTPError) as error:  # the API is unreachable
+                log.warning("day-2 check skipped: %s", str(error)[:200])
             except Exception:  # one bad look must not end the loop
                 log.exception("day-2 check failed")
 
@@ -101,6 +104,9 @@ class Day2:
                 pods += self.controller.client.list_pods(namespace, ENGINE_PODS)
             except ApiException as error:
                 log.info("day-2: cannot list pods in %s (API %s)", namespace, error.status)
+                return None
+            except (OSError, urllib3.exceptions.HTTPError) as error:  # the API is unreachable
+                log.info("day-2: cannot list pods in %s: %s", namespace, str(error)[:200])
                 return None
         return pods
 

@@ -27,7 +27,7 @@ from llm_operator.kube.resources import Kind
 log = logging.getLogger("llm_operator.controller.informer")
 
 #: Seconds between attempts after a failure, the last one repeated.
-BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)
+BACKOFF_SECONDS = (1.0, 2.0, 5.0)  # 5 s at most: back soon after an outage, still no storm
 #: How long the API server keeps one watch open; a new one resumes from the last version.
 WATCH_SECONDS = 300
 LIST_PAGE_SIZE = 250

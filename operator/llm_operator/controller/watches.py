@@ -119,7 +119,9 @@ def register(
         settings.posting.enabled = False
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
-        settings.networking.error_backoffs = [1, 2, 5, 10, 30]
+        # At most 5 s between tries: the operator is back within 5 s of an outage's end
+        # (e2e/test_drills_api.py), and a handful of watches retrying every 5 s is no storm.
+        settings.networking.error_backoffs = [1, 2, 3, 5, 5, 5]
         settings.batching.batch_window = 0.1
         loop = asyncio.get_running_loop()
 
