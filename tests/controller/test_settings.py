@@ -290,3 +290,39 @@ def test_docs_install_has_the_settings_table() -> None:
     docs = (REPO / "docs" / "install.md").read_text()
     table = settings_table()
     assert table in docs, f"docs/install.md should contain this table:\n{table}"
+
+
+def test_listener_addresses_are_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--liveness-host and --metrics-host (and their variables) choose the interface."""
+    assert parse_args([], {}).liveness_host == "0.0.0.0"  # a pod's probe needs it
+    assert parse_args([], {}).metrics_host == "0.0.0.0"
+    env = {"LLMOP_LIVENESS_HOST": "127.0.0.2", "LLMOP_METRICS_HOST": "127.0.0.3"}
+    assert parse_args([], env).liveness_host == "127.0.0.2"
+    assert parse_args(["--metrics-host=::1"], env).metrics_host == "::1"
+
+    served: dict[str, Any] = {}
+    monkeypatch.setattr(run, "KubeClient", lambda: object())
+    monkeypatch.setattr(run, "register", lambda *a: None)
+
+    class NoDay2:
+        standby: Any = None
+
+        def __init__(self, **_: Any) -> None:
+            pass
+
+        async def run(self) -> None:
+            pass
+
+    async def operator(**kwargs: Any) -> None:
+        served["liveness"] = kwargs["liveness_endpoint"]
+
+    monkeypatch.setattr(run, "Day2", NoDay2)
+    monkeypatch.setattr(run.kopf, "operator", operator)
+    monkeypatch.setattr(
+        run, "start_http_server", lambda port, addr: served.update(metrics=(addr, port))
+    )
+    argv = ["--metrics-port=9999", "--liveness-port=8888", "--metrics-host=127.0.0.3"]
+    assert run.main([*argv, "--liveness-host=127.0.0.2"]) == 0
+    assert served == {"metrics": ("127.0.0.3", 9999), "liveness": "http://127.0.0.2:8888/healthz"}
+    assert run.main([*argv, "--liveness-host=::1"]) == 0
+    assert served["liveness"] == "http://[::1]:8888/healthz"

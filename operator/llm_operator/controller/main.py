@@ -235,10 +235,22 @@ def parse_args(argv: list[str], environ: Mapping[str, str] | None = None) -> arg
         help="serve /healthz here (0 to disable)",
     )
     parser.add_argument(
+        "--liveness-host",
+        default=env("LLMOP_LIVENESS_HOST", "") or "0.0.0.0",
+        help="address /healthz listens on (env LLMOP_LIVENESS_HOST; default 0.0.0.0, every "
+        "interface, which a pod's probe needs; 127.0.0.1 outside a pod)",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=int,
         default=int(env("LLMOP_METRICS_PORT", "9090")),
         help="serve Prometheus /metrics here (0 to disable)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=env("LLMOP_METRICS_HOST", "") or "0.0.0.0",
+        help="address /metrics listens on (env LLMOP_METRICS_HOST; default 0.0.0.0, every "
+        "interface, for Prometheus to scrape the pod)",
     )
     parser.add_argument(
         "--peering",
@@ -273,7 +285,7 @@ def main(argv: list[str]) -> int:
     )
     logging.getLogger().setLevel(args.log_level.upper())
     if args.metrics_port:
-        start_http_server(args.metrics_port)
+        start_http_server(args.metrics_port, addr=args.metrics_host)
     client = KubeClient()
     config: RenderConfig = args.config
     routes = (
@@ -313,7 +325,8 @@ def main(argv: list[str]) -> int:
         if k.kind not in OPTIONAL_KINDS or getattr(config, OPTIONAL_KINDS[k.kind])
     ]
     register(registry, controller, namespaces, child_kinds)
-    liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
+    host = f"[{args.liveness_host}]" if ":" in args.liveness_host else args.liveness_host  # IPv6
+    liveness = f"http://{host}:{args.liveness_port}/healthz" if args.liveness_port else None
 
     async def operate() -> None:
         # Blocking API calls run in this pool, as many at once as the client has connections.
