@@ -23,7 +23,7 @@ from llm_operator.constants import MANAGED_BY_SELECTOR
 from llm_operator.controller.informer import ApiTransport, Informer
 from llm_operator.controller.reconciler import Controller, OwnerKey
 from llm_operator.kube.client import load_config
-from llm_operator.kube.resources import CHILD_KINDS
+from llm_operator.kube.resources import CHILD_KINDS, LLMDEPLOYMENT
 
 log = logging.getLogger("llm_operator.controller")
 
@@ -93,6 +93,17 @@ def child_dispatcher(
     return on_child
 
 
+def list_all(controller: Controller, namespace: str | None) -> list[dict[str, Any]]:
+    """Every LLMDeployment in scope, a page at a time."""
+    bodies: list[dict[str, Any]] = []
+    token: str | None = None
+    while True:
+        page, token = controller.client.list_page(LLMDEPLOYMENT, namespace, "", token)
+        bodies += page
+        if not token:
+            return bodies
+
+
 def register(
     registry: kopf.OperatorRegistry,
     controller: Controller,
@@ -147,6 +158,13 @@ def register(
                 informers.append(informer)
         if controller.routes is not None:
             await asyncio.to_thread(controller.routes.prime)
+            # The table follows the LLMDeployments that exist now: one deleted while the
+            # operator was down sends no event (kopf lists only what exists), so without
+            # this list its route stayed until some other change wrote the table.
+            for namespace in namespaces or [None]:  # type: ignore[list-item]
+                for body in await asyncio.to_thread(list_all, controller, namespace):
+                    controller.remember_owner(body)
+            controller.routes.schedule()
         trimmer.touch()  # the start-up lists were a burst
         background.add(asyncio.create_task(trimmer.run()))
         log.info("cache primed with %d owners' children", len(controller.children))
