@@ -1,0 +1,94 @@
+"""Drills: the operator against what others do to its objects, and its own restarts (issue 17).
+
+- deletion while down: every LLMDeployment deleted while the operator is stopped; after its
+  restart the routing table drops them within 10 s;
+- restarts stay quiet: a restart re-posts no Event and writes nothing that already took;
+- conflicts: another field manager edits the engine Deployment's pod template and strips the
+  children's labels; the operator takes the pod template back (with a Warning Event naming the
+  manager), keeps foreign metadata labels/annotations, and keeps track of the children.
+
+The operator runs as a subprocess (e2e/test_operator.py's OperatorProcess). Figures go to
+bench/results/reliability.md (printed with -s).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from harness import kube
+from harness.providers import Cluster
+from test_drills_api import converge, spec
+from test_operator import GROUP, PLURAL, VERSION, OperatorProcess, create, custom
+
+pytestmark = pytest.mark.drill
+
+ROUTES = "llm-operator-routes"
+
+
+def routed(api: client.ApiClient, namespace: str) -> list[str] | None:
+    """The models the routing table lists (None: no table)."""
+    try:
+        data = client.CoreV1Api(api).read_namespaced_config_map(ROUTES, namespace).data
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    table = yaml.safe_load(data["routes.yaml"]) or {}
+    return sorted(str(m.get("name")) for m in table.get("models") or [])
+
+
+def test_llmdeployments_deleted_while_the_operator_is_down_leave_the_table_on_restart(
+    api_client: client.ApiClient, namespace: str, cluster: Cluster, tmp_path: Path
+) -> None:
+    extra = ("--gateway-namespace", namespace)
+    wanted = {f"d{i}": 1 for i in range(3)}
+    first = OperatorProcess(cluster, namespace, tmp_path / "first.log", extra)
+    try:
+        for name in wanted:
+            create(api_client, namespace, spec(name, 1))
+        converge(api_client, namespace, wanted, 120)
+        kube.wait_until(
+            "3 models routed", lambda: routed(api_client, namespace) == sorted(wanted), timeout=30
+        )
+    finally:
+        first.stop()
+    for name in wanted:
+        custom(api_client).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    kube.wait_until(
+        "the LLMDeployments gone",
+        lambda: (
+            not custom(api_client).list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)[
+                "items"
+            ]
+        ),
+        timeout=60,
+    )
+    second = OperatorProcess(cluster, namespace, tmp_path / "second.log", extra)
+    try:
+        started = time.monotonic()
+        kube.wait_until(
+            "the table to drop them",
+            lambda: routed(api_client, namespace) == [],
+            timeout=10,
+            interval=0.2,
+        )
+        took = time.monotonic() - started
+        print(f"\ndeletion while down: 3 deleted; the table dropped them {took:.1f} s after start")
+        # One write, then quiet.
+        time.sleep(2)
+        assert second.writes() == 1, second.metrics()
+    finally:
+        second.stop()
+    assert "Traceback" not in second.log_path.read_text()
+
+
+def events_of(api: client.ApiClient, namespace: str) -> list[Any]:
+    items = client.CoreV1Api(api).list_namespaced_event(namespace).items
+    return [e for e in items if e.involved_object.kind == "LLMDeployment"]
