@@ -133,6 +133,9 @@ def register(
         # At most 5 s between tries: the operator is back within 5 s of an outage's end
         # (e2e/test_drills_api.py), and a handful of watches retrying every 5 s is no storm.
         settings.networking.error_backoffs = [1, 2, 3, 5, 5, 5]
+        # With --peering: a keep-alive every 2-7 s that lapses 12 s after the last one, so a
+        # standby takes over within 12 s of the active replica's death (kopf's default: 60).
+        settings.peering.lifetime = 12
         settings.batching.batch_window = 0.1
         loop = asyncio.get_running_loop()
 
