@@ -144,18 +144,9 @@ async def respond(conn: ClientConnection, call: Call, t: Try, log: AccessLog) ->
         if 200 <= status < 300:
             ttft, tpot = relay.token_times(call.req.start)
             relay.read_usage(call)
+    # By position (once per request: keywords cost more to match than the call itself).
     report(
-        log,
-        call,
-        t.series,
-        status=status,
-        outcome=outcome,
-        backend=t.backend.key,
-        track=t.track,
-        nbytes=nbytes,
-        ttfb=ttfb,
-        ttft=ttft,
-        tpot=tpot,
+        log, call, t.series, status, outcome, t.backend.key, t.track, "", nbytes, ttfb, ttft, tpot
     )
     return None
 
