@@ -348,6 +348,10 @@ class Controller:
                 namespace, name, merge_patch(previous, status)
             )
             metrics.WRITES.labels(verb="patch", kind="LLMDeployment/status").inc()
+            if previous.get("phase") != status.get("phase"):
+                log.info(
+                    "%s/%s: %s -> %s", namespace, name, previous.get("phase"), status.get("phase")
+                )
             self.announce_canary(body, outcome)
             problem = outcome.problem
             was_degraded = _condition(previous, "Degraded")
@@ -454,6 +458,8 @@ class Controller:
             drift = actions.drift.get(key(obj))
             if drift:
                 log.info("%s/%s %s %s drifted at %s: applying", *owner_key, *key(obj), drift[:5])
+            elif key(obj) not in live_by_key:
+                log.info("%s/%s %s %s: creating", *owner_key, *key(obj))
             try:
                 current = live_by_key.get(key(obj))
                 if replicas_handover_needed(obj, current, owned_replicas):
