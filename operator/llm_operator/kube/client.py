@@ -83,6 +83,19 @@ class KubeClient:
         )
         return result
 
+    def replace_pod_template(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Set a workload's spec.template to exactly the one given (a JSON patch): unlike an
+        apply, this also removes what other field managers added to it."""
+        metadata = obj["metadata"]
+        result: dict[str, Any] = self._call(
+            "PATCH",
+            kind_of(obj).object_path(metadata["namespace"], metadata["name"]),
+            [{"op": "replace", "path": "/spec/template", "value": obj["spec"]["template"]}],
+            query=[("fieldManager", FIELD_MANAGER)],
+            content_type="application/json-patch+json",
+        )
+        return result
+
     def delete(self, obj: dict[str, Any]) -> None:
         """Delete with a UID precondition, so a re-created object of the same name survives."""
         kind = kind_of(obj)
