@@ -19,6 +19,7 @@ interval; neither writes unless the status changed.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -121,6 +122,8 @@ class Controller:
     # -- the cache, fed by watches (touched only on the event loop) ----------------------
 
     replicas_owned: dict[tuple[str, str], bool] = field(default_factory=dict)
+    foreign: dict[tuple[str, str], dict[str, list[str]]] = field(default_factory=dict)
+    """Pod template fields of Deployments that only other field managers set, by manager."""
 
     def live_children(self, owner_key: OwnerKey) -> list[dict[str, Any]]:
         """A snapshot for a worker thread; the objects themselves are never mutated."""
@@ -137,14 +140,19 @@ class Controller:
         if deleted:
             children.pop(child_key, None)
             self.replicas_owned.pop((metadata["namespace"], metadata["name"]), None)
+            self.foreign.pop((metadata["namespace"], metadata["name"]), None)
             return owner_key
         known = children.get(child_key)
         version = _resource_version(obj)
         if known is None or version >= _resource_version(known):
             if obj.get("kind") == "Deployment" and "managedFields" in metadata:
-                self.replicas_owned[(metadata["namespace"], metadata["name"])] = owns_replicas(
-                    metadata["managedFields"]
-                )
+                at = (metadata["namespace"], metadata["name"])
+                self.replicas_owned[at] = owns_replicas(metadata["managedFields"])
+                foreign = foreign_template_fields(metadata["managedFields"])
+                if foreign:
+                    self.foreign[at] = foreign
+                else:
+                    self.foreign.pop(at, None)
             slim = {**obj, "metadata": {k: v for k, v in metadata.items() if k != "managedFields"}}
             children[child_key] = slim
         return owner_key
@@ -190,9 +198,16 @@ class Controller:
                 for (ns, name), owns in self.replicas_owned.items()
                 if owns and ns == owner_key[0]
             }
+            foreign = {
+                name: dict(fields)
+                for (ns, name), fields in self.foreign.items()
+                if ns == owner_key[0]
+            }
             started = time.perf_counter()
             try:
-                outcome = await asyncio.to_thread(self.reconcile_sync, body, live, owned_replicas)
+                outcome = await asyncio.to_thread(
+                    self.reconcile_sync, body, live, owned_replicas, foreign
+                )
             except ApiException as error:
                 metrics.RECONCILES.labels(result="error").inc()
                 self.retry_later(owner_key, f"API {error.status}: {error.reason}")
@@ -263,7 +278,11 @@ class Controller:
         task.add_done_callback(self.tasks.discard)
 
     def reconcile_sync(
-        self, body: dict[str, Any], live: list[dict[str, Any]], owned_replicas: set[str]
+        self,
+        body: dict[str, Any],
+        live: list[dict[str, Any]],
+        owned_replicas: set[str],
+        foreign: dict[str, dict[str, list[str]]] | None = None,
     ) -> Outcome:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         generation = body["metadata"].get("generation")
@@ -307,7 +326,11 @@ class Controller:
                     live,
                     owned_replicas,
                     outcome,
+                    foreign or {},
                 )
+                for message in outcome.foreign_removed:
+                    self.client.post_event(body, "Warning", FOREIGN_REASON, message)
+                    log.warning("%s/%s: %s: %s", namespace, name, FOREIGN_REASON, message)
         current = {key(obj): obj for obj in live}
         current.update((key(obj), obj) for obj in outcome.applied)
         for obj in outcome.deleted:
@@ -444,6 +467,7 @@ class Controller:
         live: list[dict[str, Any]],
         owned_replicas: set[str],
         outcome: Outcome,
+        foreign: dict[str, dict[str, list[str]]] | None = None,
     ) -> None:
         actions = plan_actions(desired, live, owner_uid)
         live_by_key = {key(obj): obj for obj in live}
@@ -477,6 +501,29 @@ class Controller:
                 return
             metrics.WRITES.labels(verb="apply", kind=obj["kind"]).inc()
             outcome.applied.append(applied)
+        for obj in desired:
+            added = (foreign or {}).get(obj["metadata"]["name"])
+            if obj["kind"] != "Deployment" or not added or key(obj) not in live_by_key:
+                continue
+            # The pod template is wholly the operator's: an apply keeps what another manager
+            # added (an env var, a nodeSelector), so replace it whole and say who added what.
+            try:
+                replaced = self.client.replace_pod_template(obj)
+            except ApiException as error:
+                if error.status in RETRYABLE_STATUSES:
+                    raise
+                outcome.problem = Problem(
+                    "ApplyFailed", f"{obj['kind']} {obj['metadata']['name']}: {error.body}"
+                )
+                return
+            metrics.WRITES.labels(verb="patch", kind="Deployment/template").inc()
+            outcome.applied.append(replaced)
+            said = "; ".join(f"{m}: {', '.join(f)}" for m, f in sorted(added.items()))
+            outcome.foreign_removed.append(
+                f"Deployment {obj['metadata']['name']}: removed from the pod template what "
+                f"other field managers set ({said}); the pod template is the operator's: "
+                "change the LLMDeployment's spec instead"
+            )
         for obj in actions.delete:
             self.client.delete(obj)
             metrics.WRITES.labels(verb="delete", kind=obj["kind"]).inc()
@@ -484,6 +531,9 @@ class Controller:
 
 
 HANDOVER_MANAGER = "llm-operator-replicas-handover"
+FOREIGN_REASON = "ForeignFieldsRemoved"
+#: At most this many field paths per manager in the Event.
+FOREIGN_FIELDS_SHOWN = 10
 SLOW_RETRY_SECONDS = 300.0
 
 
@@ -501,6 +551,8 @@ class Outcome:
     """The LLMDeployment as the status patch returned it."""
 
     fallback_wake: float | None = None
+    foreign_removed: list[str] = field(default_factory=list)
+    """One message per Deployment whose pod template lost other managers' fields."""
 
     @property
     def wake_after(self) -> float | None:
@@ -531,6 +583,61 @@ def owns_replicas(managed_fields: list[dict[str, Any]]) -> bool:
             if "f:replicas" in spec:
                 return True
     return False
+
+
+def foreign_template_fields(managed_fields: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The pod template fields (spec.template...) that field managers other than the
+    operator's own set and the operator does not, by manager: the outermost path of each."""
+    ours: set[str] = set()
+    theirs: dict[str, set[str]] = defaultdict(set)
+    for entry in managed_fields:
+        template = ((entry.get("fieldsV1") or {}).get("f:spec") or {}).get("f:template")
+        if not isinstance(template, dict):
+            continue
+        paths = set(_field_paths(template, "spec.template"))
+        manager = str(entry.get("manager") or "?")
+        if manager in {FIELD_MANAGER, HANDOVER_MANAGER}:
+            ours |= paths
+        else:
+            theirs[manager] |= paths
+    out = {}
+    for manager, paths in theirs.items():
+        added = paths - ours
+        outer = sorted(p for p in added if not any(_inside(p, q) for q in added))
+        if outer:
+            shown = outer[:FOREIGN_FIELDS_SHOWN]
+            more = len(outer) - len(shown)
+            out[manager] = shown + ([f"and {more} more"] if more else [])
+    return out
+
+
+def _inside(path: str, outer: str) -> bool:
+    return path != outer and path.startswith(outer) and path[len(outer)] in ".["
+
+
+def _field_paths(fields: dict[str, Any], prefix: str) -> list[str]:
+    """Every path a fieldsV1 tree names ("." marks a node owned as a whole)."""
+    paths = []
+    for name, sub in fields.items():
+        if name == ".":
+            paths.append(prefix)
+            continue
+        kind, _, rest = name.partition(":")
+        if kind == "f":
+            path = f"{prefix}.{rest}"
+        elif kind == "k":
+            try:
+                keys = json.loads(rest)
+                path = prefix + "[" + ",".join(f"{k}={v}" for k, v in keys.items()) + "]"
+            except (ValueError, AttributeError):
+                path = f"{prefix}[{rest}]"
+        else:
+            path = f"{prefix}[{rest}]"
+        if isinstance(sub, dict) and sub:
+            paths.extend(_field_paths(sub, path))
+        else:
+            paths.append(path)
+    return paths
 
 
 def replicas_handover_needed(
