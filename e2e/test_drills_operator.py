@@ -14,6 +14,7 @@ bench/results/reliability.md (printed with -s).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,15 @@ from test_operator import GROUP, PLURAL, VERSION, OperatorProcess, create, custo
 pytestmark = pytest.mark.drill
 
 ROUTES = "llm-operator-routes"
+
+
+@pytest.fixture
+def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(cluster, namespace, tmp_path / "operator.log")
+    yield process
+    process.stop()
+    log = process.log_path.read_text()
+    assert "Traceback" not in log, log[-4000:]
 
 
 def routed(api: client.ApiClient, namespace: str) -> list[str] | None:
@@ -92,3 +102,86 @@ def test_llmdeployments_deleted_while_the_operator_is_down_leave_the_table_on_re
 def events_of(api: client.ApiClient, namespace: str) -> list[Any]:
     items = client.CoreV1Api(api).list_namespaced_event(namespace).items
     return [e for e in items if e.involved_object.kind == "LLMDeployment"]
+
+
+def intrude(api: client.ApiClient, namespace: str, name: str, round_: int) -> None:
+    """Another field manager: an env var and a nodeSelector in the engine's pod template,
+    a label and an annotation on the Deployment itself; the Service loses its managed-by
+    label (a JSON patch, whoever owns it)."""
+    live = client.AppsV1Api(api).read_namespaced_deployment(name, namespace)
+    kube.apply(
+        api,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": {"team": "intruders"},
+                "annotations": {"intruder/round": str(round_)},
+            },
+            "spec": {
+                "selector": {"matchLabels": live.spec.selector.match_labels},
+                "template": {
+                    "metadata": {"labels": live.spec.template.metadata.labels},
+                    "spec": {
+                        "nodeSelector": {"intruder/disk": "ssd"},
+                        "containers": [
+                            {"name": "vllm", "env": [{"name": "INTRUDER", "value": str(round_)}]}
+                        ],
+                    },
+                },
+            },
+        },
+    )
+    client.CoreV1Api(api).patch_namespaced_service(
+        name,
+        namespace,
+        [{"op": "remove", "path": "/metadata/labels/app.kubernetes.io~1managed-by"}],
+    )
+
+
+def restored(api: client.ApiClient, namespace: str, name: str, round_: int) -> bool:
+    deployment = client.AppsV1Api(api).read_namespaced_deployment(name, namespace)
+    pod = deployment.spec.template.spec
+    envs = {e.name for c in pod.containers for e in c.env or []}
+    service = client.CoreV1Api(api).read_namespaced_service(name, namespace)
+    return (
+        "INTRUDER" not in envs
+        and not (pod.node_selector or {}).get("intruder/disk")
+        and (service.metadata.labels or {}).get("app.kubernetes.io/managed-by") == "llm-operator"
+        # Metadata is theirs to keep.
+        and (deployment.metadata.labels or {}).get("team") == "intruders"
+        and (deployment.metadata.annotations or {}).get("intruder/round") == str(round_)
+    )
+
+
+def test_another_managers_edits_of_the_children_are_taken_back(
+    api_client: client.ApiClient, namespace: str, operator: OperatorProcess
+) -> None:
+    wanted = {f"c{i}": 1 for i in range(3)}
+    for name in wanted:
+        create(api_client, namespace, spec(name, 1))
+    converge(api_client, namespace, wanted, 120)
+    took = []
+    for round_ in range(3):
+        began = time.monotonic()
+        for name in wanted:
+            intrude(api_client, namespace, name, round_)
+        kube.wait_until(
+            f"round {round_}: every child restored",
+            lambda: all(restored(api_client, namespace, n, round_) for n in wanted),  # noqa: B023
+            timeout=30,
+            interval=0.25,
+        )
+        took.append(time.monotonic() - began)
+    converge(api_client, namespace, wanted, 60)
+    warnings = [e for e in events_of(api_client, namespace) if e.reason == "ForeignFieldsRemoved"]
+    assert {e.involved_object.name for e in warnings} == set(wanted)
+    message = warnings[0].message
+    assert "llm-operator-e2e" in message and "nodeSelector" in message, message
+    assert "env[name=INTRUDER]" in message, message
+    print(
+        f"\nconflicts: 3 LLMDeployments x 3 rounds of foreign edits; restored in "
+        f"{', '.join(f'{t:.1f}' for t in took)} s; {len(warnings)} ForeignFieldsRemoved Events"
+    )
