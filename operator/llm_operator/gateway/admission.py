@@ -122,9 +122,11 @@ def admit(table: RoutingTable, metrics: Metrics, req: Request) -> Call:
                 raise _over_budget(metrics, req, wait, why, model.name, key_name, b is not key)
         for b in budgets:
             b.take()
-    call = Call(req, sc, model, key_name, t0=req.start, budgets=budgets)
+    # By position: t0, budgets, then the first step's model, body and target name.
+    call = Call(req, sc, model, key_name, req.start, budgets, model, sc.body, sc.model)
     if sc.stream and (key is not None or budgets) and not model.route.resume_streams:
         # Audited or budgeted traffic counts the tokens of streams too: ask the engine for
         # the final usage block (and hide it from a client that did not ask for it).
         call.scanned, call.strip_usage = with_usage(sc)
+        call.body = call.scanned.body
     return call

@@ -20,7 +20,7 @@ from llm_operator.gateway.report import report
 from llm_operator.gateway.request import Attempt, Call, Failure, error_body
 from llm_operator.gateway.resume import resumable
 from llm_operator.gateway.routing import Backend, ModelState
-from llm_operator.gateway.streaming import Try, end_resumed, respond
+from llm_operator.gateway.streaming import Try, end_resumed, respond, respond_complete
 from llm_operator.gateway.upstream import Exchange, Pool, UpstreamError, expire
 
 # The only client headers an external (url) fallback gets: a third party must not see the
@@ -91,27 +91,24 @@ class Proxy:
         p = _Progress()
         if model.route.resume_streams:
             call.resume = resumable(call.req.path, call.scanned)
-        for step_i in range(len(model.fallbacks) + 1):
-            if step_i == 0:
-                call.step_model, call.external, call.step_label = model, None, ""
-                call.body, call.target = call.scanned.body, call.scanned.model
-            else:
-                step = model.fallbacks[step_i - 1]
-                call.step_model, call.external, call.step_label = (
-                    step.model,
-                    step.external,
-                    step.label,
-                )
-                call.body = call.scanned.with_model(step.target_model)
-                call.target = step.target_model
-                call.path += (step.label,)
-                reason = p.reason or Failure.UNAVAILABLE
-                self.metrics.inc(self.metrics.fallbacks, (model.name, step.label, reason))
-            answered = await self._step(conn, call, step_i == 0, p)
-            if answered is not None:
-                return answered
+        # The model's own backends first: `admit` set the call's body and target for them;
+        # the model is set here (a held call may come back with the new table's state).
+        call.step_model = model
+        answered = await self._step(conn, call, True, p)
+        if answered is not None:
+            return answered
+        for step in model.fallbacks:
             if p.budget_out:
                 break
+            call.step_model, call.external, call.step_label = step.model, step.external, step.label
+            call.body = call.scanned.with_model(step.target_model)
+            call.target = step.target_model
+            call.path += (step.label,)
+            reason = p.reason or Failure.UNAVAILABLE
+            self.metrics.inc(self.metrics.fallbacks, (model.name, step.label, reason))
+            answered = await self._step(conn, call, False, p)
+            if answered is not None:
+                return answered
         return self._answer_failure(conn, call, p.last, reason=p.reason)
 
     async def _step(
@@ -304,6 +301,10 @@ class Proxy:
             failed = await self._send(conn, call, t, limits, _upstream_request(call, backend))
             if failed is not None:
                 return failed
+            resume = call.resume  # `call.resuming`, without the property call
+            assert t.ex is not None
+            if t.ex.complete and (resume is None or not resume.committed):
+                return respond_complete(conn, call, t, self.access_log)  # no coroutine
             return await respond(conn, call, t, self.access_log)
         finally:
             backend.end(probe)

@@ -72,26 +72,28 @@ class Call:
     """The model the client asked for: its metrics, budget and timeouts rule the request."""
     key_name: str
     """The client key's name ("" when the gateway has no keys)."""
-    attempts: int = 0
-    step_model: ModelState | None = None
-    """The model of the current fallback step (None for an external URL step)."""
-    external: ExternalTarget | None = None
-    step_label: str = ""
-    """The current fallback step's label ("" on the first step)."""
-    body: bytes = b""
-    """The request body for the current step (its `model` rewritten on fallback steps)."""
     t0: float = 0.0
     """When the request set out for the backends: its arrival, or its release from the hold
     queue. Timeouts count from here; latencies the client saw count from `req.start`."""
+    budgets: Sequence[Budget] = ()
+    """The client budgets this call holds a place in (`limits.py`), released by `finish`."""
+    step_model: ModelState | None = None
+    """The model of the current fallback step (None for an external URL step)."""
+    body: bytes = b""
+    """The request body for the current step (its `model` rewritten on fallback steps)."""
+    target: str = ""
+    """The `model` the current step's backends are sent."""
+    # `admit` passes the fields above by position (and the first step's values): keyword
+    # matching in a dataclass `__init__` of eighteen fields is per request.
+    attempts: int = 0
+    external: ExternalTarget | None = None
+    step_label: str = ""
+    """The current fallback step's label ("" on the first step)."""
     note: str = ""
     """Why the model could not answer, when the gateway knows better than "no backend"
     (a full hold queue, an expired cold start): the message of a 503."""
-    target: str = ""
-    """The `model` the current step's backends are sent."""
     resume: Resume | None = None
     """A stream the model resumes on the next route if its backend fails (`resume.py`)."""
-    budgets: Sequence[Budget] = ()
-    """The client budgets this call holds a place in (`limits.py`), released by `finish`."""
     strip_usage: bool = False
     """The gateway asked the engine for a stream's usage block the client did not ask for:
     it is read and not relayed."""

@@ -28,7 +28,7 @@ from llm_operator.gateway.admission import Refused, admit, identify, unknown_mod
 from llm_operator.gateway.connection import ClientConnection
 from llm_operator.gateway.fallback import Proxy
 from llm_operator.gateway.metrics import Metrics
-from llm_operator.gateway.request import Request, error_body
+from llm_operator.gateway.request import Call, Request, error_body
 from llm_operator.gateway.routing import CIRCUIT_STATE_VALUE, Backend, RoutingTable
 from llm_operator.gateway.upstream import Pool
 
@@ -161,7 +161,18 @@ class Gateway:
         keep_alive = req.keep_alive
         try:
             if req.method == b"POST" and req.path.startswith(b"/v1/") and not self.metrics_only:
-                keep_alive = await self.proxy(conn, req)
+                # `proxy`, inline: one coroutine less per API request (each level is
+                # created, resumed at every suspension and finished: ~1.3k instructions).
+                call = self._admit(conn, req)
+                if call is not None:
+                    self.in_flight += 1
+                    try:
+                        route = self._proxy.route_held if call.model.cold else self._proxy.route
+                        keep_alive = await route(conn, call)
+                    finally:
+                        self.in_flight -= 1
+                        if call.budgets:
+                            call.finish(time.monotonic())
             else:
                 keep_alive = self._dispatch(conn, req)
         except Exception:
@@ -241,23 +252,17 @@ class Gateway:
             conn.write(resp[: -len(body)])
         return ka
 
-    async def proxy(self, conn: ClientConnection, req: Request) -> bool:
+    def _admit(self, conn: ClientConnection, req: Request) -> Call | None:
+        """The call to route (counted against its model's retry budget), or None when the
+        edge answered it (`Refused`)."""
         try:
             call = admit(self.table, self.metrics, req)
         except Refused as r:
             self.refused(req.path, req.peer, r.status, r.model, r.key_name)
             conn.write(r.response)
-            return req.keep_alive
+            return None
         call.model.budget.on_request()
-        self.in_flight += 1
-        try:
-            if call.model.cold:
-                return await self._proxy.route_held(conn, call)
-            return await self._proxy.route(conn, call)
-        finally:
-            self.in_flight -= 1
-            if call.budgets:
-                call.finish(time.monotonic())
+        return call
 
 
 def _not_found(ka: bool) -> bytes:

@@ -112,15 +112,43 @@ def without_usage_event(events: bytes) -> tuple[bytes, int]:
     return events[:start] + events[end:], i
 
 
+def respond_complete(conn: ClientConnection, call: Call, t: Try, log: AccessLog) -> Attempt | None:
+    """`respond` for an answer that came whole with its head (most non-streamed ones), and
+    not the continuation of a resumable stream: a plain call, no coroutine to create and
+    run on every request."""
+    ex = t.ex
+    assert ex is not None
+    now = time.monotonic()
+    status = ex.status
+    ttfb = now - call.req.start
+    head = _Head(ex, call.req.keep_alive)
+    if status == 429 or status >= 500:
+        failed = _fail_over(conn, call, t, head, now)
+        if failed is not None:
+            return failed
+    else:
+        t.backend.on_success()
+    ok = 200 <= status < 300
+    nbytes = _write_complete(conn, call, t, head, ok)
+    # By position (once per request: keywords cost more to match than the call itself);
+    # the whole answer came with the head, so its first token did too.
+    outcome = _OUTCOME[status // 100]
+    ttft = ttfb if ok else None
+    report(log, call, t.series, status, outcome, t.backend.key, t.track, "", nbytes, ttfb, ttft)
+    return None
+
+
 async def respond(conn: ClientConnection, call: Call, t: Try, log: AccessLog) -> Attempt | None:
     """The head is in: an `Attempt` to fail over, or None once the answer is relayed."""
     upc, ex = t.upc, t.ex
     assert upc is not None and ex is not None
-    now = time.monotonic()
-    status = ex.status
     resume = call.resume
     if resume is not None and resume.committed:
         return await _continue(conn, call, t, log, resume)
+    if ex.complete:
+        return respond_complete(conn, call, t, log)
+    now = time.monotonic()
+    status = ex.status
     ttfb = now - call.req.start
     head = _Head(ex, call.req.keep_alive)
     if status == 429 or status >= 500:
@@ -133,20 +161,23 @@ async def respond(conn: ClientConnection, call: Call, t: Try, log: AccessLog) ->
     if resume is not None and _streams(ex, head):
         return await _commit_resumable(conn, call, t, head, log, resume, ttfb)
     ttft = tpot = None
-    if ex.complete:
-        nbytes = _write_complete(conn, call, t, head, 200 <= status < 300)
-        outcome = _OUTCOME[status // 100]
-        if 200 <= status < 300:
-            ttft = ttfb  # the whole answer came with the head
-    else:
-        relay = await _relay(conn, call, t, head)
-        nbytes, outcome = relay.nbytes, relay.outcome
-        if 200 <= status < 300:
-            ttft, tpot = relay.token_times(call.req.start)
-            relay.read_usage(call)
-    # By position (once per request: keywords cost more to match than the call itself).
+    relay = await _relay(conn, call, t, head)
+    if 200 <= status < 300:
+        ttft, tpot = relay.token_times(call.req.start)
+        relay.read_usage(call)
     report(
-        log, call, t.series, status, outcome, t.backend.key, t.track, "", nbytes, ttfb, ttft, tpot
+        log,
+        call,
+        t.series,
+        status,
+        relay.outcome,
+        t.backend.key,
+        t.track,
+        "",
+        relay.nbytes,
+        ttfb,
+        ttft,
+        tpot,
     )
     return None
 
