@@ -6,8 +6,9 @@ The expressions are the chart's with every selector fixed to this LLMDeployment:
 by `namespace` and `llmoperator_io_deployment` (the PodMonitor's podTargetLabels), the
 operator's gauges by `llmdeployment_namespace` and `llmoperator_io_deployment`, the gateway's
 by `model` (the served name). Aggregations drop every label (and so two operator replicas'
-gauges count once), so each alert carries the LLMDeployment as static labels instead. The operator's own reconcile-error alert stays in the
-chart: it is not any one model's. tests/render/test_monitoring.py runs promtool on them.
+gauges count once), so each alert carries the LLMDeployment as static labels instead. The
+operator's own reconcile-error alert stays in the chart: it is not any one model's.
+tests/render/test_monitoring.py runs promtool on them.
 """
 
 from __future__ import annotations
