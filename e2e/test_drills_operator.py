@@ -3,6 +3,8 @@
 - deletion while down: every LLMDeployment deleted while the operator is stopped; after its
   restart the routing table drops them within 10 s;
 - restarts stay quiet: a restart re-posts no Event and writes nothing that already took;
+- kill -9: N LLMDeployments created, edited and deleted while the operator is SIGKILLed at
+  random moments; afterwards every one converged, no orphaned or missing child, status present;
 - conflicts: another field manager edits the engine Deployment's pod template and strips the
   children's labels; the operator takes the pod template back (with a Warning Event naming the
   manager), keeps foreign metadata labels/annotations, and keeps track of the children.
@@ -13,6 +15,8 @@ bench/results/reliability.md (printed with -s).
 
 from __future__ import annotations
 
+import os
+import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +29,8 @@ from kubernetes.client.exceptions import ApiException
 
 from harness import kube
 from harness.providers import Cluster
-from test_drills_api import converge, spec
-from test_operator import GROUP, PLURAL, VERSION, OperatorProcess, create, custom
+from test_drills_api import converge, set_replicas, spec
+from test_operator import GROUP, PLURAL, VERSION, OperatorProcess, create, custom, get
 
 pytestmark = pytest.mark.drill
 
@@ -184,4 +188,101 @@ def test_another_managers_edits_of_the_children_are_taken_back(
     print(
         f"\nconflicts: 3 LLMDeployments x 3 rounds of foreign edits; restored in "
         f"{', '.join(f'{t:.1f}' for t in took)} s; {len(warnings)} ForeignFieldsRemoved Events"
+    )
+
+
+#: LLMDeployments and kills of the kill -9 drill: 20 and 5 in `make test`, 100 and 100 in
+#: `make chaos` (LLMOP_DRILL_N, LLMOP_DRILL_KILLS).
+KILL_N = int(os.environ.get("LLMOP_DRILL_N", "20"))
+KILLS = int(os.environ.get("LLMOP_DRILL_KILLS", "5"))
+
+
+def kill(process: OperatorProcess) -> float:
+    """SIGKILL the operator; the writes it had counted (read just before)."""
+    try:
+        writes = process.writes()
+    except OSError:
+        writes = 0.0
+    process.process.kill()
+    process.process.wait(10)
+    process.log.close()
+    return writes
+
+
+def test_kill_9_while_llmdeployments_are_created_edited_and_deleted_loses_nothing(
+    api_client: client.ApiClient, namespace: str, cluster: Cluster, tmp_path: Path
+) -> None:
+    rng = random.Random(17)
+    wanted = {f"k{i}": 1 for i in range(KILL_N)}
+    writes = 0.0
+    logs = []
+    process = OperatorProcess(cluster, namespace, tmp_path / "run0.log")
+    logs.append(process.log_path)
+    began = time.monotonic()
+    try:
+        for name in wanted:
+            create(api_client, namespace, spec(name, 1))
+        for round_ in range(KILLS):
+            time.sleep(rng.uniform(0.3, 2.5))
+            writes += kill(process)
+            # While it is down: an edit, a create and (every other round) a delete.
+            edited = rng.choice(sorted(wanted))
+            wanted[edited] = 3 - wanted[edited]
+            set_replicas(api_client, namespace, edited, wanted[edited])
+            fresh = f"k{KILL_N + round_}"
+            create(api_client, namespace, spec(fresh, 1))
+            wanted[fresh] = 1
+            if round_ % 2:
+                gone = rng.choice(sorted(set(wanted) - {edited, fresh}))
+                custom(api_client).delete_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, gone
+                )
+                del wanted[gone]
+            process = OperatorProcess(cluster, namespace, tmp_path / f"run{round_ + 1}.log")
+            logs.append(process.log_path)
+        took = converge(api_client, namespace, wanted, 180)
+        time.sleep(3)  # settle
+        writes += process.writes()
+    finally:
+        process.stop()
+    total = time.monotonic() - began
+    apps = client.AppsV1Api(api_client)
+
+    def orphans() -> list[str]:
+        live = custom(api_client).list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        uids = {b["metadata"]["uid"] for b in live["items"]}
+        out = []
+        for d in apps.list_namespaced_deployment(namespace).items:
+            owners = {r.uid for r in d.metadata.owner_references or []}
+            if not owners & uids:
+                out.append(d.metadata.name)
+        return out
+
+    kube.wait_until("no orphaned Deployment", lambda: not orphans(), timeout=60)
+    deployments = {d.metadata.name for d in apps.list_namespaced_deployment(namespace).items}
+    assert deployments == set(wanted), deployments ^ set(wanted)
+    for name in wanted:
+        assert (get(api_client, namespace, name).get("status") or {}).get("phase"), name
+    # A restart repeats no write that took: no Deployment's template was ever re-rendered
+    # differently (one ReplicaSet each), and no Event of the operator's is posted twice.
+    replica_sets: dict[str, int] = {}
+    for rs in apps.list_namespaced_replica_set(namespace).items:
+        owner = next(iter(rs.metadata.owner_references or []), None)
+        if owner is not None:
+            replica_sets[owner.name] = replica_sets.get(owner.name, 0) + 1
+    assert all(n == 1 for n in replica_sets.values()), replica_sets
+    ours = [
+        (e.involved_object.name, e.reason, e.message)
+        for e in events_of(api_client, namespace)
+        if e.reporting_component == "llm-operator"
+    ]
+    assert len(ours) == len(set(ours)), ours
+    tracebacks = [p.name for p in logs if "Traceback" in p.read_text()]
+    assert not tracebacks, tracebacks
+    print(
+        f"\nkill -9: {KILL_N} LLMDeployments (+{KILLS} created, {KILLS // 2} deleted, {KILLS} "
+        f"edited while down), {KILLS} SIGKILLs; converged {took:.1f} s after the last restart "
+        f"({total:.0f} s in all); {writes:.0f} writes counted ({writes / len(wanted):.2f} per "
+        f"LLMDeployment, a lower bound: a killed process's last writes are not read); "
+        f"{len(ours)} Events of the operator's; one ReplicaSet per Deployment"
     )
