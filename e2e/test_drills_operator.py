@@ -286,3 +286,48 @@ def test_kill_9_while_llmdeployments_are_created_edited_and_deleted_loses_nothin
         f"LLMDeployment, a lower bound: a killed process's last writes are not read); "
         f"{len(ours)} Events of the operator's; one ReplicaSet per Deployment"
     )
+
+
+def test_restarts_repost_no_event_and_write_nothing(
+    api_client: client.ApiClient, namespace: str, cluster: Cluster, tmp_path: Path
+) -> None:
+    """Events come only with a transition recorded in status: a Failed LLMDeployment and a
+    Ready one through 3 restarts (SIGTERM and SIGKILL) cost no Event and no write."""
+    process = OperatorProcess(cluster, namespace, tmp_path / "run0.log")
+    try:
+        create(api_client, namespace, spec("ok", 1))
+        broken = spec("broken", 1)
+        broken["spec"]["parallelism"] = {"tensor": 8}  # 28 heads cannot be split 8 ways
+        create(api_client, namespace, broken)
+        kube.wait_until(
+            "one Failed, one Ready",
+            lambda: (
+                (get(api_client, namespace, "broken").get("status") or {}).get("phase")
+                == "Failed"
+                and (get(api_client, namespace, "ok").get("status") or {}).get("phase") == "Ready"
+            ),
+            timeout=90,
+        )
+        time.sleep(2)  # settle
+    finally:
+        process.stop()
+    before = sorted((e.involved_object.name, e.reason) for e in events_of(api_client, namespace))
+    assert before == [("broken", "CannotPlan")], before
+    names = ("ok", "broken")
+    versions = {n: get(api_client, namespace, n)["metadata"]["resourceVersion"] for n in names}
+    writes = []
+    for round_ in range(3):
+        process = OperatorProcess(cluster, namespace, tmp_path / f"run{round_ + 1}.log")
+        time.sleep(4)  # list, reconcile both, settle
+        writes.append(process.writes())
+        if round_ % 2:
+            kill(process)
+        else:
+            process.stop()
+    after = sorted((e.involved_object.name, e.reason) for e in events_of(api_client, namespace))
+    print(f"\nquiet restarts: 3 restarts, writes {writes}, Events {len(before)} -> {len(after)}")
+    assert after == before
+    assert writes == [0.0, 0.0, 0.0]
+    assert versions == {
+        n: get(api_client, namespace, n)["metadata"]["resourceVersion"] for n in versions
+    }
