@@ -8,7 +8,7 @@ import json
 from llm_operator.api.gateway_config import GatewayConfig
 from llm_operator.gateway.accesslog import AccessLog
 from llm_operator.gateway.bodyscan import scan
-from llm_operator.gateway.metrics import Metrics
+from llm_operator.gateway.metrics import Histogram, Metrics
 from llm_operator.gateway.report import report
 from llm_operator.gateway.request import Call, Request
 from llm_operator.gateway.routing import BackendRegistry, build_table
@@ -56,3 +56,13 @@ def test_report_fields_by_position() -> None:
     assert line["peer"] == "10.0.0.9"
     assert line["duration_ms"] > 0
     assert series.outcomes["success"] == 1
+    # The histograms `report` fills inline, as `Histogram.observe` would.
+    expected = {"ttfb": 0.5, "ttft": 0.6, "tpot": 0.1}
+    for name, v in expected.items():
+        h = getattr(series, name)
+        ref = Histogram(h.buckets)
+        ref.observe(v)
+        assert (h.counts, h.sum, h.count) == (ref.counts, ref.sum, ref.count), name
+    assert series.total.count == 1
+    assert abs(series.total.sum - line["duration_ms"] / 1000) < 1e-3
+    assert sum(series.total.counts) == 1

@@ -119,6 +119,7 @@ class Histogram:
         self.count = 0
 
     def observe(self, v: float) -> None:
+        # `report.report` does the same inline (per request): change both together.
         self.counts[bisect_left(self.buckets, v)] += 1
         self.sum += v
         self.count += 1

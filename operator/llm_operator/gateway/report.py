@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 
 from llm_operator.gateway.accesslog import AccessLog
 from llm_operator.gateway.metrics import Series
@@ -28,14 +29,25 @@ def report(
     `ttft` and `tpot` are set by the relay for 2xx answers only (see `Series`)."""
     series.outcomes[outcome] += 1
     committed = ttfb is not None
+    # `Histogram.observe`, inline for the histograms of every answer (three calls less
+    # per request; `observe` does the same).
     if ttfb is not None:
-        series.ttfb.observe(ttfb)
+        h = series.ttfb
+        h.counts[bisect_left(h.buckets, ttfb)] += 1
+        h.sum += ttfb
+        h.count += 1
     if ttft is not None:
-        series.ttft.observe(ttft)
+        h = series.ttft
+        h.counts[bisect_left(h.buckets, ttft)] += 1
+        h.sum += ttft
+        h.count += 1
         if tpot is not None:
             series.tpot.observe(tpot)
     elapsed = time.monotonic() - call.req.start
-    series.total.observe(elapsed)
+    h = series.total
+    h.counts[bisect_left(h.buckets, elapsed)] += 1
+    h.sum += elapsed
+    h.count += 1
     resume = call.resume
     if resume is not None and resume.committed:
         call.tokens_in, call.tokens_out = resume.prompt_tokens, resume.sent

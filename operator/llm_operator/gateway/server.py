@@ -160,7 +160,8 @@ class Gateway:
             req.keep_alive = False  # every answer says `connection: close`
         keep_alive = req.keep_alive
         try:
-            if req.method == b"POST" and req.path.startswith(b"/v1/") and not self.metrics_only:
+            # A slice compare, not `startswith` (which parses its arguments: ~500 instructions).
+            if req.method == b"POST" and req.path[:4] == b"/v1/" and not self.metrics_only:
                 # `proxy`, inline: one coroutine less per API request (each level is
                 # created, resumed at every suspension and finished: ~1.3k instructions).
                 call = self._admit(conn, req)

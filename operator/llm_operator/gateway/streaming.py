@@ -63,7 +63,8 @@ class _Head:
                 if lname == b"content-length":
                     self.content_length = value
                 continue
-            if lname == b"content-type" and value.startswith(b"text/event-stream"):
+            # A slice compare: `startswith` parses its arguments (~500 instructions).
+            if lname == b"content-type" and value[:17] == b"text/event-stream":
                 self.sse = True
             elif lname == b"retry-after":
                 try:
@@ -233,7 +234,10 @@ def _write_complete(conn: ClientConnection, call: Call, t: Try, head: _Head, ok:
     parts.append(b"content-length: %d\r\n\r\n" % len(body))
     parts.append(body)
     conn.write(b"".join(parts))
-    t.give_back(upc, ex)
+    if ex.keep_alive:  # `t.give_back`, inline: once per request
+        t.pool.release(upc)
+    else:
+        upc.abort()
     conn.upstream = None
     return len(body)
 
@@ -301,7 +305,7 @@ class _Relay:
         """The data events of `data` (a piece that came with the head); `sink` does the
         same inline for each piece read after it."""
         n = data.count(b"\ndata:")
-        if self.at_line_start and data.startswith(b"data:"):
+        if self.at_line_start and data[:5] == b"data:":  # cheaper than startswith
             n += 1
         self.at_line_start = data[-1] == 10  # b"\n"; a subscript is cheaper than endswith
         if n and data[-14:] == _DONE:
@@ -365,7 +369,7 @@ class _Relay:
             self.nbytes += len(data)
             if self.sse:  # `count_events`, inline: this runs once per piece read
                 n = data.count(b"\ndata:")
-                if self.at_line_start and data.startswith(b"data:"):
+                if self.at_line_start and data[:5] == b"data:":  # cheaper than startswith
                     n += 1
                 self.at_line_start = data[-1] == 10
                 if n and data[-14:] == _DONE:
