@@ -43,15 +43,18 @@ CHILD_VERBS = ("get", "list", "watch", "create", "patch", "delete")
 #: Every call the operator makes in a namespace it watches (the lead's contract in issue 7).
 OPERATOR_NAMESPACED: set[Rule] = (
     {("llmoperator.io", "llmdeployments", v, "") for v in ("get", "list", "watch", "patch")}
-    | {("llmoperator.io", "llmdeployments/status", v, "") for v in ("get", "patch")}
-    | {("apps", "deployments", v, "") for v in CHILD_VERBS}
-    | {("", r, v, "") for r in ("services", "configmaps") for v in CHILD_VERBS}
-    | {("autoscaling", "horizontalpodautoscalers", v, "") for v in CHILD_VERBS}
-    | {("policy", "poddisruptionbudgets", v, "") for v in CHILD_VERBS}
+    | {("llmoperator.io", "llmdeployments/status", "patch", "")}
+    # Children are applied, watched and pruned, never read by name (no get), except the
+    # routing table's ConfigMap.
+    | {("apps", "deployments", v, "") for v in CHILD_VERBS if v != "get"}
+    | {("", "services", v, "") for v in CHILD_VERBS if v != "get"}
+    | {("", "configmaps", v, "") for v in CHILD_VERBS}
+    | {("autoscaling", "horizontalpodautoscalers", v, "") for v in CHILD_VERBS if v != "get"}
+    | {("policy", "poddisruptionbudgets", v, "") for v in CHILD_VERBS if v != "get"}
     # Engine NetworkPolicies: applied, watched and pruned, never read by name (no get); granted
     # with networkPolicy.enabled off too, so the ones made while it was on can be deleted.
     | {("networking.k8s.io", "networkpolicies", v, "") for v in CHILD_VERBS if v != "get"}
-    | {(g, "events", v, "") for g in ("", "events.k8s.io") for v in ("create", "patch")}
+    | {("", "events", "create", "")}
     # The engine pods, listed while replicas are not ready to say why and for stalls and
     # cost, deleted when stalled (progress-based liveness); no watch.
     | {("", "pods", "list", ""), ("", "pods", "delete", "")}

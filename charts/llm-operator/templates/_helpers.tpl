@@ -116,25 +116,30 @@ Exactly the calls the operator makes; no "*", no Secrets (pods reference Secrets
 # Status is the only thing the operator writes about an LLMDeployment (never its spec).
 - apiGroups: ["llmoperator.io"]
   resources: ["llmdeployments/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
 # The Secrets external fallbacks name (routing.fallbacks[].apiKeySecretRef), read one by one
 # by name and copied for the gateway: get only, never list or watch.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
-# The children it owns: server-side apply (create + patch), watches for drift, prunes.
+# The children it owns: server-side apply (create + patch), watches for drift, prunes. No get:
+# they are watched, never read by name (tests/chart/test_rbac_used.py), except the routing
+# table's ConfigMap.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
-  resources: ["services", "configmaps"]
+  resources: ["services"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["configmaps"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 # NetworkPolicies of the engines (networkPolicy.enabled): applied and pruned like the others,
 # and granted with the setting off too, so the operator can delete the ones it made before.
 # No get: nothing reads one by name.
@@ -159,13 +164,10 @@ Exactly the calls the operator makes; no "*", no Secrets (pods reference Secrets
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "delete"]
-# Events about LLMDeployments (kopf posts core Events; both APIs are allowed).
+# Events about LLMDeployments: POSTed to core/v1 only (the operator's and kopf's), never patched.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
 
 {{/* kopf peering rules for namespaced KopfPeerings (HA with watchNamespaces). */}}
