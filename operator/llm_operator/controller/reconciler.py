@@ -508,7 +508,9 @@ class Controller:
             # The pod template is wholly the operator's: an apply keeps what another manager
             # added (an env var, a nodeSelector), so replace it whole and say who added what.
             try:
-                replaced = self.client.replace_pod_template(obj)
+                replaced = self.client.replace_pod_template(
+                    keep_restart(obj, live_by_key[key(obj)])
+                )
             except ApiException as error:
                 if error.status in RETRYABLE_STATUSES:
                     raise
@@ -531,6 +533,25 @@ class Controller:
 
 
 HANDOVER_MANAGER = "llm-operator-replicas-handover"
+#: `kubectl rollout restart` sets this in the pod template: a restart asked for, not drift.
+RESTART_ANNOTATION = "kubectl.kubernetes.io/restartedAt"
+_RESTART_PATH = f"spec.template.metadata.annotations.{RESTART_ANNOTATION}"
+
+
+def keep_restart(desired: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
+    """`desired` with the live pod template's restart annotation, so that replacing the
+    template does not undo a `kubectl rollout restart` (and roll the pods a second time)."""
+    template = (live.get("spec") or {}).get("template") or {}
+    restarted = ((template.get("metadata") or {}).get("annotations") or {}).get(RESTART_ANNOTATION)
+    if restarted is None:
+        return desired
+    spec = desired["spec"]
+    metadata = spec["template"].get("metadata") or {}
+    annotations = {**(metadata.get("annotations") or {}), RESTART_ANNOTATION: restarted}
+    template = {**spec["template"], "metadata": {**metadata, "annotations": annotations}}
+    return {**desired, "spec": {**spec, "template": template}}
+
+
 FOREIGN_REASON = "ForeignFieldsRemoved"
 #: At most this many field paths per manager in the Event.
 FOREIGN_FIELDS_SHOWN = 10
@@ -594,7 +615,7 @@ def foreign_template_fields(managed_fields: list[dict[str, Any]]) -> dict[str, l
         template = ((entry.get("fieldsV1") or {}).get("f:spec") or {}).get("f:template")
         if not isinstance(template, dict):
             continue
-        paths = set(_field_paths(template, "spec.template"))
+        paths = set(_field_paths(template, "spec.template")) - {_RESTART_PATH}
         manager = str(entry.get("manager") or "?")
         if manager in {FIELD_MANAGER, HANDOVER_MANAGER}:
             ours |= paths
