@@ -494,10 +494,7 @@ class Controller:
             except ApiException as error:
                 if error.status in RETRYABLE_STATUSES:
                     raise
-                # The API server refused what we rendered: report it, keep what runs.
-                outcome.problem = Problem(
-                    "ApplyFailed", f"{obj['kind']} {obj['metadata']['name']}: {error.body}"
-                )
+                outcome.problem = apply_failed(obj, error)
                 return
             metrics.WRITES.labels(verb="apply", kind=obj["kind"]).inc()
             outcome.applied.append(applied)
@@ -514,9 +511,7 @@ class Controller:
             except ApiException as error:
                 if error.status in RETRYABLE_STATUSES:
                     raise
-                outcome.problem = Problem(
-                    "ApplyFailed", f"{obj['kind']} {obj['metadata']['name']}: {error.body}"
-                )
+                outcome.problem = apply_failed(obj, error)
                 return
             metrics.WRITES.labels(verb="patch", kind="Deployment/template").inc()
             outcome.applied.append(replaced)
@@ -530,6 +525,11 @@ class Controller:
             self.client.delete(obj)
             metrics.WRITES.labels(verb="delete", kind=obj["kind"]).inc()
             outcome.deleted.append(obj)
+
+
+def apply_failed(obj: dict[str, Any], error: ApiException) -> Problem:
+    """The API server refused what was rendered: said with its message; what runs is kept."""
+    return Problem("ApplyFailed", f"{obj['kind']} {obj['metadata']['name']}: {error.body}")
 
 
 HANDOVER_MANAGER = "llm-operator-replicas-handover"

@@ -113,22 +113,32 @@ def without_usage_event(events: bytes) -> tuple[bytes, int]:
     return events[:start] + events[end:], i
 
 
+def _received(
+    conn: ClientConnection, call: Call, t: Try, ex: Exchange
+) -> tuple[_Head, float, Attempt | None]:
+    """The head is in: its time to first byte, and an `Attempt` when it is one to fail over."""
+    now = time.monotonic()
+    head = _Head(ex, call.req.keep_alive)
+    status = ex.status
+    if status == 429 or status >= 500:
+        failed = _fail_over(conn, call, t, head, now)
+        if failed is not None:
+            return head, now - call.req.start, failed
+    else:
+        t.backend.on_success()
+    return head, now - call.req.start, None
+
+
 def respond_complete(conn: ClientConnection, call: Call, t: Try, log: AccessLog) -> Attempt | None:
     """`respond` for an answer that came whole with its head (most non-streamed ones), and
     not the continuation of a resumable stream: a plain call, no coroutine to create and
     run on every request."""
     ex = t.ex
     assert ex is not None
-    now = time.monotonic()
+    head, ttfb, failed = _received(conn, call, t, ex)
+    if failed is not None:
+        return failed
     status = ex.status
-    ttfb = now - call.req.start
-    head = _Head(ex, call.req.keep_alive)
-    if status == 429 or status >= 500:
-        failed = _fail_over(conn, call, t, head, now)
-        if failed is not None:
-            return failed
-    else:
-        t.backend.on_success()
     ok = 200 <= status < 300
     nbytes = _write_complete(conn, call, t, head, ok)
     # By position (once per request: keywords cost more to match than the call itself);
@@ -148,16 +158,10 @@ async def respond(conn: ClientConnection, call: Call, t: Try, log: AccessLog) ->
         return await _continue(conn, call, t, log, resume)
     if ex.complete:
         return respond_complete(conn, call, t, log)
-    now = time.monotonic()
+    head, ttfb, failed = _received(conn, call, t, ex)
+    if failed is not None:
+        return failed
     status = ex.status
-    ttfb = now - call.req.start
-    head = _Head(ex, call.req.keep_alive)
-    if status == 429 or status >= 500:
-        failed = _fail_over(conn, call, t, head, now)
-        if failed is not None:
-            return failed
-    else:
-        t.backend.on_success()
     # Commit: from here on there is no failover (but a resumable stream's continuation).
     if resume is not None and _streams(ex, head):
         return await _commit_resumable(conn, call, t, head, log, resume, ttfb)
