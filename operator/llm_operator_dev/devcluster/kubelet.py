@@ -647,6 +647,7 @@ class PodWorker:
         self.tokens: dict[str, tuple[str, float]] = {}
         self.volume_error = ""
         self.last_written: dict[str, Any] | None = None
+        self.written_version = 0
         self.phase = "Pending"
 
     # -- status -------------------------------------------------------------------------
@@ -742,6 +743,17 @@ class PodWorker:
                 await asyncio.sleep(1)
                 continue
             self.last_written = status
+            self.written_version = _version(body)
+
+    def seen(self, pod: dict[str, Any]) -> None:
+        """The API's copy of the pod changed: when another writer overwrote what this runner
+        reports (the node lifecycle controller marks every pod of a NotReady node unready),
+        report it again, as a kubelet's status manager does when the API's copy differs from
+        its own. Without this, pods stay unready for good after their node flaps."""
+        self.pod = pod
+        if conditions_overwritten(self.last_written, self.written_version, pod):
+            self.last_written = None
+            self.changed()
 
     def event(self, kind: str, reason: str, message: str) -> None:
         self.kubelet.event(self.pod, kind, reason, message)
@@ -1078,6 +1090,27 @@ class PodWorker:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _version(obj: Mapping[str, Any]) -> int:
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:  # opaque on some API servers: then every newer copy is compared
+        return 0
+
+
+def conditions_overwritten(
+    written: Mapping[str, Any] | None, written_version: int, pod: Mapping[str, Any]
+) -> bool:
+    """Whether `pod` (the API's copy, newer than this runner's last status write) carries a
+    condition status other than the one this runner wrote. Copies from before the write are
+    not evidence: the watch may still be delivering them."""
+    if written is None or _version(pod) <= written_version:
+        return False
+    theirs = {
+        c.get("type"): c.get("status") for c in (pod.get("status") or {}).get("conditions") or []
+    }
+    return any(theirs.get(c["type"]) != c["status"] for c in written.get("conditions") or [])
+
+
 def _without_times(status: Mapping[str, Any]) -> Any:
     out = dict(status)
     out["conditions"] = [
@@ -1189,7 +1222,7 @@ class Kubelet:
             self.workers[uid] = worker
             self.tasks[uid] = asyncio.create_task(self._guard(worker))
             return
-        worker.pod = pod
+        worker.seen(pod)
         if pod["metadata"].get("deletionTimestamp") and uid not in self.terminating:
             grace = float(pod["metadata"].get("deletionGracePeriodSeconds") or 0)
             self.terminating[uid] = asyncio.create_task(self._finish(worker, grace, delete=True))
