@@ -34,11 +34,11 @@ class _Refused:
         self.peer = peer
 
 
-class _Quoted(dict[str | bytes, str]):
+class _Quoted(dict[str | bytes | None, str]):
     """json.dumps of client-chosen strings (a path without its query), cached: a hit is one
     dict subscript, no Python call (three per line)."""
 
-    def __missing__(self, value: str | bytes) -> str:
+    def __missing__(self, value: str | bytes | None) -> str:
         text = (
             value.split(b"?", 1)[0].decode(errors="replace") if isinstance(value, bytes) else value
         )
@@ -70,6 +70,8 @@ class AccessLog:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.dropped = 0
         self._quoted = _Quoted()
+        # The fields that are null when empty (failure, fallback step, client key name).
+        self._or_null = _Quoted({"": "null", None: "null"})
         self._flush_scheduled = False
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -129,40 +131,65 @@ class AccessLog:
             # The writer cannot keep up (a blocked stdout): count, do not grow without bound.
             self.dropped += 1
             return
-        path = req.path
+        if self.fmt != "json":
+            self._text_line(
+                req, model, status, outcome, backend, track, attempts, failure, fallback,
+                duration, nbytes, key_name, stream, ttfb, tokens_in, tokens_out, fallback_path,
+            )  # fmt: skip
+            return
+        q, n = self._quoted, self._or_null
+        steps = ",".join([q[p] for p in fallback_path]) if fallback_path else ""
+        # Hand-formatted: json.dumps of a dict costs ~3x more. Strings that come from
+        # clients (path, model) go through json.dumps via a small cache.
+        self.buffer.append(
+            f'{{"ts":{time.time():.3f},"msg":"request","path":{q[req.path]},"model":{q[model]},'
+            f'"status":{status},"outcome":"{outcome}","backend":{q[backend]},'
+            f'"track":"{track}","attempts":{attempts},'
+            f'"failure":{n[failure]},"fallback":{n[fallback]},'
+            f'"stream":{"true" if stream else "false"},'
+            f'"ttfb_ms":{"null" if ttfb is None else f"{ttfb * 1000:.3f}"},'
+            f'"duration_ms":{duration * 1000:.3f},"bytes":{nbytes},'
+            f'"tokens_in":{"null" if tokens_in is None else tokens_in},'
+            f'"tokens_out":{"null" if tokens_out is None else tokens_out},'
+            f'"fallback_path":[{steps}],'
+            f'"client":{n[key_name]},"peer":"{req.peer}"}}\n'
+        )
+        self._maybe_flush()
+
+    def _text_line(
+        self,
+        req: Logged,
+        model: str,
+        status: int,
+        outcome: str,
+        backend: str,
+        track: str,
+        attempts: int,
+        failure: str,
+        fallback: str | None,
+        duration: float,
+        nbytes: int,
+        key_name: str,
+        stream: bool,
+        ttfb: float | None,
+        tokens_in: int | None,
+        tokens_out: int | None,
+        fallback_path: tuple[str, ...],
+    ) -> None:
+        """`record` in the text format (`--log-format text`)."""
         q = self._quoted
-        if self.fmt == "json":
-            steps = ",".join([q[p] for p in fallback_path]) if fallback_path else ""
-            # Hand-formatted: json.dumps of a dict costs ~3x more. Strings that come from
-            # clients (path, model) go through json.dumps via a small cache.
-            self.buffer.append(
-                f'{{"ts":{time.time():.3f},"msg":"request","path":{q[path]},"model":{q[model]},'
-                f'"status":{status},"outcome":"{outcome}","backend":{q[backend]},'
-                f'"track":"{track}","attempts":{attempts},'
-                f'"failure":{q[failure] if failure else "null"},'
-                f'"fallback":{q[fallback] if fallback else "null"},'
-                f'"stream":{"true" if stream else "false"},'
-                f'"ttfb_ms":{"null" if ttfb is None else f"{ttfb * 1000:.3f}"},'
-                f'"duration_ms":{duration * 1000:.3f},"bytes":{nbytes},'
-                f'"tokens_in":{"null" if tokens_in is None else tokens_in},'
-                f'"tokens_out":{"null" if tokens_out is None else tokens_out},'
-                f'"fallback_path":[{steps}],'
-                f'"client":{q[key_name] if key_name else "null"},"peer":"{req.peer}"}}\n'
-            )
-            self._maybe_flush()
-        else:
-            self.buffer.append(
-                f"ts={time.time():.3f} path={q[path]} model={q[model]} status={status} "
-                f"outcome={outcome} backend={backend} track={track} attempts={attempts} "
-                f"failure={failure or '-'} fallback={fallback or '-'} stream={stream} "
-                f"ttfb_ms={'-' if ttfb is None else f'{ttfb * 1000:.3f}'} "
-                f"duration_ms={duration * 1000:.3f} bytes={nbytes} "
-                f"tokens_in={'-' if tokens_in is None else tokens_in} "
-                f"tokens_out={'-' if tokens_out is None else tokens_out} "
-                f"fallback_path={','.join(fallback_path) or '-'} client={key_name or '-'} "
-                f"peer={req.peer}\n"
-            )
-            self._maybe_flush()
+        self.buffer.append(
+            f"ts={time.time():.3f} path={q[req.path]} model={q[model]} status={status} "
+            f"outcome={outcome} backend={backend} track={track} attempts={attempts} "
+            f"failure={failure or '-'} fallback={fallback or '-'} stream={stream} "
+            f"ttfb_ms={'-' if ttfb is None else f'{ttfb * 1000:.3f}'} "
+            f"duration_ms={duration * 1000:.3f} bytes={nbytes} "
+            f"tokens_in={'-' if tokens_in is None else tokens_in} "
+            f"tokens_out={'-' if tokens_out is None else tokens_out} "
+            f"fallback_path={','.join(fallback_path) or '-'} client={key_name or '-'} "
+            f"peer={req.peer}\n"
+        )
+        self._maybe_flush()
 
     def refused(self, path: bytes, peer: str, status: int, model: str, key_name: str) -> None:
         """A request answered at the edge (401, 400, 404, 413, 429, 431): no backend."""

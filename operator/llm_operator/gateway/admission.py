@@ -14,7 +14,7 @@ from llm_operator.gateway.bodyscan import BodyError, scan, with_usage
 from llm_operator.gateway.limits import Budget, retry_after
 from llm_operator.gateway.metrics import Metrics
 from llm_operator.gateway.request import Call, Request, error_body
-from llm_operator.gateway.routing import RoutingTable
+from llm_operator.gateway.routing import ModelState, RoutingTable
 
 
 class Refused(Exception):
@@ -99,29 +99,13 @@ def admit(table: RoutingTable, metrics: Metrics, req: Request) -> Call:
     try:
         sc = scan(req.body)
     except BodyError as e:
-        metrics.inc(metrics.edge_rejections, "400")
-        raise Refused(
-            http11.response(
-                400, error_body(str(e), "invalid_request_error", 400), keep_alive=req.keep_alive
-            ),
-            400,
-            key_name=key_name,
-        ) from None
+        raise _bad_body(metrics, req, e, key_name) from None
     model = table.models.get(sc.model)
     if model is None:
         raise Refused(unknown_model(metrics, sc.model, req.keep_alive), 404, sc.model, key_name)
     budgets: list[Budget] | tuple[()] = ()
     if (key is not None and key.limited) or model.route.client_limits is not None:
-        budgets = [key] if key is not None and key.limited else []
-        if model.route.client_limits is not None:
-            budgets.append(model.client_budget(key_name, req.start))
-        now = time.monotonic()
-        for b in budgets:
-            wait, why = b.wait(now)
-            if wait > 0:
-                raise _over_budget(metrics, req, wait, why, model.name, key_name, b is not key)
-        for b in budgets:
-            b.take()
+        budgets = _take_budgets(metrics, req, model, key, key_name)
     # By position: t0, budgets, then the first step's model, body and target name.
     call = Call(req, sc, model, key_name, req.start, budgets, model, sc.body, sc.model)
     if sc.stream and (key is not None or budgets) and not model.route.resume_streams:
@@ -130,3 +114,32 @@ def admit(table: RoutingTable, metrics: Metrics, req: Request) -> Call:
         call.scanned, call.strip_usage = with_usage(sc)
         call.body = call.scanned.body
     return call
+
+
+def _bad_body(metrics: Metrics, req: Request, e: BodyError, key_name: str) -> Refused:
+    metrics.inc(metrics.edge_rejections, "400")
+    return Refused(
+        http11.response(
+            400, error_body(str(e), "invalid_request_error", 400), keep_alive=req.keep_alive
+        ),
+        400,
+        key_name=key_name,
+    )
+
+
+def _take_budgets(
+    metrics: Metrics, req: Request, model: ModelState, key: Budget | None, key_name: str
+) -> list[Budget]:
+    """The key's and the model's per-client budgets of a call, a place taken in each; raises
+    `Refused` (429) when one of them has none now (and then takes none)."""
+    budgets = [key] if key is not None and key.limited else []
+    if model.route.client_limits is not None:
+        budgets.append(model.client_budget(key_name, req.start))
+    now = time.monotonic()
+    for b in budgets:
+        wait, why = b.wait(now)
+        if wait > 0:
+            raise _over_budget(metrics, req, wait, why, model.name, key_name, b is not key)
+    for b in budgets:
+        b.take()
+    return budgets

@@ -26,6 +26,7 @@ from llm_operator.api.gateway_config import (
     FallbackTrigger,
     GatewayConfig,
     ModelRoute,
+    Track,
 )
 from llm_operator.gateway.limits import Budget
 
@@ -449,34 +450,21 @@ def _model_state(
     old: ModelState | None,
     now: float,
 ) -> ModelState:
-    from llm_operator.api.gateway_config import split_address
-
     tracks: list[TrackState] = []
     track_of: dict[str, str] = {}
     for t in route.tracks:
-        addrs: list[tuple[str, int]] = [split_address(a) for a in t.addresses]
-        if t.pods is not None and resolve is not None:
-            addrs += resolve(t.pods.namespace, t.pods.label_selector(), t.pods.port)
-        backends = _track_backends(route, addrs, registry)
+        backends = _track_backends(route, _track_addresses(t, resolve), registry)
         track_of.update((b.key, t.name) for b in backends)
         tracks.append(TrackState(name=t.name, weight=t.weight, backends=backends))
     if old is not None:
-        for t_new in tracks:
-            for t_old in old.tracks:
-                if t_old.name == t_new.name:
-                    t_new.current = t_old.current
-    budget = (
-        old.budget
-        if old is not None and old.route.retry_budget == route.retry_budget
-        else RetryBudgetState(route.retry_budget.ratio, route.retry_budget.min_per_second, now)
-    )
+        _keep_positions(tracks, old)
     return ModelState(
         route=route,
         name=route.name,
         tracks=tracks,
         total_weight=sum(t.weight for t in tracks),
         triggers=frozenset(route.fallback_on),
-        budget=budget,
+        budget=_retry_budget(route, old, now),
         limit=route.max_concurrency,
         queue_depth=_queue_bound(route, tracks),
         connect_timeout=route.timeouts.connect,
@@ -490,6 +478,33 @@ def _model_state(
         if old is not None and old.route.client_limits == route.client_limits
         else {},
     )
+
+
+def _track_addresses(
+    t: Track, resolve: Callable[[str, str, int | str], list[tuple[str, int]]] | None
+) -> list[tuple[str, int]]:
+    """A track's static addresses, then its pods' (when a resolver watches pods)."""
+    from llm_operator.api.gateway_config import split_address
+
+    addrs: list[tuple[str, int]] = [split_address(a) for a in t.addresses]
+    if t.pods is not None and resolve is not None:
+        addrs += resolve(t.pods.namespace, t.pods.label_selector(), t.pods.port)
+    return addrs
+
+
+def _keep_positions(tracks: list[TrackState], old: ModelState) -> None:
+    """A reload keeps each track's place in the weighted rotation (by track name)."""
+    for t_new in tracks:
+        for t_old in old.tracks:
+            if t_old.name == t_new.name:
+                t_new.current = t_old.current
+
+
+def _retry_budget(route: ModelRoute, old: ModelState | None, now: float) -> RetryBudgetState:
+    """The old budget while its settings stay (a reload must not refill it), else a new one."""
+    if old is not None and old.route.retry_budget == route.retry_budget:
+        return old.budget
+    return RetryBudgetState(route.retry_budget.ratio, route.retry_budget.min_per_second, now)
 
 
 def _queue_bound(route: ModelRoute, tracks: list[TrackState]) -> int:

@@ -9,6 +9,7 @@ continuation is relayed into the same client stream.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from dataclasses import dataclass
@@ -381,21 +382,29 @@ class _Relay:
                 self.new_events += n
             self.pending.append(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
         elif err is None:
-            self.end = time.monotonic()
-            if self.carry:  # an unfinished last event: the backend's, as it sent it
-                carry, self.carry = self.carry, b""
-                self.nbytes += len(carry)
-                self.pending.append(http11.chunk(carry) if self.chunked else carry)
-            if self.chunked:
-                self.pending.append(http11.LAST_CHUNK)
-            # Also when the end is the backend closing (no read follows to flush).
-            self.flush()
+            self._ended()  # once per answer, not per piece: out of line
         else:
-            self.flush()
-            if self.sse and self.chunked:
-                msg = str(err) if err.reason == "total" else f"the backend failed mid-stream: {err}"
-                event = b"data: " + error_body(msg, "server_error", 502) + b"\n\n"
-                self.transport.write(http11.last_chunk(event))
+            self._failed(err)
+
+    def _ended(self) -> None:
+        """The body is whole: what is left of it, the last chunk, all written now (also
+        when the end is the backend closing, which no read follows to flush)."""
+        self.end = time.monotonic()
+        if self.carry:  # an unfinished last event: the backend's, as it sent it
+            carry, self.carry = self.carry, b""
+            self.nbytes += len(carry)
+            self.pending.append(http11.chunk(carry) if self.chunked else carry)
+        if self.chunked:
+            self.pending.append(http11.LAST_CHUNK)
+        self.flush()
+
+    def _failed(self, err: UpstreamError) -> None:
+        """The backend failed mid-answer: what came goes out, then (SSE) an error event."""
+        self.flush()
+        if self.sse and self.chunked:
+            msg = str(err) if err.reason == "total" else f"the backend failed mid-stream: {err}"
+            event = b"data: " + error_body(msg, "server_error", 502) + b"\n\n"
+            self.transport.write(http11.last_chunk(event))
 
     def flush(self) -> None:
         """The end of a read: its pieces in one write; its events, if any, arrived now (the
@@ -417,6 +426,30 @@ async def _relay(conn: ClientConnection, call: Call, t: Try, head: _Head) -> _Re
     """Stream the answer as it comes; the relay tells bytes, outcome and token times."""
     upc, ex = t.upc, t.ex
     assert upc is not None and ex is not None
+    relay = _open_relay(conn, call, head, ex)
+    loop = conn.loop
+    done = loop.create_future()
+    ex.done = done
+    ex.sink = relay.sink
+    ex.on_read_done = relay.flush
+    if ex.error is not None:
+        # The backend failed between its head and our commit: same as mid-stream.
+        relay.sink(None, ex.error)
+    if conn.paused:
+        upc.pause_reading()
+    timer = _total_timer(conn, call, ex, upc)
+    try:
+        if not ex.complete and ex.error is None:
+            await done
+    finally:
+        timer.cancel()
+    _settle(conn, t, upc, ex)
+    relay.outcome = _stream_outcome(conn, t.backend, ex.error, ex.status)
+    return relay
+
+
+def _open_relay(conn: ClientConnection, call: Call, head: _Head, ex: Exchange) -> _Relay:
+    """The head, framed anew, and the pieces that came with it: one write to the client."""
     parts = head.parts
     chunked = head.content_length is None
     if head.content_length is None:
@@ -435,30 +468,25 @@ async def _relay(conn: ClientConnection, call: Call, t: Try, head: _Head) -> _Re
     relay.flush()  # stamps their events, if any: they came with (or just after) the head
     ex.buffered = []
     conn.write(b"".join(parts))
-    loop = conn.loop
-    done = loop.create_future()
-    ex.done = done
-    ex.sink = relay.sink
-    ex.on_read_done = relay.flush
-    if ex.error is not None:
-        # The backend failed between its head and our commit: same as mid-stream.
-        relay.sink(None, ex.error)
-    if conn.paused:
-        upc.pause_reading()
+    return relay
+
+
+def _total_timer(
+    conn: ClientConnection, call: Call, ex: Exchange, upc: UpstreamConnection
+) -> asyncio.TimerHandle:
+    """The request's total timeout, armed over a committed answer."""
     left = call.t0 + call.model.total_timeout - time.monotonic()
-    timer = loop.call_at(loop.time() + max(0.0, left), expire, ex, upc, "total")
-    try:
-        if not ex.complete and ex.error is None:
-            await done
-    finally:
-        timer.cancel()
+    return conn.loop.call_at(conn.loop.time() + max(0.0, left), expire, ex, upc, "total")
+
+
+def _settle(conn: ClientConnection, t: Try, upc: UpstreamConnection, ex: Exchange) -> None:
+    """After a committed answer: its connection back to the pool when the exchange is whole
+    and the client is still there, dropped when the answer did not end."""
     conn.upstream = None
     if ex.complete and ex.keep_alive and not conn.closed:
         t.pool.release(upc)
     elif not ex.complete:
         upc.abort()
-    relay.outcome = _stream_outcome(conn, t.backend, ex.error, ex.status)
-    return relay
 
 
 def _stream_outcome(
@@ -603,18 +631,13 @@ async def _pump(conn: ClientConnection, call: Call, t: Try, relay: _ResumeRelay)
         relay.sink(None, None)
     if conn.paused:
         upc.pause_reading()
-    left = call.t0 + call.model.total_timeout - time.monotonic()
-    timer = loop.call_at(loop.time() + max(0.0, left), expire, ex, upc, "total")
+    timer = _total_timer(conn, call, ex, upc)
     try:
         if not ex.complete and ex.error is None:
             await done
     finally:
         timer.cancel()
-    conn.upstream = None
-    if ex.complete and ex.keep_alive and not conn.closed:
-        t.pool.release(upc)
-    elif not ex.complete:
-        upc.abort()
+    _settle(conn, t, upc, ex)
 
 
 def _report_resumed(log: AccessLog, call: Call, t: Try, resume: Resume, outcome: str) -> None:
