@@ -53,12 +53,15 @@ test: setup lint check-generated cluster
 	$(BIN)/pytest tests e2e
 
 # The drills (faults, load, bad input): the tests marked `drill`, then the gateway's
-# connection, stream and soak bench (SOAK_SECONDS, default 600; results in bench/results).
+# connection, stream and soak bench and the operator's soak (SOAK_SECONDS each, default 600;
+# results in bench/results).
 chaos: setup cluster
 	LLMOP_DRILL_INPUT_EXAMPLES=$${LLMOP_DRILL_INPUT_EXAMPLES:-1000} \
 	  LLMOP_DRILL_N=$${LLMOP_DRILL_N:-100} LLMOP_DRILL_KILL_OBJECTS=$${LLMOP_DRILL_KILL_OBJECTS:-100} \
-	  LLMOP_DRILL_KILLS=$${LLMOP_DRILL_KILLS:-100} $(BIN)/pytest -m drill tests e2e
+	  LLMOP_DRILL_KILLS=$${LLMOP_DRILL_KILLS:-100} LLMOP_DRILL_BURST=$${LLMOP_DRILL_BURST:-100} \
+	  $(BIN)/pytest -m drill tests e2e
 	$(BIN)/python bench/gateway_soak.py --soak-seconds $${SOAK_SECONDS:-600}
+	$(BIN)/python bench/operator_soak.py --seconds $${SOAK_SECONDS:-600}
 
 # The main job: a local control plane, the operator, and a sample LLMDeployment.
 demo: setup
