@@ -18,6 +18,7 @@ from kubernetes.client.exceptions import ApiException
 
 from llm_operator.constants import ANNOTATION_ROLLOUT_COMMAND
 from llm_operator.kube.client import KubeClient
+from llm_operator.kube.transport import ApiError, Connection, from_configuration
 from llm_operator.rollout import COMMANDS
 
 ACTIVE_PHASES = ("Progressing", "Paused", "Promoting", "Draining")
@@ -65,7 +66,7 @@ def api_client(args: argparse.Namespace) -> tuple[kubernetes.client.ApiClient, s
 
 def _client(args: argparse.Namespace) -> tuple[KubeClient, str]:
     api, namespace = api_client(args)
-    return KubeClient(api), namespace
+    return KubeClient(Connection(from_configuration(api.configuration))), namespace
 
 
 def describe(body: dict[str, Any]) -> str:
@@ -156,7 +157,7 @@ def main(argv: list[str]) -> int:
         body = client.get_llmdeployment(namespace, args.name)
         print(describe(body) if body else f"{args.action}: done")
         return 0
-    except ApiException as error:
+    except (ApiException, ApiError) as error:
         print(f"API error {error.status}: {error.reason}", file=sys.stderr)
         return 1
 

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kubernetes.client.exceptions import ApiException
 
 from llm_operator.controller import watches
 from llm_operator.controller.informer import Gone, Informer
 from llm_operator.kube.resources import BY_KIND, Kind
+from llm_operator.kube.transport import ApiError
 
 DEPLOYMENT = BY_KIND["Deployment"]
 SELECTOR = "app.kubernetes.io/managed-by=llm-operator"
@@ -143,7 +143,7 @@ def test_410_relists_delivering_what_was_missed_and_nothing_it_had(gone: str) ->
 
 def test_failures_back_off_bounded_and_a_working_watch_resets() -> None:
     transport = FakeTransport()
-    boom = ApiException(status=500, reason="boom")
+    boom = ApiError(status=500, reason="boom")
     transport.lists = [[], []]
     transport.watches = [boom, boom, boom, boom]
     waits: list[float] = []
@@ -165,7 +165,7 @@ def test_a_kind_that_is_not_served_is_empty_and_looked_at_again() -> None:
     transport = FakeTransport()
 
     def missing(*_: Any) -> Any:
-        raise ApiException(status=404, reason="Not Found")
+        raise ApiError(status=404, reason="Not Found")
 
     transport.list_page = missing  # type: ignore[method-assign,assignment]
     waits: list[float] = []
@@ -179,10 +179,10 @@ def test_an_api_error_of_the_first_list_is_raised() -> None:
     transport = FakeTransport()
 
     def forbidden(*_: Any) -> Any:
-        raise ApiException(status=403, reason="Forbidden")
+        raise ApiError(status=403, reason="Forbidden")
 
     transport.list_page = forbidden  # type: ignore[method-assign,assignment]
-    with pytest.raises(ApiException):
+    with pytest.raises(ApiError):
         informer(transport, []).relist()
 
 

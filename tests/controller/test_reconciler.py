@@ -8,10 +8,10 @@ import itertools
 from typing import Any
 
 import pytest
-from kubernetes.client.exceptions import ApiException
 
 from llm_operator.constants import FIELD_MANAGER
 from llm_operator.controller.reconciler import HANDOVER_MANAGER, Controller
+from llm_operator.kube.transport import ApiError
 from llm_operator.render import RenderConfig
 
 
@@ -28,7 +28,7 @@ class FakeKube:
         self.versions = itertools.count(100)
         self.pods: list[dict[str, Any]] = []
         self.pod_lists: list[tuple[str, str]] = []
-        self.pods_error: ApiException | None = None
+        self.pods_error: ApiError | None = None
 
     def apply(self, obj: dict[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
         if field_manager != FIELD_MANAGER:
@@ -394,7 +394,7 @@ def test_one_exit_is_progressing_with_the_exit_in_the_message(
 def test_without_rights_to_list_pods_status_still_follows_the_deployment(
     controller: Controller, fake: FakeKube
 ) -> None:
-    fake.pods_error = ApiException(status=403, reason="Forbidden")
+    fake.pods_error = ApiError(status=403, reason="Forbidden")
     llmd = run(controller, fake, body(BASE))
     make_unavailable(fake, controller)
     llmd = run(controller, fake, llmd)

@@ -8,13 +8,13 @@ import asyncio
 import copy
 from typing import Any
 
-from kubernetes.client.exceptions import ApiException
 from prometheus_client import REGISTRY
 
 from llm_operator.controller import metrics
 from llm_operator.controller.day2 import ENGINE_PODS, Day2
 from llm_operator.controller.reconciler import Controller
 from llm_operator.controller.standby import Standby
+from llm_operator.kube.transport import ApiError
 from llm_operator.kubeformat import rfc3339
 from llm_operator.render import RenderConfig
 from tests.controller.test_reconciler import BASE, FakeKube, body
@@ -248,7 +248,7 @@ def test_an_unreadable_peering_skips_the_round_and_a_missing_one_is_standalone()
 
     class Unreadable(Peerings):
         def get_path(self, path: str) -> dict[str, Any] | None:
-            raise ApiException(status=403)
+            raise ApiError(status=403)
 
     day2.standby = Standby(client=Unreadable(None), peering_name="p", identity="me", priority=1)  # type: ignore[arg-type]
     kube.pods = [engine_pod("a")]

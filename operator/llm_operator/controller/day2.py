@@ -25,7 +25,6 @@ from typing import Any
 
 import requests
 import urllib3
-from kubernetes.client.exceptions import ApiException
 from prometheus_api_client.exceptions import PrometheusApiClientException
 
 from llm_operator.constants import LABEL_COMPONENT, LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY
@@ -33,6 +32,7 @@ from llm_operator.controller import metrics
 from llm_operator.controller.reconciler import Controller, OwnerKey
 from llm_operator.controller.standby import Standby
 from llm_operator.cost import Ledger, cost_status, pod_run, status_due
+from llm_operator.kube.transport import ApiError
 from llm_operator.kubeformat import parse_rfc3339, rfc3339
 from llm_operator.render.names import label_value
 from llm_operator.stall import (
@@ -102,7 +102,7 @@ class Day2:
         for namespace in sorted(namespaces):
             try:
                 pods += self.controller.client.list_pods(namespace, ENGINE_PODS)
-            except ApiException as error:
+            except ApiError as error:
                 log.info("day-2: cannot list pods in %s (API %s)", namespace, error.status)
                 return None
             except (OSError, urllib3.exceptions.HTTPError) as error:  # the API is unreachable
@@ -189,7 +189,7 @@ class Day2:
             await asyncio.to_thread(
                 self.controller.client.delete_pod, pod.namespace, pod.name, pod.uid
             )
-        except ApiException as error:
+        except ApiError as error:
             log.warning("could not delete stalled pod %s/%s: API %s", pod.namespace, pod.name,
                         error.status)  # fmt: skip
             return
@@ -253,7 +253,7 @@ class Day2:
                 result = await asyncio.to_thread(
                     self.controller.client.patch_status, owner[0], owner[1], {"cost": cost}
                 )
-            except ApiException as error:
+            except ApiError as error:
                 log.info("day-2: cost status of %s/%s not written: API %s", *owner, error.status)
                 return
             metrics.WRITES.labels(verb="patch", kind="LLMDeployment/status").inc()

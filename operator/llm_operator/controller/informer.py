@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-import kubernetes
-from kubernetes.client.exceptions import ApiException
+import urllib3
 
 from llm_operator.kube.resources import Kind
+from llm_operator.kube.transport import ApiError, Connection, error_of
 
 log = logging.getLogger("llm_operator.controller.informer")
 
@@ -52,32 +52,26 @@ class Transport(Protocol):
 
 
 class ApiTransport:
-    """Raw JSON over the `kubernetes` client's transport and auth: no model classes, so
-    an event costs one json.loads and nothing else."""
+    """Raw JSON over the operator's own transport (kube/transport.py): no model classes,
+    so an event costs one json.loads and nothing else."""
 
-    def __init__(self, api: kubernetes.client.ApiClient) -> None:
+    def __init__(self, api: Connection) -> None:
         self.api = api
 
-    def _get(self, path: str, query: list[tuple[str, str]], read_timeout: float) -> Any:
-        method, url, headers, body, post = self.api.param_serialize(
-            "GET",
-            path,
-            query_params=query,
-            header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"],
+    def _get(
+        self, path: str, query: list[tuple[str, str]], read_timeout: float
+    ) -> urllib3.BaseHTTPResponse:
+        response = self.api.request(
+            "GET", path, query=query, timeout=(10, read_timeout), stream=True
         )
-        response = self.api.call_api(
-            method, url, headers, body, post, _request_timeout=(10, read_timeout)
-        )
-        if response.status == 410:
-            response.read()  # type: ignore[no-untyped-call]
-            raise Gone()
-        if not 200 <= response.status < 300:
-            data = response.read()  # type: ignore[no-untyped-call]
-            raise ApiException.from_response(
-                http_resp=response, body=data.decode(errors="replace"), data=None
-            )
-        return response
+        if 200 <= response.status < 300:
+            return response
+        try:
+            if response.status == 410:
+                raise Gone()
+            raise error_of(response, response.read())
+        finally:
+            response.release_conn()
 
     def list_page(
         self, kind: Kind, namespace: str | None, selector: str, token: str | None
@@ -86,7 +80,10 @@ class ApiTransport:
         if token:
             query.append(("continue", token))
         response = self._get(kind.collection_path(namespace), query, 60)
-        result = json.loads(response.read())
+        try:
+            result = json.loads(response.read())
+        finally:
+            response.release_conn()
         metadata = result.get("metadata") or {}
         items: list[dict[str, Any]] = result.get("items") or []
         for item in items:  # list items carry neither
@@ -105,13 +102,10 @@ class ApiTransport:
             ("timeoutSeconds", str(WATCH_SECONDS)),
         ]
         response = self._get(kind.collection_path(namespace), query, WATCH_SECONDS + 30)
-        try:
-            # urllib3 yields the body line by line; one line is one event.
-            for line in response.response:
-                if line.strip():
-                    yield json.loads(line)
-        finally:
-            response.response.release_conn()
+        # One line is one event; the connection is released when the stream ends or stops.
+        for line in self.api.lines(response):
+            if line.strip():
+                yield json.loads(line)
 
 
 def _tombstone(obj: dict[str, Any]) -> dict[str, Any]:
@@ -183,7 +177,7 @@ class Informer:
                     self.deliver("ADDED" if known is None else "MODIFIED", obj)
                 if not token:
                     break
-        except ApiException as error:
+        except ApiError as error:
             if error.status != 404:
                 raise
             # An optional CRD (KEDA) that is not installed: nothing to watch, look again later.

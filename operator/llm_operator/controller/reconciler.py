@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import urllib3
-from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from llm_operator.api import LLMDeployment
@@ -48,6 +47,7 @@ from llm_operator.engine_health import REASONS as ENGINE_REASONS
 from llm_operator.engine_health import EngineProblem, engine_problems, pod_selector
 from llm_operator.fallback_health import CHECK_SECONDS, fallback_condition, fallback_queries
 from llm_operator.kube.client import RETRYABLE_STATUSES, KubeClient
+from llm_operator.kube.transport import ApiError
 from llm_operator.kubeformat import rfc3339_now
 from llm_operator.planner import plan
 from llm_operator.reconcile import (
@@ -208,7 +208,7 @@ class Controller:
                 outcome = await asyncio.to_thread(
                     self.reconcile_sync, body, live, owned_replicas, foreign
                 )
-            except ApiException as error:
+            except ApiError as error:
                 metrics.RECONCILES.labels(result="error").inc()
                 self.retry_later(owner_key, f"API {error.status}: {error.reason}")
                 return
@@ -445,7 +445,7 @@ class Controller:
         """What the engine pods say about missing replicas (read only: never a pod write)."""
         try:
             pods = self.client.list_pods(namespace, pod_selector(name))
-        except ApiException as error:
+        except ApiError as error:
             if error.status in RETRYABLE_STATUSES:
                 raise
             # Say what the Deployments say; RBAC from an older chart lacks `list pods`.
@@ -491,7 +491,7 @@ class Controller:
                     self.client.apply(replicas_handover(current), field_manager=HANDOVER_MANAGER)
                     metrics.WRITES.labels(verb="apply", kind="Deployment/replicas").inc()
                 applied = self.client.apply(obj)
-            except ApiException as error:
+            except ApiError as error:
                 if error.status in RETRYABLE_STATUSES:
                     raise
                 outcome.problem = apply_failed(obj, error)
@@ -508,7 +508,7 @@ class Controller:
                 replaced = self.client.replace_pod_template(
                     keep_restart(obj, live_by_key[key(obj)])
                 )
-            except ApiException as error:
+            except ApiError as error:
                 if error.status in RETRYABLE_STATUSES:
                     raise
                 outcome.problem = apply_failed(obj, error)
@@ -527,7 +527,7 @@ class Controller:
             outcome.deleted.append(obj)
 
 
-def apply_failed(obj: dict[str, Any], error: ApiException) -> Problem:
+def apply_failed(obj: dict[str, Any], error: ApiError) -> Problem:
     """The API server refused what was rendered: said with its message; what runs is kept."""
     return Problem("ApplyFailed", f"{obj['kind']} {obj['metadata']['name']}: {error.body}")
 

@@ -10,12 +10,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from llm_operator.api import LLMDeployment
 from llm_operator.controller import metrics
 from llm_operator.kube.client import KubeClient
+from llm_operator.kube.transport import ApiError
 from llm_operator.render.routes import (
     KEYS_SECRET_SUFFIX,
     ROUTES_KEY,
@@ -95,7 +95,7 @@ class RoutesWriter:
         for namespace, secret_name in sorted({(ns, name) for ns, name, _ in refs}):
             try:
                 secret = self.client.get_secret(namespace, secret_name)
-            except ApiException as error:
+            except ApiError as error:
                 problems.append(
                     f"fallback key Secret {namespace}/{secret_name}: API {error.status} "
                     "(the operator needs `get` on Secrets in this namespace)"

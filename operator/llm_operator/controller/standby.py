@@ -13,9 +13,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from kubernetes.client.exceptions import ApiException
-
 from llm_operator.kube.client import KubeClient
+from llm_operator.kube.transport import ApiError
 from llm_operator.peering import outranked, peering_path
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,7 @@ class Standby:
         assert self.client is not None and self.peering_name is not None
         try:
             peering = self.client.get_path(peering_path(self.peering_name, namespace))
-        except ApiException as error:
+        except ApiError as error:
             log.info("peering %s unreadable (API %s): this round skipped", namespace, error.status)
             return False
         if peering is None:

@@ -1,20 +1,17 @@
 """The only code that talks to the API server: server-side apply, delete, list, status.
 
-It uses the `kubernetes` client's ApiClient for transport and auth (kubeconfig or in-cluster)
-and addresses objects by path, so no discovery round-trips are needed.
+Raw JSON over urllib3 (kube/transport.py: in-cluster or kubeconfig credentials), objects
+addressed by path, so no discovery round-trips are needed and no model classes are built.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
-import kubernetes
-from kubernetes.client.exceptions import ApiException
-
 from llm_operator.constants import FIELD_MANAGER
 from llm_operator.kube.resources import LLMDEPLOYMENT, POD, Kind, kind_of
+from llm_operator.kube.transport import ApiError, Connection, connect
 from llm_operator.kubeformat import rfc3339_now
 
 log = logging.getLogger(__name__)
@@ -29,19 +26,13 @@ LIST_PAGE_SIZE = 250
 API_CONCURRENCY = 16
 
 
-def load_config() -> kubernetes.client.ApiClient:
-    """An ApiClient from the pod's ServiceAccount, or from KUBECONFIG / ~/.kube/config."""
-    configuration = kubernetes.client.Configuration()
-    try:
-        kubernetes.config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    configuration.connection_pool_maxsize = API_CONCURRENCY
-    return kubernetes.client.ApiClient(configuration)
+def load_config() -> Connection:
+    """Connections from the pod's ServiceAccount, or from KUBECONFIG / ~/.kube/config."""
+    return connect(API_CONCURRENCY)
 
 
 class KubeClient:
-    def __init__(self, api: kubernetes.client.ApiClient | None = None) -> None:
+    def __init__(self, api: Connection | None = None) -> None:
         self.api = api or load_config()
 
     def _call(
@@ -53,21 +44,7 @@ class KubeClient:
         query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
     ) -> Any:
-        method, url, headers, payload, post = self.api.param_serialize(
-            method,
-            path,
-            query_params=query or [],
-            header_params={"Accept": "application/json", "Content-Type": content_type},
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        response = self.api.call_api(method, url, headers, payload, post, _request_timeout=60)
-        data: bytes = response.read()  # type: ignore[no-untyped-call]
-        if not 200 <= response.status < 300:
-            raise ApiException.from_response(
-                http_resp=response, body=data.decode(errors="replace"), data=None
-            )
-        return json.loads(data) if data else None
+        return self.api.call(method, path, body, query=query, content_type=content_type)
 
     def apply(self, obj: dict[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
         """Server-side apply as the operator's field manager; force, since the operator is
@@ -106,7 +83,7 @@ class KubeClient:
                 kind.object_path(metadata["namespace"], metadata["name"]),
                 {"preconditions": {"uid": metadata["uid"]}, "propagationPolicy": "Background"},
             )
-        except ApiException as error:
+        except ApiError as error:
             if error.status not in (404, 409):
                 raise
 
@@ -120,7 +97,7 @@ class KubeClient:
             query.append(("continue", token))
         try:
             result = self._call("GET", kind.collection_path(namespace), query=query)
-        except ApiException as error:
+        except ApiError as error:
             if error.status == 404:  # an optional CRD (KEDA) that is not installed
                 return [], None
             raise
@@ -156,7 +133,7 @@ class KubeClient:
                 POD.object_path(namespace, name),
                 {"preconditions": {"uid": uid}, "propagationPolicy": "Background"},
             )
-        except ApiException as error:
+        except ApiError as error:
             if error.status not in (404, 409):
                 raise
 
@@ -191,7 +168,7 @@ class KubeClient:
         try:
             result: dict[str, Any] = self._call("GET", LLMDEPLOYMENT.object_path(namespace, name))
             return result
-        except ApiException as error:
+        except ApiError as error:
             if error.status == 404:
                 return None
             raise
@@ -226,7 +203,7 @@ class KubeClient:
                     "reportingComponent": FIELD_MANAGER,
                 },
             )
-        except ApiException as error:  # an Event is best effort; never fail a reconcile on it
+        except ApiError as error:  # an Event is best effort; never fail a reconcile on it
             log.warning("could not post event %s on %s: %s", reason, metadata["name"], error.status)
 
     def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -236,7 +213,7 @@ class KubeClient:
                 "GET", f"/api/v1/namespaces/{namespace}/secrets/{name}"
             )
             return result
-        except ApiException as error:
+        except ApiError as error:
             if error.status == 404:
                 return None
             raise
@@ -247,7 +224,7 @@ class KubeClient:
                 "GET", f"/api/v1/namespaces/{namespace}/configmaps/{name}"
             )
             return result
-        except ApiException as error:
+        except ApiError as error:
             if error.status == 404:
                 return None
             raise
@@ -257,7 +234,7 @@ class KubeClient:
         try:
             result: dict[str, Any] = self._call("GET", path)
             return result
-        except ApiException as error:
+        except ApiError as error:
             if error.status == 404:
                 return None
             raise
