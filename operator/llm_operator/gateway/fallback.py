@@ -21,7 +21,13 @@ from llm_operator.gateway.request import Attempt, Call, Failure, error_body
 from llm_operator.gateway.resume import resumable
 from llm_operator.gateway.routing import Backend, ModelState
 from llm_operator.gateway.streaming import Try, end_resumed, respond, respond_complete
-from llm_operator.gateway.upstream import Exchange, Pool, UpstreamError, expire
+from llm_operator.gateway.upstream import (
+    Exchange,
+    Pool,
+    UpstreamConnection,
+    UpstreamError,
+    expire,
+)
 
 # The only client headers an external (url) fallback gets: a third party must not see the
 # client's cookies, tracing, internal or identity headers. No accept-encoding: a compressed
@@ -298,7 +304,24 @@ class Proxy:
         series.in_flight += 1
         t = Try(backend, track, series, self.pool(backend))
         try:
-            failed = await self._send(conn, call, t, limits, _upstream_request(call, backend))
+            data = _upstream_request(call, backend)
+            timer = self._send_pooled(conn, call, t, limits, data)
+            if timer is None:  # no idle connection (or the request is ending): `_send` decides
+                failed = await self._send(conn, call, t, limits, data, 2)
+            else:
+                # The usual case, inline: waiting here, not in `_send`, is one coroutine
+                # level less (created, resumed and finished on every request).
+                ex = t.ex
+                assert ex is not None
+                try:
+                    await ex.head
+                    failed = None
+                except UpstreamError as e:
+                    failed = self._head_failed(conn, t, ex, e, True)
+                finally:
+                    timer.cancel()
+                if failed is _FRESH:
+                    failed = await self._send(conn, call, t, limits, data, 1)
             if failed is not None:
                 return failed
             resume = call.resume  # `call.resuming`, without the property call
@@ -312,19 +335,74 @@ class Proxy:
             if limits.limit is not None:
                 limits.release_slot()
 
-    async def _send(
+    def _send_pooled(
         self, conn: ClientConnection, call: Call, t: Try, limits: ModelState, data: bytes
+    ) -> asyncio.TimerHandle | None:
+        """`_send`'s first step when an idle connection is at hand and neither the request's
+        total timeout has passed nor the client left: `_start` on it. None otherwise (the
+        connection back to the pool, for `_send`)."""
+        upc = t.pool.take_idle()
+        if upc is None:
+            return None
+        total_left = call.t0 + call.model.total_timeout - time.monotonic()
+        if total_left <= 0 or conn.closed:
+            t.pool.release(upc)
+            return None
+        return self._start(conn, t, upc, limits, total_left, data)
+
+    def _start(
+        self,
+        conn: ClientConnection,
+        t: Try,
+        upc: UpstreamConnection,
+        limits: ModelState,
+        total_left: float,
+        data: bytes,
+    ) -> asyncio.TimerHandle:
+        """Send the request on `upc` (`t.upc`, `t.ex`: an answer's head comes to `t.ex`);
+        the returned timer is its deadline: its own first-byte timeout, but never past the
+        request's total timeout (which is not the backend's fault)."""
+        ex = Exchange(self.loop)
+        upc.send(ex, data)
+        conn.upstream = upc
+        t.upc, t.ex = upc, ex
+        fb = limits.first_byte_timeout
+        what = "first byte" if fb <= total_left else "total"
+        loop = self.loop
+        return loop.call_at(loop.time() + min(fb, max(0.0, total_left)), expire, ex, upc, what)
+
+    def _head_failed(
+        self, conn: ClientConnection, t: Try, ex: Exchange, e: UpstreamError, reused: bool
+    ) -> Attempt:
+        """No response head: the attempt's failure, or `_FRESH` when a pooled connection
+        the backend closed while idle failed with no byte read (not the backend's fault:
+        try again on a fresh connection)."""
+        conn.upstream = None
+        if conn.closed:
+            return Attempt(Failure.CLIENT_CLOSED)
+        if reused and not ex.received_any and e.reason == Failure.CONNECT_ERROR:
+            return _FRESH
+        if e.reason != Failure.TOTAL:
+            t.backend.on_failure(time.monotonic())
+        return Attempt(e.reason, str(e))
+
+    async def _send(
+        self,
+        conn: ClientConnection,
+        call: Call,
+        t: Try,
+        limits: ModelState,
+        data: bytes,
+        tries: int,
     ) -> Attempt | None:
-        """Send the request and wait for the response head (then `t.upc`/`t.ex` are set);
-        an `Attempt` if that failed. `limits`: `call.limits`."""
-        loop, model, pool = self.loop, call.model, t.pool
-        # A pooled connection the backend closed while idle fails with no byte read;
-        # that is not the backend's fault, so try once more on a fresh connection.
-        for _ in range(2):
+        """Send the request and wait for the response head (`t.upc`/`t.ex` are the last
+        connection and exchange tried); an `Attempt` if that failed. `limits`:
+        `call.limits`. Up to `tries` connections: a pooled one that fails as `_head_failed`
+        says is followed by another."""
+        model, pool = call.model, t.pool
+        for _ in range(tries):
             upc = pool.take_idle()
             reused = upc is not None
-            # This attempt's deadline: its own first-byte timeout, but never past the
-            # request's total timeout (which is not the backend's fault).
             total_left = call.t0 + model.total_timeout - time.monotonic()
             if total_left <= 0:
                 if upc is not None:
@@ -342,29 +420,25 @@ class Proxy:
             if conn.closed:
                 pool.release(upc)
                 return Attempt(Failure.CLIENT_CLOSED)
-            ex = Exchange(loop)
-            upc.send(ex, data)
-            conn.upstream = upc
-            fb = limits.first_byte_timeout
-            what = "first byte" if fb <= total_left else "total"
-            timer = loop.call_at(loop.time() + min(fb, max(0.0, total_left)), expire, ex, upc, what)
+            timer = self._start(conn, t, upc, limits, total_left, data)
+            ex = t.ex
+            assert ex is not None
             try:
                 await ex.head
             except UpstreamError as e:
-                conn.upstream = None
-                if conn.closed:
-                    return Attempt(Failure.CLIENT_CLOSED)
-                if reused and not ex.received_any and e.reason == Failure.CONNECT_ERROR:
+                failed = self._head_failed(conn, t, ex, e, reused)
+                if failed is _FRESH:
                     continue
-                if e.reason != Failure.TOTAL:
-                    t.backend.on_failure(time.monotonic())
-                return Attempt(e.reason, str(e))
+                return failed
             finally:
                 timer.cancel()
-            t.upc, t.ex = upc, ex
             return None
         t.backend.on_failure(time.monotonic())
         return Attempt(Failure.CONNECT_ERROR, "backend closed reused connections")
+
+
+# `_head_failed`'s "try again on a fresh connection" (compared by identity).
+_FRESH = Attempt(Failure.CONNECT_ERROR, "a pooled connection was closed while idle")
 
 
 def _upstream_request(call: Call, backend: Backend) -> bytes:

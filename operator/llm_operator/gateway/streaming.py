@@ -9,7 +9,6 @@ continuation is relayed into the same client stream.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from dataclasses import dataclass
@@ -437,7 +436,8 @@ async def _relay(conn: ClientConnection, call: Call, t: Try, head: _Head) -> _Re
         relay.sink(None, ex.error)
     if conn.paused:
         upc.pause_reading()
-    timer = _total_timer(conn, call, ex, upc)
+    left = call.t0 + call.model.total_timeout - time.monotonic()
+    timer = loop.call_at(loop.time() + max(0.0, left), expire, ex, upc, "total")
     try:
         if not ex.complete and ex.error is None:
             await done
@@ -469,14 +469,6 @@ def _open_relay(conn: ClientConnection, call: Call, head: _Head, ex: Exchange) -
     ex.buffered = []
     conn.write(b"".join(parts))
     return relay
-
-
-def _total_timer(
-    conn: ClientConnection, call: Call, ex: Exchange, upc: UpstreamConnection
-) -> asyncio.TimerHandle:
-    """The request's total timeout, armed over a committed answer."""
-    left = call.t0 + call.model.total_timeout - time.monotonic()
-    return conn.loop.call_at(conn.loop.time() + max(0.0, left), expire, ex, upc, "total")
 
 
 def _settle(conn: ClientConnection, t: Try, upc: UpstreamConnection, ex: Exchange) -> None:
@@ -631,7 +623,8 @@ async def _pump(conn: ClientConnection, call: Call, t: Try, relay: _ResumeRelay)
         relay.sink(None, None)
     if conn.paused:
         upc.pause_reading()
-    timer = _total_timer(conn, call, ex, upc)
+    left = call.t0 + call.model.total_timeout - time.monotonic()
+    timer = loop.call_at(loop.time() + max(0.0, left), expire, ex, upc, "total")
     try:
         if not ex.complete and ex.error is None:
             await done
