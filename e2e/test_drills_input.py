@@ -348,11 +348,21 @@ def test_generated_llmdeployments_are_refused_clearly_or_reconciled(
 
 
 #: Edits the API server accepts but no cluster can realize: the running model must stay.
-UNREALIZABLE: list[tuple[str, dict[str, Any]]] = [
-    ("a GPU no node has", {"resources": {"gpu": {"product": "NVIDIA-NOPE-1GB"}}}),
-    ("model too large", {"model": {"architecture": {"parameters": 1.0e15}}}),
-    ("tiny GPU", {"resources": {"gpu": {"memoryGiB": 0.001}}}),
-    ("missing token secret", {"model": {"tokenSecretRef": {"name": "absent", "key": "HF_TOKEN"}}}),
+#: The last item: the Degraded reason expected when it is the operator's preflight that holds
+#: the new revision back (llm_operator/preflight.py); None where the planner refuses it.
+UNREALIZABLE: list[tuple[str, dict[str, Any], str | None]] = [
+    (
+        "a GPU no node has",
+        {"resources": {"gpu": {"product": "NVIDIA-NOPE-1GB"}}},
+        "RevisionCannotStart",
+    ),
+    ("model too large", {"model": {"architecture": {"parameters": 1.0e15}}}, None),
+    ("tiny GPU", {"resources": {"gpu": {"memoryGiB": 0.001}}}, None),
+    (
+        "missing token secret",
+        {"model": {"tokenSecretRef": {"name": "absent", "key": "HF_TOKEN"}}},
+        "RevisionCannotStart",
+    ),
 ]
 #: Edits the API server refuses: nothing changes at all.
 REFUSED: list[tuple[str, dict[str, Any]]] = [
@@ -368,11 +378,11 @@ def test_an_invalid_edit_never_tears_down_a_running_model(
 ) -> None:
     operator = OperatorProcess(cluster, namespace, tmp_path / "operator.log")
     try:
+        # The default rollout (maxSurge 0, maxUnavailable 1: no spare GPU assumed), under which
+        # any new revision that reached the Deployment would replace the only pod first: the
+        # operator must hold back a revision that could never start.
         running = copy.deepcopy(SPEC)
-        # With the default maxSurge 0 (no spare GPU assumed) any new revision replaces the old
-        # pod first, so an edit to a GPU no node has stops serving by design; a surge of 1
-        # keeps the old pod until the new one is Ready, which is what this drill checks.
-        running["spec"]["rollout"] = {"maxSurge": 1, "maxUnavailable": 0}
+        assert "rollout" not in running["spec"]
         create(api_client, namespace, running)
         wait_ready(api_client, namespace, "qwen")
         before = children(api_client, namespace, "qwen")
@@ -385,7 +395,7 @@ def test_an_invalid_edit_never_tears_down_a_running_model(
                     GROUP, VERSION, namespace, PLURAL, "qwen", {"spec": edit}
                 )
             assert refused.value.status == 422 and FIELD.search(reason(refused.value)), what
-        for what, edit in UNREALIZABLE:
+        for what, edit, held_by in UNREALIZABLE:
             good = get(api_client, namespace, "qwen")["spec"]
             custom(api_client).patch_namespaced_custom_object(
                 GROUP, VERSION, namespace, PLURAL, "qwen", {"spec": edit}
@@ -405,6 +415,12 @@ def test_an_invalid_edit_never_tears_down_a_running_model(
             seen.append(f"{what}: {item['status']['phase']}, {dep.status.ready_replicas} ready")
             assert dep.spec.replicas >= 1 and (dep.status.ready_replicas or 0) >= 1, seen[-1]
             assert not human(item), human(item)
+            if held_by is not None:
+                degraded = next(c for c in item["status"]["conditions"] if c["type"] == "Degraded")
+                assert degraded["reason"] == held_by, (what, degraded)
+                assert dep.metadata.generation == before["Deployment"][0].metadata.generation, (
+                    f"{what}: the Deployment was changed"
+                )
             # Back to the good spec (a JSON merge patch cannot remove keys by replacing).
             custom(api_client).replace_namespaced_custom_object(
                 GROUP, VERSION, namespace, PLURAL, "qwen", {**item, "spec": good}

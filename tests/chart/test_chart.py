@@ -73,6 +73,9 @@ KOPF_CRDS: set[Rule] = {
     ("apiextensions.k8s.io", "customresourcedefinitions", v, "") for v in ("list", "watch")
 }
 KOPF_NAMESPACES: set[Rule] = {("", "namespaces", v, "") for v in ("list", "watch")}
+#: operator.preflightNodes (on by default): one labelled list of nodes before a new revision
+#: replaces pods that serve, to see that some node could run it.
+PREFLIGHT_NODES: set[Rule] = {("", "nodes", "list", "")}
 
 
 def rules_of(role: dict[str, Any]) -> set[Rule]:
@@ -255,7 +258,7 @@ def test_rbac_has_no_wildcards_no_secrets_and_no_escalation(values: Path | None)
 
 def test_cluster_wide_operator_rbac_is_exactly_what_it_calls() -> None:
     objs = render()
-    cluster_wide = OPERATOR_NAMESPACED | KOPF_CRDS
+    cluster_wide = OPERATOR_NAMESPACED | KOPF_CRDS | PREFLIGHT_NODES
     assert granted(objs, "llm-operator") == {None: cluster_wide, NAMESPACE: KEYS_SECRET}
     keda = render(None, "keda.enabled=true")
     assert granted(keda, "llm-operator") == {None: cluster_wide | KEDA, NAMESPACE: KEYS_SECRET}
@@ -268,7 +271,8 @@ def test_namespaced_operator_rbac_is_per_namespace_with_read_only_discovery() ->
     watched = yaml.safe_load(values.read_text())["watchNamespaces"]
     objs = render(values)
     rights = granted(objs, "llm-operator")
-    assert rights.pop(None) == KOPF_CRDS | KOPF_NAMESPACES  # nothing else cluster-wide
+    # Nothing else cluster-wide.
+    assert rights.pop(None) == KOPF_CRDS | KOPF_NAMESPACES | PREFLIGHT_NODES
     routes = rights.pop(NAMESPACE)  # the gateway's routing table beside the gateway
     assert (
         routes
@@ -285,9 +289,24 @@ def test_namespaced_operator_rbac_is_per_namespace_with_read_only_discovery() ->
     assert "--all-namespaces" not in args
 
 
+def test_preflight_nodes_off_takes_the_node_rule_away_and_tells_the_operator() -> None:
+    for values in (None, CHART / "ci" / "namespaced-values.yaml"):
+        on = render(values)
+        off = render(values, "operator.preflightNodes=false")
+        assert granted(on, "llm-operator")[None] >= PREFLIGHT_NODES
+        assert not PREFLIGHT_NODES & granted(off, "llm-operator")[None]
+        env = {
+            e["name"]: e.get("value")
+            for e in deployments(off)["operator"]["spec"]["template"]["spec"]["containers"][0][
+                "env"
+            ]
+        }
+        assert env["LLMOP_PREFLIGHT_NODES"] == "false"
+
+
 def test_ha_rbac_adds_only_the_peering() -> None:
     cluster_wide = granted(render(CHART / "ci" / "ha-values.yaml"), "llm-operator")[None]
-    assert cluster_wide - OPERATOR_NAMESPACED - KOPF_CRDS - KEDA == {
+    assert cluster_wide - OPERATOR_NAMESPACED - KOPF_CRDS - KEDA - PREFLIGHT_NODES == {
         ("kopf.dev", "clusterkopfpeerings", "list", ""),
         ("kopf.dev", "clusterkopfpeerings", "watch", ""),
         ("kopf.dev", "clusterkopfpeerings", "get", "llm-operator"),

@@ -48,6 +48,7 @@ EXAMPLES: dict[str, tuple[str, Any]] = {
     "stall_restarts_per_minute": ("3", 3),
     "gpu_hour_price": ("2.5", 2.5),
     "cost_status_interval_seconds": ("60", 60),
+    "preflight_nodes": ("false", False),
 }
 
 
@@ -195,6 +196,10 @@ def test_main_watches_scaled_objects_only_with_keda(
     assert started.controller.config.keda_enabled is keda
 
 
+#: Controller settings the reconciler holds; the others are the day-2 loop's.
+CONTROLLER_FIELDS = {"prometheus_url", "preflight_nodes"}
+
+
 def test_main_renders_with_the_settings_and_passes_the_prometheus_url(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -207,7 +212,7 @@ def test_main_renders_with_the_settings_and_passes_the_prometheus_url(
         if setting.field == "gateway_namespace":
             continue
         model = started.controller.config if setting.target == "render" else started.controller
-        if setting.field != "prometheus_url" and setting.target == "controller":
+        if setting.target == "controller" and setting.field not in CONTROLLER_FIELDS:
             model = started.day2  # the day-2 loop's settings
         assert getattr(model, setting.field) == expected(setting), setting.field
     assert started.controller.prometheus_url == "http://127.0.0.1:9090"

@@ -52,6 +52,11 @@ class ControllerSettings(BaseModel):
     cost_status_interval_seconds: Annotated[float, Field(ge=10, le=86400)] = 600
     """Write status.cost at most this often while only the seconds grow (a pod starting or
     stopping writes at once)."""
+    preflight_nodes: bool = True
+    """Before a new revision replaces pods that serve, check that some node has the labels of
+    its nodeSelector (the GPU product), and keep the running revision if none has (needs list
+    on nodes). Turn off where nodes are created on demand (Karpenter, a cluster autoscaler
+    that scales GPU pools from zero)."""
 
 
 Target = Literal["render", "controller"]
@@ -294,7 +299,11 @@ def main(argv: list[str]) -> int:
         else None
     )
     controller = Controller(
-        client=client, config=config, routes=routes, prometheus_url=args.prometheus_url
+        client=client,
+        config=config,
+        routes=routes,
+        prometheus_url=args.prometheus_url,
+        preflight_nodes=args.preflight_nodes,
     )
     # Progress-based liveness (stalls are seen in Prometheus only) and GPU cost.
     day2 = Day2(

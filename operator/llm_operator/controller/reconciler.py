@@ -50,6 +50,7 @@ from llm_operator.kube.client import RETRYABLE_STATUSES, KubeClient
 from llm_operator.kube.transport import ApiError
 from llm_operator.kubeformat import rfc3339_now
 from llm_operator.planner import plan
+from llm_operator.preflight import cannot_start, needs, replaces_serving_template
 from llm_operator.reconcile import (
     Problem,
     Scaling,
@@ -66,6 +67,8 @@ from llm_operator.render.names import object_name
 
 log = logging.getLogger("llm_operator.controller")
 FALLBACK = "FallbackActive"
+# A new revision that could never start (llm_operator/preflight.py): the old one keeps serving.
+REVISION_CANNOT_START = "RevisionCannotStart"
 
 OwnerKey = tuple[str, str]  # (namespace, name)
 BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -113,6 +116,9 @@ class Controller:
     analyst: Analyst = field(init=False)
     fallback_checked: dict[OwnerKey, float] = field(default_factory=dict)
     """When FallbackActive was last looked at, per LLMDeployment with fallbacks."""
+    preflight_nodes: bool = True
+    """Before a new revision replaces pods that serve, check that some node has its
+    nodeSelector labels (list on nodes); the Secrets it reads are checked always."""
 
     def __post_init__(self) -> None:
         self.analyst = Analyst(self.prometheus_url)
@@ -471,6 +477,13 @@ class Controller:
     ) -> None:
         actions = plan_actions(desired, live, owner_uid)
         live_by_key = {key(obj): obj for obj in live}
+        blocked = self.preflight(owner_key[0], actions.apply, live_by_key)
+        if blocked:
+            # The running revision keeps serving; look again, since creating the missing
+            # Secret (or a node) sends the operator no event.
+            outcome.problem = Problem(REVISION_CANNOT_START, blocked)
+            outcome.recheck = True
+            return
         # Owning a field the spec no longer sets is drift too: release it (with a handover).
         actions.apply += [
             obj
@@ -525,6 +538,39 @@ class Controller:
             self.client.delete(obj)
             metrics.WRITES.labels(verb="delete", kind=obj["kind"]).inc()
             outcome.deleted.append(obj)
+
+    def preflight(
+        self,
+        namespace: str,
+        to_apply: list[dict[str, Any]],
+        live_by_key: dict[tuple[str, str], dict[str, Any]],
+    ) -> str | None:
+        """Why a new revision about to replace pods that serve could never start, or None
+        (llm_operator/preflight.py); only then does it cost API calls."""
+        for obj in to_apply:
+            current = live_by_key.get(key(obj))
+            if not replaces_serving_template(obj, current):
+                continue
+            wanted = needs(obj)
+            found: dict[str, frozenset[str] | None] = {}
+            for name in wanted.secrets:
+                secret = self.client.get_secret(namespace, name)
+                found[name] = None if secret is None else frozenset(secret.get("data") or {})
+            nodes_match = None
+            assert current is not None
+            old_selector = (current["spec"]["template"]["spec"].get("nodeSelector")) or {}
+            # Pods run on the nodes the old selector picks: only a changed one needs a look.
+            if (
+                self.preflight_nodes
+                and wanted.node_selector
+                and dict(wanted.node_selector) != old_selector
+            ):
+                selector = ",".join(f"{k}={v}" for k, v in wanted.node_selector)
+                nodes_match = self.client.any_node(selector)
+            why = cannot_start(wanted, found, nodes_match)
+            if why:
+                return f"Deployment {obj['metadata']['name']}: {why}"
+        return None
 
 
 def apply_failed(obj: dict[str, Any], error: ApiError) -> Problem:

@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 from llm_operator.constants import FIELD_MANAGER
-from llm_operator.kube.resources import LLMDEPLOYMENT, POD, Kind, kind_of
+from llm_operator.kube.resources import LLMDEPLOYMENT, NODE, POD, Kind, kind_of
 from llm_operator.kube.transport import ApiError, Connection, connect
 from llm_operator.kubeformat import rfc3339_now
 
@@ -123,6 +123,16 @@ class KubeClient:
             item.setdefault("kind", POD.kind)
             item.setdefault("apiVersion", POD.api_version)
         return items
+
+    def any_node(self, label_selector: str) -> bool:
+        """Whether some node has these labels: one list with `limit=1` (one node read back,
+        whatever the size of the cluster)."""
+        result = self._call(
+            "GET",
+            NODE.collection_path(None),
+            query=[("labelSelector", label_selector), ("limit", "1")],
+        )
+        return bool(result.get("items"))
 
     def delete_pod(self, namespace: str, name: str, uid: str) -> None:
         """Delete one engine pod (a stalled one: its Deployment makes a new one), only if it is

@@ -57,6 +57,8 @@ SECRET = Kind("v1", "Secret", "secrets")
 BY_KIND = {k.kind: k for k in (*CHILD_KINDS, SECRET)}
 # Read only, never owned: the engine pods, listed to say why replicas are not turning ready.
 POD = Kind("v1", "Pod", "pods")
+# Read only, cluster-wide: whether any node has a new revision's nodeSelector labels.
+NODE = Kind("v1", "Node", "nodes")
 
 
 def kind_of(obj: dict[str, object]) -> Kind:
