@@ -48,6 +48,12 @@ class _Quoted(dict[str | bytes | None, str]):
         return quoted
 
 
+# `AccessLog.record`'s arguments, in its order.
+_Line = tuple[
+    Logged, str, int, str, str, str, int, str, str | None, float, int, str, bool,
+    float | None, int | None, int | None, tuple[str, ...],
+]  # fmt: skip
+
 FLUSH_INTERVAL_S = 0.25
 # Write at least every this many lines: one big write every 0.25 s at 20k req/s (~1.5 MB)
 # would stall the loop for milliseconds and show up in the p99; 128 lines are ~40 KB.
@@ -133,8 +139,8 @@ class AccessLog:
             return
         if self.fmt != "json":
             self._text_line(
-                req, model, status, outcome, backend, track, attempts, failure, fallback,
-                duration, nbytes, key_name, stream, ttfb, tokens_in, tokens_out, fallback_path,
+                (req, model, status, outcome, backend, track, attempts, failure, fallback,
+                 duration, nbytes, key_name, stream, ttfb, tokens_in, tokens_out, fallback_path)
             )  # fmt: skip
             return
         q, n = self._quoted, self._or_null
@@ -156,27 +162,10 @@ class AccessLog:
         )
         self._maybe_flush()
 
-    def _text_line(
-        self,
-        req: Logged,
-        model: str,
-        status: int,
-        outcome: str,
-        backend: str,
-        track: str,
-        attempts: int,
-        failure: str,
-        fallback: str | None,
-        duration: float,
-        nbytes: int,
-        key_name: str,
-        stream: bool,
-        ttfb: float | None,
-        tokens_in: int | None,
-        tokens_out: int | None,
-        fallback_path: tuple[str, ...],
-    ) -> None:
-        """`record` in the text format (`--log-format text`)."""
+    def _text_line(self, line: _Line) -> None:
+        """`record` in the text format (`--log-format text`), of `record`'s arguments."""
+        (req, model, status, outcome, backend, track, attempts, failure, fallback, duration,
+         nbytes, key_name, stream, ttfb, tokens_in, tokens_out, fallback_path) = line  # fmt: skip
         q = self._quoted
         self.buffer.append(
             f"ts={time.time():.3f} path={q[req.path]} model={q[model]} status={status} "
