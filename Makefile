@@ -59,6 +59,7 @@ chaos: setup cluster
 	LLMOP_DRILL_INPUT_EXAMPLES=$${LLMOP_DRILL_INPUT_EXAMPLES:-1000} \
 	  LLMOP_DRILL_N=$${LLMOP_DRILL_N:-100} LLMOP_DRILL_KILL_OBJECTS=$${LLMOP_DRILL_KILL_OBJECTS:-100} \
 	  LLMOP_DRILL_KILLS=$${LLMOP_DRILL_KILLS:-100} LLMOP_DRILL_BURST=$${LLMOP_DRILL_BURST:-100} \
+	  LLMOP_DRILL_CANARY_KILLS=$${LLMOP_DRILL_CANARY_KILLS:-100} \
 	  $(BIN)/pytest -m drill tests e2e
 	$(BIN)/python bench/gateway_soak.py --soak-seconds $${SOAK_SECONDS:-600}
 	$(BIN)/python bench/operator_soak.py --seconds $${SOAK_SECONDS:-600}
