@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, Overflow
 from typing import Any
 
 _SUFFIXES: dict[str, int | Decimal] = {
@@ -27,7 +27,8 @@ def quantity(value: Any) -> Decimal | None:
         number, multiplier = text, Decimal(1)
     try:
         return Decimal(number) * multiplier
-    except InvalidOperation:
+    except (InvalidOperation, Overflow):
+        # Overflow too: a hex hash such as "0123456e78901234" reads as a huge exponent.
         return None
 
 

@@ -53,6 +53,14 @@ def test_quantities_the_api_server_rewrote_are_not_drift() -> None:
     assert drifted(desired, live) == []
 
 
+def test_a_hash_that_reads_as_a_huge_exponent_is_compared_as_text() -> None:
+    # Found by bench/operator_soak.py: a pod-template hash of digits and one "e" made the
+    # quantity comparison raise decimal.Overflow, and the edit was never applied.
+    assert drifted({"h": "0123456e78901234"}, {"h": "89abcdef01234567"}) == [".h"]
+    assert drifted({"h": "89abcdef01234567"}, {"h": "0123456e78901234"}) == [".h"]
+    assert drifted({"h": "0123456e78901234"}, {"h": "0123456e78901234"}) == []
+
+
 def test_a_hand_edit_is_drift_with_its_path() -> None:
     desired = {"spec": {"template": {"spec": {"containers": [{"image": "vllm:1"}]}}}}
     live = {"spec": {"template": {"spec": {"containers": [{"image": "vllm:2", "name": "x"}]}}}}
