@@ -397,7 +397,8 @@ def main() -> int:
     # The operator subprocess reads KUBECONFIG too: default both to the local cluster's.
     if "KUBECONFIG" not in os.environ and LOCAL_KUBECONFIG.exists():
         os.environ["KUBECONFIG"] = str(LOCAL_KUBECONFIG)
-    config.load_kube_config()
+    # The client reads KUBECONFIG when imported, so name the file.
+    config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
     result = soak(args, client.ApiClient())
     table = markdown(result)
     print(table)
