@@ -33,7 +33,7 @@ failed client request (as test_canary), no traceback in any operator log, no Eve
 twice. Each kill is printed with its moment, the canary's phase and step, and the recovery:
 kill to the new process' first reconcile, and kill to the next status write.
 
-`make test` runs LLMOP_DRILL_CANARY_KILLS=8 (one canary, about 3-4 minutes with the install);
+`make test` runs LLMOP_DRILL_CANARY_KILLS=8 (one canary: 256 s measured with the chart install);
 `make chaos` runs 100.
 """
 
@@ -458,6 +458,13 @@ def test_kill_9_while_a_canary_steps_loses_no_step(
         for k, n in posted.items()
         if n > (len(rounds) if k[0] == "CanaryStep" else 1) and k[0].startswith("Canary")
     }
+    # Events follow the status write they announce (at most once): a kill between the two
+    # would lose one, so they are counted here, not asserted.
+    reasons = Counter(reason for reason, _ in posted.elements() if reason.startswith("Canary"))
+    print(
+        f"Events: {dict(sorted(reasons.items()))}; at most once each: {len(rounds)} "
+        f"CanaryStarted and CanaryPromoted, {(len(STEPS) - 1) * len(rounds)} CanaryStep"
+    )
     assert twice == {}, twice
     tracebacks = [p.name for p in logs if "Traceback" in p.read_text(errors="replace")]
     assert tracebacks == [], [(p, (tmp_path / p).read_text()[-3000:]) for p in tracebacks]
