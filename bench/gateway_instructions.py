@@ -22,6 +22,13 @@ depend on what else the machine is doing. One run:
 
     python bench/gateway_instructions.py run --tree /tmp/gw-base --label base --out base1.json
     python bench/gateway_instructions.py report base*.json split*.json
+
+`opcodes` counts bytecodes and Python calls per request, per gateway function, instead: the
+gateway (`cli.serve`) of --tree runs in this process under a `sys.settrace` opcode counter
+(the client's frames, under bench/, are not counted), the backends as above. Seconds, not
+minutes, and exact; it tells where the bytecodes go, callgrind what they cost:
+
+    python bench/gateway_instructions.py opcodes --tree /tmp/gw-base --out base-op.json
 """
 
 from __future__ import annotations
@@ -308,6 +315,93 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- opcodes
+def cmd_opcodes(args: argparse.Namespace) -> int:
+    """Run `_opcodes_child` with the tree's package on the path."""
+    env = {**os.environ, "PYTHONPATH": str(Path(args.tree).resolve() / "operator")}
+    env["PYTHONHASHSEED"] = "0"
+    cmd = [PY, __file__, "opcodes-child", "--requests", str(args.requests)]
+    cmd += ["--base-port", str(args.base_port), "--out", args.out]
+    return subprocess.run(cmd + (["--stream"] if args.stream else []), env=env).returncode
+
+
+async def _opcodes(args: argparse.Namespace) -> list[tuple[str, float, float]]:
+    from llm_operator.gateway import cli  # the tree's, from PYTHONPATH
+
+    ops: dict[tuple[str, int, str], int] = {}
+    calls: dict[tuple[str, int, str], int] = {}
+    here = str(Path(__file__).resolve().parent)
+
+    def tracer(frame: Any, event: str, _: Any) -> Any:
+        code = frame.f_code
+        if code.co_filename.startswith(here):
+            return None
+        key = (code.co_filename, code.co_firstlineno, code.co_name)
+        if event == "call":  # also each resumption of a coroutine
+            frame.f_trace_opcodes = True
+            frame.f_trace_lines = False
+            calls[key] = calls.get(key, 0) + 1
+        elif event == "opcode":
+            ops[key] = ops.get(key, 0) + 1
+        return tracer
+
+    ports = [args.base_port + 1, args.base_port + 2]
+    procs = [
+        subprocess.Popen([PY, __file__, "backend", "--port", str(p), "--gap-ms", "5"])
+        for p in ports
+    ]
+    work = Path(tempfile.mkdtemp(prefix="gwops-"))
+    try:
+        for p in ports:
+            gb._wait_port(p)
+        tracks = [{"name": "stable", "weight": 100, "addresses": [f"127.0.0.1:{p}" for p in ports]}]
+        (work / "routes.json").write_text(
+            json.dumps({"models": [{"name": "bench-model", "tracks": tracks}]})
+        )
+        gw_port = args.base_port + 10
+        gw_args = cli.parse_args(
+            ["--config", str(work / "routes.json"), "--host", "127.0.0.1", "--port", str(gw_port)]
+        )
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the access log, for the process
+        task = asyncio.get_running_loop().create_task(cli.serve(gw_args))
+        for _ in range(600):  # the gateway starts on this loop: wait without blocking it
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", gw_port)
+                w.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        target = f"127.0.0.1:{gw_port}"
+        await _send(target, 100, args.stream)  # warm-up
+        sys.settrace(tracer)
+        await _send(target, args.requests, args.stream)
+        sys.settrace(None)
+        task.cancel()
+    finally:
+        for p in procs:
+            p.terminate()
+    n = args.requests
+    rows = [
+        (f"{Path(k[0]).name}:{k[1]}:{k[2]}", v / n, calls.get(k, 0) / n) for k, v in ops.items()
+    ]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def cmd_opcodes_child(args: argparse.Namespace) -> int:
+    rows = asyncio.run(_opcodes(args))
+    total_ops, total_calls = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps({"opcodes": total_ops, "calls": total_calls, "rows": rows})
+        )
+    out = sys.__stdout__
+    assert out is not None
+    print(f"per request: {total_ops:,.0f} bytecodes, {total_calls:.1f} Python calls", file=out)
+    for name, ops, calls in rows[:40]:
+        print(f"{ops:8.1f} {calls:5.1f}  {name}", file=out)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -326,9 +420,19 @@ def main() -> int:
     r.add_argument("--out", default="")
     rp = sub.add_parser("report")
     rp.add_argument("files", nargs="+")
+    for name in ("opcodes", "opcodes-child"):
+        o = sub.add_parser(name)
+        if name == "opcodes":
+            o.add_argument("--tree", required=True)
+        o.add_argument("--requests", type=int, default=300)
+        o.add_argument("--stream", action="store_true")
+        o.add_argument("--base-port", type=int, default=18700)
+        o.add_argument("--out", default="")
     args = ap.parse_args()
     if args.cmd == "report":
         return cmd_report(args)
+    if args.cmd == "opcodes":
+        return cmd_opcodes(args)
     try:
         import uvloop
 
@@ -339,6 +443,8 @@ def main() -> int:
         PacedBackend.GAP = args.gap_ms / 1000
         asyncio.run(_serve_backend(args.port))
         return 0
+    if args.cmd == "opcodes-child":
+        return cmd_opcodes_child(args)
     return cmd_run(args)
 
 
