@@ -5,6 +5,10 @@ it asks for; no child is left without a living owner; no traceback in any of the
 
 `make test` runs a quick size (LLMOP_DRILL_KILL_OBJECTS=20, LLMOP_DRILL_KILLS=10); `make chaos`
 can run the issue's (100 and 100) by setting the variables.
+
+Restarts stay quiet: a burst of LLMDeployments converged twice, once with no kill and once
+with 5 SIGKILLs, costs no more writes that took (API server's count) and the same Events; the
+only extra is the requests a kill cuts off in flight (LLMOP_DRILL_BURST: 30, 100 in chaos).
 """
 
 from __future__ import annotations
