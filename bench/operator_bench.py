@@ -344,17 +344,21 @@ def run_once(
                     break
                 time.sleep(1)
         else:
-            with contextlib.suppress(ApiException):
-                core.delete_namespace(namespace)
-            # The next run must not share the API server with this namespace's garbage
-            # collection.
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                try:
-                    core.read_namespace(namespace)
-                except ApiException:
-                    break
-                time.sleep(1)
+            delete_namespace_and_wait(core, namespace, 600)
+
+
+def delete_namespace_and_wait(core: client.CoreV1Api, namespace: str, timeout: float) -> None:
+    """Delete and wait until it is gone: the next run must not share the API server with this
+    namespace's garbage collection."""
+    with contextlib.suppress(ApiException):
+        core.delete_namespace(namespace)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            core.read_namespace(namespace)
+        except ApiException:
+            break
+        time.sleep(1)
 
 
 def markdown(results: list[dict[str, Any]]) -> str:

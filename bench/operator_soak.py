@@ -343,16 +343,7 @@ def soak(args: argparse.Namespace, api: client.ApiClient) -> dict[str, Any]:
         ob.stop_operator(operator)
         log.close()
         r["tracebacks"] = log_path.read_bytes().count(b"Traceback")
-        with contextlib.suppress(ApiException):
-            core.delete_namespace(namespace)
-        # The next user of the shared API server must not meet this namespace's collection.
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                core.read_namespace(namespace)
-            except ApiException:
-                break
-            time.sleep(1)
+        ob.delete_namespace_and_wait(core, namespace, 300)
 
 
 def markdown(r: dict[str, Any]) -> str:
