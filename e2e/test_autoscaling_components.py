@@ -141,9 +141,12 @@ def busy_sim(
         lambda: ready_pods(api_client, namespace, f"app={name}") or None,
         timeout=60,
     )
-    with reach(cluster, pods[0], ENGINE_PORT) as base, Load(base, MODEL, clients=4) as load:
-        started = time.monotonic()
-        yield name, pods[0], started
+    with reach(cluster, pods[0], ENGINE_PORT) as base:
+        with Load(base, MODEL, clients=4) as load:
+            started = time.monotonic()
+            yield name, pods[0], started
+        # Counted once the clients have finished what they had in flight: a test that saw the
+        # queue quickly can end before the first 2 s request does (CI: ok=0, no failure).
         assert load.ok > 0, load.failures[:3]
 
 
