@@ -238,8 +238,9 @@ class Controller:
                 # The next reconcile must see the state just written (a canary's step and
                 # analysis count), not wait for the watch to bring it.
                 self.remember_owner(outcome.status)
-            if outcome.recheck or outcome.wake_after is not None:
-                self.recheck_later(owner_key, outcome.wake_after if not outcome.recheck else None)
+            delay = self.next_look(outcome)
+            if delay is not None:
+                self.recheck_later(owner_key, delay)
             else:
                 handle = self.rechecks.pop(owner_key, None)
                 if handle:
@@ -258,15 +259,21 @@ class Controller:
             previous.cancel()
         self.retries[owner_key] = loop.call_later(delay, self._spawn_reconcile, owner_key)
 
-    def recheck_later(self, owner_key: OwnerKey, delay: float | None = None) -> None:
+    def next_look(self, outcome: Outcome) -> float | None:
+        """Seconds until the next look, the earliest of what is due: a canary step or
+        analysis (or a fallback probe) comes due at its time even while pods are missing."""
+        due = [] if outcome.wake_after is None else [outcome.wake_after]
+        if outcome.recheck:
+            due.append(self.recheck_seconds * random.uniform(1.0, 1.2))  # spread, not secret
+        return min(due) if due else None
+
+    def recheck_later(self, owner_key: OwnerKey, delay: float) -> None:
         """Look again later: pods change state without an event the operator watches, and a
         canary's steps and analyses come due with time alone. Every reconcile moves the
         timer, since each one already looked."""
         previous = self.rechecks.pop(owner_key, None)
         if previous:
             previous.cancel()
-        if delay is None:
-            delay = self.recheck_seconds * random.uniform(1.0, 1.2)  # spread, not secret
         loop = asyncio.get_running_loop()
         self.rechecks[owner_key] = loop.call_later(delay, self._spawn_recheck, owner_key)
 
