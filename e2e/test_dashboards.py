@@ -13,7 +13,6 @@ active). Everything else answers only from real series.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from harness.serving import (
     GATEWAY_PORT,
     Load,
     Serving,
+    host_prometheus_url,
     installed,
     llmd,
     pod_prometheus_url,
@@ -43,15 +43,6 @@ FILES = sorted((REPO / dashboards.DASHBOARD_DIR).glob("*.json"))
 RATE_INTERVAL = "1m"
 RANGE = "10m"
 NAME = "dash"
-
-
-def prometheus_url(cluster: Cluster) -> str | None:
-    url = os.environ.get("LLMOP_PROMETHEUS_URL")
-    if url is None and cluster.provider == "local":
-        state = Path(cluster.kubeconfig).parent / "state.json"
-        ports = json.loads(state.read_text()).get("ports", {}) if state.exists() else {}
-        url = f"http://127.0.0.1:{ports['prometheus']}" if "prometheus" in ports else None
-    return url
 
 
 class Prometheus:
@@ -69,7 +60,7 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def prometheus(cluster: Cluster) -> Prometheus:
-    url = prometheus_url(cluster)
+    url = host_prometheus_url(cluster)
     if url is None:
         pytest.skip("no Prometheus: set LLMOP_PROMETHEUS_URL (the local cluster runs its own)")
     return Prometheus(url)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import json
 import os
 import random
 import re
@@ -58,7 +57,7 @@ from kubernetes import client
 
 from harness import kube
 from harness.providers import Cluster
-from harness.serving import Serving, installed, llmd
+from harness.serving import Serving, host_prometheus_url, installed, llmd
 from llm_operator.constants import LABEL_DEPLOYMENT, LABEL_TRACK
 from test_canary import ENGINE_ENV, canary_pods, edit_env, events, under_load
 from test_operator import OperatorProcess
@@ -83,17 +82,6 @@ DRAIN_SECONDS = 30.0  # rollout/machine.py DRAIN_SECONDS
 NAME = "cankill"
 # Phases in the order a canary goes through them; "" is no canary any more (promoted).
 RANK = {"Progressing": 0, "Paused": 0, "Promoting": 1, "Draining": 2, "": 3}
-
-
-def host_prometheus_url(cluster: Cluster) -> str | None:
-    """A Prometheus that scrapes the gateway, as this host reaches it (the operator runs
-    here): LLMOP_PROMETHEUS_URL, or the local cluster's own."""
-    url = os.environ.get("LLMOP_PROMETHEUS_URL")
-    if url is None and cluster.provider == "local":
-        state = Path(cluster.kubeconfig).parent / "state.json"
-        ports = json.loads(state.read_text()).get("ports", {}) if state.exists() else {}
-        url = f"http://127.0.0.1:{ports['prometheus']}" if "prometheus" in ports else None
-    return url
 
 
 @pytest.fixture

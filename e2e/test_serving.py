@@ -13,7 +13,6 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +28,7 @@ from harness.serving import (
     Serving,
     container_log,
     container_pid,
+    host_prometheus_url,
     installed,
     llmd,
     reach,
@@ -224,7 +224,7 @@ def test_pods_that_cannot_be_created_are_degraded_with_the_api_servers_reason(
 
 
 def test_prometheus_scrapes_every_engine_the_operator_and_the_gateway(serving: Serving) -> None:
-    url = os.environ.get("LLMOP_PROMETHEUS_URL") or _local_prometheus(serving.cluster)
+    url = host_prometheus_url(serving.cluster)
     if url is None:
         pytest.skip("no Prometheus: set LLMOP_PROMETHEUS_URL (the local cluster runs its own)")
     from prometheus_api_client import PrometheusConnect
@@ -256,14 +256,3 @@ def test_prometheus_scrapes_every_engine_the_operator_and_the_gateway(serving: S
         timeout=60,
         interval=1,
     )
-
-
-def _local_prometheus(cluster: Cluster) -> str | None:
-    if cluster.provider != "local":
-        return None
-    state = Path(cluster.kubeconfig).parent / "state.json"
-    import json
-
-    ports = json.loads(state.read_text()).get("ports", {}) if state.exists() else {}
-    port = ports.get("prometheus")
-    return f"http://127.0.0.1:{port}" if port else None

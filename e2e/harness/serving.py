@@ -8,6 +8,7 @@ reaches a pod directly. On kind or another cluster a pod IP is not reachable fro
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -190,6 +191,17 @@ def pod_prometheus_url(cluster: Cluster) -> str | None:
     url = os.environ.get("LLMOP_E2E_PROMETHEUS_POD_URL")
     if url is None and cluster.provider == "local":
         url = LOCAL_PROMETHEUS_POD_URL
+    return url
+
+
+def host_prometheus_url(cluster: Cluster) -> str | None:
+    """A Prometheus as this host reaches it: LLMOP_PROMETHEUS_URL, or the local cluster's
+    own (its port in the cluster's state.json); None when neither."""
+    url = os.environ.get("LLMOP_PROMETHEUS_URL")
+    if url is None and cluster.provider == "local":
+        state = Path(cluster.kubeconfig).parent / "state.json"
+        ports = json.loads(state.read_text()).get("ports", {}) if state.exists() else {}
+        url = f"http://127.0.0.1:{ports['prometheus']}" if "prometheus" in ports else None
     return url
 
 
