@@ -148,16 +148,22 @@ def percentile(values: list[float], share: float) -> float:
 
 
 def start_operator(
-    namespace: str, source: Path | None, log: Any
+    namespace: str,
+    source: Path | None,
+    log: Any,
+    prefix: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """`llm-operator run` over one namespace, from `source` (a checkout's operator/ directory,
-    e.g. a git worktree of an earlier commit) or the installed package; waits for /metrics."""
+    e.g. a git worktree of an earlier commit) or the installed package; waits for /metrics.
+    `prefix` replaces `python -m llm_operator.cli` (bench/operator_memory.py's probe), `env`
+    is added to the environment."""
     metrics_port = free_port()
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     if source is not None:
         env["PYTHONPATH"] = str(source.resolve())
     operator = subprocess.Popen(
-        [sys.executable, "-m", "llm_operator.cli", "run", "--namespace", namespace,
+        [*(prefix or [sys.executable, "-m", "llm_operator.cli"]), "run", "--namespace", namespace,
          "--liveness-port", "0", "--metrics-port", str(metrics_port), "--log-level", "WARNING"],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
