@@ -240,7 +240,7 @@ def probe() -> dict[str, object]:
         "status_MiB": _status(),
         "smaps_MiB": {k: round(v, 1) for k, v in list(_smaps().items())[:14]},
         "mallinfo2": _mallinfo(),
-        "pymalloc": _pymalloc(),
+        "pymalloc": _pymalloc(),  # -1: not pymalloc (PYTHONMALLOC=malloc, or tracemalloc)
         "threads": [t.name for t in threading.enumerate()],
     }
     objects = gc.get_objects()
@@ -322,9 +322,7 @@ def probe() -> dict[str, object]:
     report["caches"] = caches
     if tracemalloc.is_tracing():
         current, peak = tracemalloc.get_traced_memory()
-        snapshot = tracemalloc.take_snapshot().filter_traces(
-            [tracemalloc.Filter(False, tracemalloc.__file__)]
-        )
+        snapshot = tracemalloc.take_snapshot()  # filter_traces would take minutes here
         report["tracemalloc"] = {
             "traced_MiB": _mib(current),
             "peak_MiB": _mib(peak),
@@ -334,7 +332,7 @@ def probe() -> dict[str, object]:
             ],
             "by_traceback": [
                 {"MiB": _mib(s.size), "blocks": s.count, "where": s.traceback.format()[-12:]}
-                for s in snapshot.statistics("traceback")[:12]
+                for s in snapshot.statistics("traceback")[:20]
             ],
         }
     report["probe_seconds"] = round(time.monotonic() - started, 1)
@@ -392,6 +390,12 @@ def main() -> int:
         "--trace-frames", type=int, default=10, help="tracemalloc frames of the restarted run"
     )
     parser.add_argument(
+        "--trace-converge",
+        type=int,
+        default=0,
+        help="tracemalloc frames of the converging run too (slower; gives the heap's peak)",
+    )
+    parser.add_argument(
         "--env", action="append", default=[], help="KEY=VALUE for the operator (repeatable)"
     )
     parser.add_argument("--json", type=Path, help="write the reports here")
@@ -423,7 +427,7 @@ def main() -> int:
         report: dict[str, object] = json.loads(path.read_text())
         return report
 
-    operator, _ = start(0, "run")
+    operator, _ = start(args.trace_converge, "run")
     try:
         time.sleep(2)
         results["idle"] = ask(operator, "run", 1)
@@ -493,7 +497,10 @@ def summary(results: dict[str, object]) -> str:
         lines.append(f"  caches: {json.dumps(report['caches'])}")
         if "tracemalloc" in report:
             trace = report["tracemalloc"]
-            lines.append(f"  tracemalloc {trace['traced_MiB']} MiB: {trace['by_file'][:12]}")
+            lines.append(
+                f"  tracemalloc {trace['traced_MiB']} MiB (peak {trace['peak_MiB']}): "
+                f"{trace['by_file'][:12]}"
+            )
     return "\n".join(lines)
 
 
