@@ -32,12 +32,22 @@ from typing import Any
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "e2e"))
+from harness import kube  # noqa: E402
+
 GROUP, VERSION, PLURAL = "llmoperator.io", "v1alpha1", "llmdeployments"
 WRITE_VERBS = {"POST", "PATCH", "PUT", "DELETE", "APPLY", "CREATE", "UPDATE"}
 OPERATOR_RESOURCES = {
     ("llmdeployments", "status"), ("deployments", ""), ("services", ""),
     ("horizontalpodautoscalers", ""), ("poddisruptionbudgets", ""), ("events", ""),
 }  # fmt: skip
+
+
+def ensure_crds(api: client.ApiClient) -> None:
+    """Apply crds/ and wait until Established: a freshly started cluster has none, and every
+    create would be a bare 404."""
+    kube.apply_crds(api, REPO / "crds")
 
 
 def free_port() -> int:
@@ -420,6 +430,7 @@ def main() -> int:
     args = parser.parse_args()
     config.load_kube_config()
     api = client.ApiClient()
+    ensure_crds(api)
     operators: list[tuple[str, Path | None]] = [
         (label, Path(path))
         for label, path in (p.split("=", 1) for p in args.operators.split(",") if p)

@@ -402,6 +402,7 @@ def main() -> int:
     args = parser.parse_args()
     config.load_kube_config()
     api = client.ApiClient()
+    bench.ensure_crds(api)
     core = client.CoreV1Api(api)
     custom = client.CustomObjectsApi(api)
     namespace = f"bench-memory-{args.count}-{int(time.time())}"

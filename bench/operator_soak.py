@@ -390,7 +390,9 @@ def main() -> int:
         os.environ["KUBECONFIG"] = str(LOCAL_KUBECONFIG)
     # The client reads KUBECONFIG when imported, so name the file.
     config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-    result = soak(args, client.ApiClient())
+    api = client.ApiClient()
+    ob.ensure_crds(api)
+    result = soak(args, api)
     table = markdown(result)
     print(table)
     if args.output:
