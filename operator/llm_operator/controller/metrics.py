@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from llm_operator.render.names import label_value
 
@@ -28,85 +29,127 @@ WRITES = Counter(
 # can match both without relabelling the name.
 _OWNER = ["llmdeployment_namespace", "llmoperator_io_deployment"]
 
-INFO = Gauge(
-    "llm_operator_llmdeployment_info",
-    "1 per LLMDeployment; `model` is its served name, the gateway's `model` label",
-    [*_OWNER, "model"],
-)
-DESIRED_REPLICAS = Gauge(
-    "llm_operator_desired_replicas", "Replicas the Deployments of all tracks ask for", _OWNER
-)
-READY_REPLICAS = Gauge("llm_operator_ready_replicas", "Ready replicas of all tracks", _OWNER)
-MAX_REPLICAS = Gauge(
-    "llm_operator_max_replicas", "autoscaling.maxReplicas, or the fixed spec.replicas", _OWNER
-)
-TARGET_QUEUE_DEPTH = Gauge(
-    "llm_operator_target_queue_depth",
-    "autoscaling.targetQueueDepth (waiting requests per replica); absent without autoscaling",
-    _OWNER,
-)
-GPUS_PER_REPLICA = Gauge("llm_operator_gpus_per_replica", "GPUs one replica holds", _OWNER)
-CONDITION = Gauge(
-    "llm_operator_condition", "Status conditions: 1 when True, 0 otherwise", [*_OWNER, "type"]
-)
-CANARY_PHASE = Gauge(
-    "llm_operator_canary_phase",
-    "1 for the canary's current phase (status.canary.phase); no series without a canary",
-    [*_OWNER, "phase"],
-)
-CANARY_WEIGHT = Gauge(
-    "llm_operator_canary_weight", "Percent of traffic on the canary track; 0 without one", _OWNER
-)
 
-#: The series set per LLMDeployment, so that they can be removed (prometheus_client removes
-#: one label set at a time and does not list them).
-_SERIES: dict[tuple[str, str], list[tuple[Gauge, tuple[str, ...]]]] = {}
+class _Row(NamedTuple):
+    """What one LLMDeployment's status says, as its series show it."""
+
+    model: str
+    desired: float
+    ready: float
+    max_replicas: float
+    target_queue_depth: float | None  # no series without autoscaling
+    gpus: float
+    conditions: tuple[tuple[str, float], ...]
+    canary_phase: str | None  # no series without a canary
+    canary_weight: float
 
 
-def _set(gauge: Gauge, labels: tuple[str, ...], value: float) -> None:
-    gauge.labels(*labels).set(value)
-    _SERIES.setdefault((labels[0], labels[1]), []).append((gauge, labels))
+class _StatusSeries:
+    """The per-LLMDeployment gauges, made from one row per LLMDeployment when scraped.
+
+    prometheus_client's labelled Gauge keeps an object, a lock and a value per series: 12
+    series per LLMDeployment held 10 MiB at 1,000 of them (bench/results/operator.md,
+    2026-12-03), where this row is a tuple. A status replaces its row whole, so a scrape sees
+    either the old series or the new ones, never none (an alert's `for:` is not reset), and
+    series the new status no longer has are gone with the old row."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], _Row] = {}
+
+    def describe(self) -> list[Metric]:
+        return []  # names are not known to clash; collect is only run on a scrape
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "llm_operator_llmdeployment_info",
+            "1 per LLMDeployment; `model` is its served name, the gateway's `model` label",
+            labels=[*_OWNER, "model"],
+        )
+        desired = GaugeMetricFamily(
+            "llm_operator_desired_replicas",
+            "Replicas the Deployments of all tracks ask for",
+            labels=_OWNER,
+        )
+        ready = GaugeMetricFamily(
+            "llm_operator_ready_replicas", "Ready replicas of all tracks", labels=_OWNER
+        )
+        ceiling = GaugeMetricFamily(
+            "llm_operator_max_replicas",
+            "autoscaling.maxReplicas, or the fixed spec.replicas",
+            labels=_OWNER,
+        )
+        target = GaugeMetricFamily(
+            "llm_operator_target_queue_depth",
+            "autoscaling.targetQueueDepth (waiting requests per replica); absent without "
+            "autoscaling",
+            labels=_OWNER,
+        )
+        gpus = GaugeMetricFamily(
+            "llm_operator_gpus_per_replica", "GPUs one replica holds", labels=_OWNER
+        )
+        condition = GaugeMetricFamily(
+            "llm_operator_condition",
+            "Status conditions: 1 when True, 0 otherwise",
+            labels=[*_OWNER, "type"],
+        )
+        phase = GaugeMetricFamily(
+            "llm_operator_canary_phase",
+            "1 for the canary's current phase (status.canary.phase); no series without a canary",
+            labels=[*_OWNER, "phase"],
+        )
+        weight = GaugeMetricFamily(
+            "llm_operator_canary_weight",
+            "Percent of traffic on the canary track; 0 without one",
+            labels=_OWNER,
+        )
+        for (namespace, name), row in list(self.rows.items()):
+            owner = [namespace, name]
+            info.add_metric([*owner, row.model], 1)
+            desired.add_metric(owner, row.desired)
+            ready.add_metric(owner, row.ready)
+            ceiling.add_metric(owner, row.max_replicas)
+            if row.target_queue_depth is not None:
+                target.add_metric(owner, row.target_queue_depth)
+            gpus.add_metric(owner, row.gpus)
+            for type_, up in row.conditions:
+                condition.add_metric([*owner, type_], up)
+            if row.canary_phase is not None:
+                phase.add_metric([*owner, row.canary_phase], 1)
+            weight.add_metric(owner, row.canary_weight)
+        yield from (info, desired, ready, ceiling, target, gpus, condition, phase, weight)
 
 
-def _drop_gone(owner: tuple[str, str], before: list[tuple[Gauge, tuple[str, ...]]]) -> None:
-    # Only what this status no longer has: removing all first would let a scrape in between
-    # see no series, and reset every alert's `for:`.
-    kept = set(_SERIES.get(owner, []))
-    for series in set(before) - kept:
-        series[0].remove(*series[1])
+_STATUS_SERIES = _StatusSeries()
+REGISTRY.register(_STATUS_SERIES)
 
 
 def forget(namespace: str, name: str) -> None:
     """A deleted LLMDeployment leaves no series behind (a stale alert would never resolve)."""
-    for gauge, labels in _SERIES.pop((namespace, label_value(name)), []):
-        gauge.remove(*labels)
+    _STATUS_SERIES.rows.pop((namespace, label_value(name)), None)
 
 
 def observe_status(namespace: str, name: str, body: dict[str, Any], status: dict[str, Any]) -> None:
     """Export what the status about to be written says (the reconciler calls this each time)."""
-    owner = (namespace, label_value(name))
     spec = body.get("spec") or {}
     autoscaling = spec.get("autoscaling") or {}
-    before = _SERIES.pop(owner, [])
     served = status.get("servedName") or (spec.get("model") or {}).get("servedName")
-    model = str(served or (spec.get("model") or {}).get("name") or name)
-    _set(INFO, (*owner, model), 1)
-    _set(DESIRED_REPLICAS, owner, status.get("desiredReplicas") or 0)
-    _set(READY_REPLICAS, owner, status.get("readyReplicas") or 0)
-    if autoscaling:
-        _set(MAX_REPLICAS, owner, autoscaling.get("maxReplicas") or 0)
-        _set(TARGET_QUEUE_DEPTH, owner, autoscaling.get("targetQueueDepth", 4))
-    else:
-        _set(MAX_REPLICAS, owner, spec.get("replicas", 1))
-    _set(GPUS_PER_REPLICA, owner, status.get("gpusPerReplica") or 0)
-    for condition in status.get("conditions") or []:
-        up = condition.get("status") == "True"
-        _set(CONDITION, (*owner, str(condition["type"])), 1 if up else 0)
     canary = status.get("canary") or {}
-    if canary.get("phase"):
-        _set(CANARY_PHASE, (*owner, str(canary["phase"])), 1)
-    _set(CANARY_WEIGHT, owner, canary.get("weight") or 0)
-    _drop_gone(owner, before)
+    _STATUS_SERIES.rows[(namespace, label_value(name))] = _Row(
+        model=str(served or (spec.get("model") or {}).get("name") or name),
+        desired=status.get("desiredReplicas") or 0,
+        ready=status.get("readyReplicas") or 0,
+        max_replicas=(
+            autoscaling.get("maxReplicas") or 0 if autoscaling else spec.get("replicas", 1)
+        ),
+        target_queue_depth=autoscaling.get("targetQueueDepth", 4) if autoscaling else None,
+        gpus=status.get("gpusPerReplica") or 0,
+        conditions=tuple(
+            (str(c["type"]), 1 if c.get("status") == "True" else 0)
+            for c in status.get("conditions") or []
+        ),
+        canary_phase=str(canary["phase"]) if canary.get("phase") else None,
+        canary_weight=canary.get("weight") or 0,
+    )
 
 
 # -- day 2: cost and progress-based liveness (controller/day2.py) ------------------------------
