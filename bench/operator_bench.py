@@ -163,9 +163,11 @@ def start_operator(
     log: Any,
     prefix: list[str] | None = None,
     env: dict[str, str] | None = None,
+    ready_within: float = 60.0,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """`llm-operator run` over one namespace, from `source` (a checkout's operator/ directory,
-    e.g. a git worktree of an earlier commit) or the installed package; waits for /metrics.
+    e.g. a git worktree of an earlier commit) or the installed package; waits up to
+    `ready_within` seconds for /metrics, and stops the process if it does not come up.
     `prefix` replaces `python -m llm_operator.cli` (bench/operator_memory.py's probe), `env`
     is added to the environment."""
     metrics_port = free_port()
@@ -177,13 +179,14 @@ def start_operator(
          "--liveness-port", "0", "--metrics-port", str(metrics_port), "--log-level", "WARNING"],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + ready_within
     while True:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2)
             break
         except OSError:
             if time.monotonic() > deadline or operator.poll() is not None:
+                stop_operator(operator)  # not left running over the namespace
                 raise
             time.sleep(0.2)
     return operator, metrics_port

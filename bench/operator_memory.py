@@ -313,10 +313,15 @@ def probe() -> dict[str, object]:
             for g in vars(metrics).values()
             if hasattr(g, "_metrics") and isinstance(getattr(g, "_metrics", None), dict)
         ]
+        # Labelled Gauges (and their _SERIES index) before 0e900b2; one row per
+        # LLMDeployment (_STATUS_SERIES) after, plus the day-2 gauges that stayed labelled.
+        rows = getattr(getattr(metrics, "_STATUS_SERIES", None), "rows", {})
+        index = getattr(metrics, "_SERIES", {})
         caches["prometheus series per LLMDeployment"] = {
             "series": sum(len(g._metrics) for g in gauges),
+            "rows": len(rows),
             "retained_MiB": _mib(
-                _deep([g._metrics for g in gauges] + [metrics._SERIES], {id(g) for g in gauges})
+                _deep([g._metrics for g in gauges] + [index, rows], {id(g) for g in gauges})
             ),
         }
     report["caches"] = caches
@@ -415,7 +420,10 @@ def main() -> int:
 
     def start(frames: int, tag: str) -> tuple[object, int]:
         env = {**extra, PROBE_OUT: f"{out}-{tag}", PROBE_FRAMES: str(frames)}
-        return bench.start_operator(namespace, args.source, log, prefix=prefix, env=env)
+        # Under tracemalloc the imports alone take minutes on a busy machine.
+        return bench.start_operator(
+            namespace, args.source, log, prefix=prefix, env=env, ready_within=600
+        )
 
     def ask(operator: object, tag: str, n: int) -> dict[str, object]:
         os.kill(operator.pid, signal.SIGUSR1)  # type: ignore[attr-defined]
