@@ -10,7 +10,6 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
-from llm_operator.controller import metrics
 from llm_operator.controller.day2 import ENGINE_PODS, Day2
 from llm_operator.controller.reconciler import Controller
 from llm_operator.controller.standby import Standby
@@ -123,7 +122,8 @@ def test_a_stalled_engine_is_deleted_with_an_event_and_an_idle_one_is_not() -> N
         )
     ]
     assert ("ns", ENGINE_PODS) in kube.pod_lists
-    assert metrics.STALL_RESTARTS.labels("ns", "m")._value.get() >= 1
+    owner = {"llmdeployment_namespace": "ns", "llmoperator_io_deployment": "m"}
+    assert (REGISTRY.get_sample_value("llm_operator_stall_restarts_total", owner) or 0) >= 1
 
 
 def test_a_loading_engine_is_left_alone() -> None:

@@ -195,7 +195,7 @@ class Day2:
             return
         log.warning("%s/%s: %s: %s", pod.namespace, pod.owner, STALL_REASON, restart.message)
         metrics.WRITES.labels(verb="delete", kind="Pod").inc()
-        metrics.STALL_RESTARTS.labels(pod.namespace, label_value(pod.owner)).inc()
+        metrics.count_stall_restart(pod.namespace, pod.owner)
         await asyncio.to_thread(
             self.controller.client.post_event, body, "Warning", STALL_REASON, restart.message
         )

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from llm_operator.render.names import label_value
 
@@ -153,41 +153,64 @@ def observe_status(namespace: str, name: str, body: dict[str, Any], status: dict
 
 
 # -- day 2: cost and progress-based liveness (controller/day2.py) ------------------------------
-GPU_SECONDS = Gauge(
-    "llm_operator_gpu_seconds",
-    "GPU-seconds the engine pods held (run time x GPUs per pod), since status.cost.countedSince",
-    _OWNER,
-)
-TOKENS_SERVED = Gauge(
-    "llm_operator_tokens_served",
-    "Prompt and generated tokens of the engine pods, counted with the GPU-seconds",
-    _OWNER,
-)
-STALL_RESTARTS = Counter(
-    "llm_operator_stall_restarts_total",
-    "Engine pods deleted because requests waited while no token was generated",
-    _OWNER,
-)
+class _CostSeries:
+    """GPU-seconds, tokens and stall restarts per LLMDeployment, made when scraped (rows,
+    not labelled series: see _StatusSeries)."""
+
+    def __init__(self) -> None:
+        #: owner -> (GPU-seconds, computed when scraped since pods run between two looks;
+        #: tokens served).
+        self.costs: dict[tuple[str, str], tuple[Callable[[], float], float]] = {}
+        self.stall_restarts: dict[tuple[str, str], int] = {}
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        gpu = GaugeMetricFamily(
+            "llm_operator_gpu_seconds",
+            "GPU-seconds the engine pods held (run time x GPUs per pod), since "
+            "status.cost.countedSince",
+            labels=_OWNER,
+        )
+        tokens = GaugeMetricFamily(
+            "llm_operator_tokens_served",
+            "Prompt and generated tokens of the engine pods, counted with the GPU-seconds",
+            labels=_OWNER,
+        )
+        stalls = CounterMetricFamily(
+            "llm_operator_stall_restarts",
+            "Engine pods deleted because requests waited while no token was generated",
+            labels=_OWNER,
+        )
+        for owner, (gpu_seconds, served) in list(self.costs.items()):
+            gpu.add_metric(list(owner), gpu_seconds())
+            tokens.add_metric(list(owner), served)
+            # 0 until the first restart, so rate() sees the first one.
+            stalls.add_metric(list(owner), self.stall_restarts.get(owner, 0))
+        for owner, count in list(self.stall_restarts.items()):
+            if owner not in self.costs:
+                stalls.add_metric(list(owner), count)
+        yield from (gpu, tokens, stalls)
 
 
-#: Owners (namespace, label value) the day-2 loop exported series for.
-_COSTED: set[tuple[str, str]] = set()
+_COST_SERIES = _CostSeries()
+REGISTRY.register(_COST_SERIES)
 
 
 def observe_cost(
     namespace: str, name: str, gpu_seconds: Callable[[], float], tokens: float
 ) -> None:
     """GPU-seconds are computed when scraped (pods run between two looks of the loop)."""
-    labels = (namespace, label_value(name))
-    GPU_SECONDS.labels(*labels).set_function(gpu_seconds)
-    TOKENS_SERVED.labels(*labels).set(tokens)
-    STALL_RESTARTS.labels(*labels)  # 0 until the first restart, so rate() sees the first one
-    _COSTED.add(labels)
+    _COST_SERIES.costs[(namespace, label_value(name))] = (gpu_seconds, tokens)
+
+
+def count_stall_restart(namespace: str, name: str) -> None:
+    owner = (namespace, label_value(name))
+    _COST_SERIES.stall_restarts[owner] = _COST_SERIES.stall_restarts.get(owner, 0) + 1
 
 
 def forget_cost(namespace: str, name: str) -> None:
-    labels = (namespace, label_value(name))
-    if labels in _COSTED:
-        _COSTED.discard(labels)
-        for series in (GPU_SECONDS, TOKENS_SERVED, STALL_RESTARTS):
-            series.remove(*labels)
+    owner = (namespace, label_value(name))
+    _COST_SERIES.costs.pop(owner, None)
+    _COST_SERIES.stall_restarts.pop(owner, None)
