@@ -4,6 +4,8 @@ and the loop-side dispatcher that coalesces reconciles."""
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +14,7 @@ import pytest
 from llm_operator.controller import watches
 from llm_operator.controller.informer import Gone, Informer
 from llm_operator.kube.resources import BY_KIND, Kind
-from llm_operator.kube.transport import ApiError
+from llm_operator.kube.transport import ApiError, compact
 
 DEPLOYMENT = BY_KIND["Deployment"]
 SELECTOR = "app.kubernetes.io/managed-by=llm-operator"
@@ -239,3 +241,93 @@ async def test_the_heap_is_trimmed_after_activity_only(monkeypatch: pytest.Monke
     await asyncio.sleep(0.05)
     task.cancel()
     assert calls == [0]
+
+
+def parsed(name: str, version: str) -> dict[str, Any]:
+    """A child as the API server sends it: its own json.loads, so its own strings."""
+    child = obj(name, version)
+    child["spec"] = {
+        "template": {
+            "spec": {
+                "containers": [
+                    {
+                        "name": "engine",
+                        "image": "vllm/vllm-openai:v0.6.3",
+                        "args": ["--port", "8000"],
+                    }
+                ]
+            }
+        }
+    }
+    child["metadata"]["managedFields"] = [{"manager": "llm-operator", "fieldsV1": {"f:spec": {}}}]
+    return json.loads(json.dumps(child))
+
+
+def test_compact_keeps_the_content_and_shares_equal_strings() -> None:
+    one, two = parsed("a", "1"), parsed("b", "2")
+    image = "vllm/vllm-openai:v0.6.3"
+    assert (
+        one["spec"]["template"]["spec"]["containers"][0]["image"]
+        is not two["spec"]["template"]["spec"]["containers"][0]["image"]
+    )  # what json.loads gives: two copies
+    small_one, small_two = compact(one), compact(two)
+    assert small_one == one and small_two == two  # the same JSON, to the last field
+    first = small_one["spec"]["template"]["spec"]["containers"][0]
+    second = small_two["spec"]["template"]["spec"]["containers"][0]
+    assert first["image"] is second["image"] and first["image"] == image
+    assert first["args"][0] is second["args"][0]
+    assert next(iter(first)) is next(iter(second))  # keys too
+    # managedFields is not walked: the cache drops it after reading the foreign fields.
+    assert small_one["metadata"]["managedFields"] is one["metadata"]["managedFields"]
+
+
+def test_compact_halves_what_a_thousand_parsed_children_hold() -> None:
+    def held(objects: list[Any]) -> int:
+        seen: set[int] = set()
+        stack, total = list(objects), 0
+        while stack:
+            o = stack.pop()
+            if id(o) in seen:
+                continue
+            seen.add(id(o))
+            total += sys.getsizeof(o)
+            if isinstance(o, dict):
+                stack += [*o.keys(), *o.values()]
+            elif isinstance(o, list):
+                stack += o
+        return total
+
+    raw = [parsed(f"m-{i:04d}", str(i)) for i in range(1000)]
+    for child in raw:
+        del child["metadata"]["managedFields"]
+    small = [compact(child) for child in raw]
+    assert small == raw
+    assert held(small) < 0.6 * held(raw)
+
+
+def test_the_informer_delivers_compacted_objects() -> None:
+    transport = FakeTransport()
+    transport.lists = [[parsed("a", "1")]]
+    transport.watches = [[{"type": "MODIFIED", "object": parsed("b", "11")}]]
+    got: list[dict[str, Any]] = []
+    inf = Informer(transport, DEPLOYMENT, "ns", SELECTOR, lambda t, o: got.append(o))
+    inf.relist()
+    inf.watch_once()
+    listed, watched = (o["spec"]["template"]["spec"]["containers"][0] for o in got)
+    assert listed["image"] is watched["image"] and listed["name"] is watched["name"]
+
+
+def test_apply_results_are_compacted_too() -> None:
+    # The cache keeps an apply's answer until the watch brings a newer version, and a Service
+    # gets no later event: its cached copy is often the apply's.
+    from llm_operator.kube.client import KubeClient
+
+    class Answers:
+        def call(self, method: str, path: str, body: Any = None, **_: Any) -> Any:
+            return json.loads(json.dumps({**body, "status": {"phase": "Bound"}}))
+
+    kube = KubeClient(Answers())  # type: ignore[arg-type]
+    one, two = (kube.apply(parsed(name, "1")) for name in ("a", "b"))
+    assert one["status"] == {"phase": "Bound"} and one["metadata"]["name"] == "a"
+    first, second = (o["spec"]["template"]["spec"]["containers"][0] for o in (one, two))
+    assert first["image"] is second["image"]

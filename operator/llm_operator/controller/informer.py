@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import urllib3
 
 from llm_operator.kube.resources import Kind
-from llm_operator.kube.transport import ApiError, Connection, error_of
+from llm_operator.kube.transport import ApiError, Connection, compact, error_of
 
 log = logging.getLogger("llm_operator.controller.informer")
 
@@ -168,6 +168,7 @@ class Informer:
                     self.kind, self.namespace, self.selector, token
                 )
                 for obj in page:
+                    obj = compact(obj)
                     at = _at(obj)
                     seen.add(at)
                     known = self.known.get(at)
@@ -232,6 +233,7 @@ class Informer:
             # references that did were just removed (the object left the selection).
             self.deliver("DELETED", self.known.pop(at, obj))
             return
+        obj = compact(obj)  # in this thread: the event loop only stores it
         self.known[at] = _tombstone(obj)
         self.deliver(str(type_), obj)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from llm_operator.constants import FIELD_MANAGER
 from llm_operator.kube.resources import LLMDEPLOYMENT, NODE, POD, Kind, kind_of
-from llm_operator.kube.transport import ApiError, Connection, connect
+from llm_operator.kube.transport import ApiError, Connection, compact, connect
 from llm_operator.kubeformat import rfc3339_now
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ class KubeClient:
             query=[("fieldManager", field_manager), ("force", "true")],
             content_type="application/apply-patch+yaml",
         )
-        return result
+        compacted: dict[str, Any] = compact(result)  # cached until the watch brings a newer one
+        return compacted
 
     def replace_pod_template(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Set a workload's spec.template to exactly the one given (a JSON patch): unlike an
@@ -71,7 +72,8 @@ class KubeClient:
             query=[("fieldManager", FIELD_MANAGER)],
             content_type="application/json-patch+json",
         )
-        return result
+        compacted: dict[str, Any] = compact(result)
+        return compacted
 
     def delete(self, obj: dict[str, Any]) -> None:
         """Delete with a UID precondition, so a re-created object of the same name survives."""
