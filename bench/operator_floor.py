@@ -10,7 +10,8 @@ logic in between, on the same machine: this measures that. One run:
      alone take;
   2. the operator's own renderer (`plan`, `render_all`, `owned`) makes each LLMDeployment's
      children up front, outside the timing;
-  3. the writes a converging operator makes per LLMDeployment, with its own client
+  3. the writes a converging operator makes per LLMDeployment (with --create, the children
+     are created with POST instead, to see what server-side apply costs), with its own client
      (`kube/client.py`, raw JSON over urllib3, 16 connections) from 16 threads: server-side
      apply of the Deployment and of the Service, and two status patches (Pending, then Ready;
      the operator wrote 2 to 3 per LLMDeployment in bench/results/operator.md). Nothing is
@@ -38,7 +39,9 @@ import operator_bench as bench
 from kubernetes import client, config
 
 from llm_operator.api import LLMDeployment
+from llm_operator.constants import FIELD_MANAGER
 from llm_operator.kube.client import API_CONCURRENCY, KubeClient
+from llm_operator.kube.resources import kind_of
 from llm_operator.planner import plan
 from llm_operator.reconcile import owned
 from llm_operator.render import RenderConfig, render_all
@@ -84,6 +87,11 @@ def main() -> int:
     )
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--create",
+        action="store_true",
+        help="create the children with POST instead of server-side apply (what SSA costs)",
+    )
     args = parser.parse_args()
     config.load_kube_config()
     api = client.ApiClient()
@@ -110,7 +118,17 @@ def main() -> int:
             llmd = LLMDeployment.model_validate(made)
             children += owned(render_all(llmd, config_, sizing=plan(llmd.spec)), made)
         kinds = sorted({c["kind"] for c in children})
-        timed(f"apply children ({', '.join(kinds)})", children, kube.apply, phases)
+
+        def create_child(obj: dict[str, Any]) -> Any:
+            return kube._call(
+                "POST",
+                kind_of(obj).collection_path(namespace),
+                obj,
+                query=[("fieldManager", FIELD_MANAGER)],
+            )
+
+        verb, write = ("create", create_child) if args.create else ("apply", kube.apply)
+        timed(f"{verb} children ({', '.join(kinds)})", children, write, phases)
 
         def status(phase: str) -> Any:
             return lambda name: kube.patch_status(namespace, name, {"phase": phase})
@@ -119,7 +137,7 @@ def main() -> int:
         timed("patch status (Ready)", names, status("Ready"), phases)
     finally:
         bench.delete_namespace_and_wait(core, namespace, 600)
-    writes = [p for name, p in phases.items() if not name.startswith("create")]
+    writes = [p for name, p in phases.items() if name != "create LLMDeployments"]
     result = {
         "count": args.count,
         "concurrency": API_CONCURRENCY,
