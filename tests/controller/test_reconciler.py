@@ -448,3 +448,36 @@ def test_deleting_an_llmdeployment_cancels_its_next_look(
         assert len(fake.pod_lists) == lists
 
     asyncio.run(scenario())
+
+
+def test_a_reconcile_is_handed_only_its_own_deployments_ownership(
+    controller: Controller, fake: FakeKube, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run(controller, fake, body({**BASE, "replicas": 3}))  # Deployment m, replicas owned
+    # Another LLMDeployment's Deployment in the namespace, its replicas owned too, and a
+    # foreign field on it: none of it is this reconcile's business.
+    other = copy.deepcopy(fake.objects[("Deployment", "m")])
+    other["metadata"] |= {"name": "other", "labels": {"llmoperator.io/deployment": "other"}}
+    other["metadata"]["ownerReferences"] = [
+        {**other["metadata"]["ownerReferences"][0], "name": "other", "uid": "u-other"}
+    ]
+    other["metadata"]["managedFields"] = [
+        *other["metadata"]["managedFields"],
+        {
+            "manager": "kubectl",
+            "operation": "Update",
+            "fieldsV1": {"f:spec": {"f:template": {"f:spec": {"f:nodeSelector": {}}}}},
+        },
+    ]
+    controller.remember_child(other)
+    assert controller.replicas_owned[("ns", "other")] and ("ns", "other") in controller.foreign
+    seen: list[tuple[set[str], dict[str, Any]]] = []
+    sync = controller.reconcile_sync
+
+    def spy(body: Any, live: Any, owned: set[str], foreign: Any = None) -> Any:
+        seen.append((owned, foreign))
+        return sync(body, live, owned, foreign)
+
+    monkeypatch.setattr(controller, "reconcile_sync", spy)
+    asyncio.run(controller.reconcile(("ns", "m")))
+    assert seen == [({"m"}, {})]

@@ -199,15 +199,16 @@ class Controller:
                 return
             # The worker thread gets copies: the cache is only ever changed on this loop.
             live = self.live_children(owner_key)
-            owned_replicas = {
-                name
-                for (ns, name), owns in self.replicas_owned.items()
-                if owns and ns == owner_key[0]
-            }
+            # Only this owner's Deployments are looked up in these (a desired one not yet live
+            # needs neither): a copy of the whole namespace's, per queued reconcile, was a set
+            # of up to N names held by each of the N reconciles a burst queues.
+            namespace = owner_key[0]
+            deployments = [c["metadata"]["name"] for c in live if c.get("kind") == "Deployment"]
+            owned_replicas = {n for n in deployments if self.replicas_owned.get((namespace, n))}
             foreign = {
-                name: dict(fields)
-                for (ns, name), fields in self.foreign.items()
-                if ns == owner_key[0]
+                n: dict(self.foreign[(namespace, n)])
+                for n in deployments
+                if (namespace, n) in self.foreign
             }
             started = time.perf_counter()
             try:
