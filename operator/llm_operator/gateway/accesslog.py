@@ -160,8 +160,7 @@ class AccessLog:
             f'"fallback_path":[{steps}],'
             f'"client":{n[key_name]},"peer":"{req.peer}"}}\n'
         )
-        if len(self.buffer) >= FLUSH_LINES:  # the test of `_maybe_flush`, without its call
-            self._maybe_flush()
+        self._maybe_flush()
 
     def _text_line(self, line: _Line) -> None:
         """`record` in the text format (`--log-format text`), of `record`'s arguments."""
