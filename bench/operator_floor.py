@@ -120,7 +120,7 @@ def main() -> int:
         kinds = sorted({c["kind"] for c in children})
 
         def create_child(obj: dict[str, Any]) -> Any:
-            return kube._call(
+            return kube.api.call(
                 "POST",
                 kind_of(obj).collection_path(namespace),
                 obj,

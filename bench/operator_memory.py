@@ -313,15 +313,17 @@ def probe() -> dict[str, object]:
             for g in vars(metrics).values()
             if hasattr(g, "_metrics") and isinstance(getattr(g, "_metrics", None), dict)
         ]
-        # Labelled Gauges (and their _SERIES index) before 0e900b2; one row per
-        # LLMDeployment (_STATUS_SERIES) after, plus the day-2 gauges that stayed labelled.
-        rows = getattr(getattr(metrics, "_STATUS_SERIES", None), "rows", {})
-        index = getattr(metrics, "_SERIES", {})
+        # Labelled Gauges (and their _SERIES index) before 0e900b2; rows per LLMDeployment
+        # after (_STATUS_SERIES; the day-2 ones, _COST_SERIES, from f760077).
+        status_rows = getattr(getattr(metrics, "_STATUS_SERIES", None), "rows", {})
+        cost = getattr(metrics, "_COST_SERIES", None)
+        cost_rows = [getattr(cost, "costs", {}), getattr(cost, "stall_restarts", {})]
+        index = [getattr(metrics, "_SERIES", {}), *cost_rows]
         caches["prometheus series per LLMDeployment"] = {
             "series": sum(len(g._metrics) for g in gauges),
-            "rows": len(rows),
+            "rows": len(status_rows),
             "retained_MiB": _mib(
-                _deep([g._metrics for g in gauges] + [index, rows], {id(g) for g in gauges})
+                _deep([g._metrics for g in gauges] + [*index, status_rows], {id(g) for g in gauges})
             ),
         }
     report["caches"] = caches
