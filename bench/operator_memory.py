@@ -24,6 +24,7 @@ import sys
 AS_OPERATOR = "--as-operator"
 PROBE_OUT = "LLMOP_PROBE_OUT"
 PROBE_FRAMES = "LLMOP_PROBE_TRACEMALLOC"
+PROBE_TIMELINE = "LLMOP_PROBE_TIMELINE"
 
 
 # -- the probe, inside the operator process (imports nothing the operator would not) -------
@@ -235,8 +236,27 @@ def probe() -> dict[str, object]:
     from collections import Counter
 
     started = time.monotonic()
+    # What only the cycle collector would free (kept, counted, then freed): objects that
+    # wait for a full collection hold arenas meanwhile.
+    gc.set_debug(gc.DEBUG_SAVEALL)
     gc.collect()
+    garbage: Counter[str] = Counter()
+    garbage_bytes: Counter[str] = Counter()
+    for obj in gc.garbage:
+        garbage[type(obj).__qualname__] += 1
+        garbage_bytes[type(obj).__qualname__] += sys.getsizeof(obj)
+    cyclic = {
+        "objects": len(gc.garbage),
+        "MiB_shallow": _mib(sum(garbage_bytes.values())),
+        "top": [(name, garbage[name], _mib(size)) for name, size in garbage_bytes.most_common(12)],
+    }
+    gc.set_debug(0)
+    gc.garbage.clear()
+    collect_started = time.perf_counter()
+    gc.collect()
+    cyclic["full_collection_ms"] = round((time.perf_counter() - collect_started) * 1000, 1)
     report: dict[str, object] = {
+        "cyclic_garbage": cyclic,
         "status_MiB": _status(),
         "smaps_MiB": {k: round(v, 1) for k, v in list(_smaps().items())[:14]},
         "mallinfo2": _mallinfo(),
@@ -361,6 +381,54 @@ def _install_probe(out: str) -> None:
     signal.signal(signal.SIGUSR1, on_signal)
 
 
+def _timeline(out: str, every: float) -> None:
+    """A line per `every` seconds: RSS, pymalloc's blocks in use and arenas, the event loop's
+    ready callbacks and its tasks. Shows when in a burst the arenas grow, and with what queued."""
+    import asyncio
+    import threading
+    import time
+    from collections import Counter
+
+    loops: list[asyncio.AbstractEventLoop] = []
+    original = asyncio.BaseEventLoop.call_soon_threadsafe
+
+    def remember(self: asyncio.BaseEventLoop, *args: object, **kwargs: object) -> object:
+        if not loops:
+            loops.append(self)
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    asyncio.BaseEventLoop.call_soon_threadsafe = remember  # type: ignore[method-assign]
+
+    def sample() -> None:
+        started = time.monotonic()
+        with open(out, "w") as f:
+            while True:
+                time.sleep(every)
+                loop = loops[0] if loops else None
+                kinds: Counter[str] = Counter()
+                try:
+                    running = list(asyncio.all_tasks(loop)) if loop else []
+                    tasks = len(running)
+                    kinds.update(t.get_coro().__qualname__ for t in running)
+                except RuntimeError:  # the set changed while counted
+                    tasks = -1
+                ready = len(getattr(loop, "_ready", ())) if loop else -1
+                arenas = _pymalloc()
+                line = {
+                    "t": round(time.monotonic() - started, 2),
+                    "rss": round(_status()["VmRSS"], 1),
+                    "in_use_MiB": round(arenas["allocated_blocks_MiB"], 1),
+                    "arenas": arenas["arenas_current"],
+                    "ready": ready,
+                    "tasks": tasks,
+                    "tasks_by_coroutine": dict(kinds.most_common(4)),
+                }
+                f.write(json.dumps(line) + "\n")
+                f.flush()
+
+    threading.Thread(target=sample, name="probe-timeline", daemon=True).start()
+
+
 def as_operator(argv: list[str]) -> int:
     """`llm-operator <argv>` in this process, with the probe on SIGUSR1."""
     frames = int(os.environ.get(PROBE_FRAMES) or 0)
@@ -369,6 +437,8 @@ def as_operator(argv: list[str]) -> int:
 
         tracemalloc.start(frames)
     _install_probe(os.environ[PROBE_OUT])
+    if os.environ.get(PROBE_TIMELINE):
+        _timeline(os.environ[PROBE_OUT] + ".timeline", float(os.environ[PROBE_TIMELINE]))
     from llm_operator.cli import main as cli
 
     return cli(argv)
@@ -405,6 +475,17 @@ def main() -> int:
     parser.add_argument(
         "--env", action="append", default=[], help="KEY=VALUE for the operator (repeatable)"
     )
+    parser.add_argument(
+        "--timeline",
+        type=float,
+        default=0.0,
+        help="sample RSS, pymalloc, ready callbacks and tasks every this many seconds",
+    )
+    parser.add_argument(
+        "--probe-present",
+        action="store_true",
+        help="probe also when every child is present (perturbs what follows)",
+    )
     parser.add_argument("--json", type=Path, help="write the reports here")
     args = parser.parse_args()
     config.load_kube_config()
@@ -422,6 +503,8 @@ def main() -> int:
 
     def start(frames: int, tag: str) -> tuple[object, int]:
         env = {**extra, PROBE_OUT: f"{out}-{tag}", PROBE_FRAMES: str(frames)}
+        if args.timeline:
+            env[PROBE_TIMELINE] = str(args.timeline)
         # Under tracemalloc the imports alone take minutes on a busy machine.
         return bench.start_operator(
             namespace, args.source, log, prefix=prefix, env=env, ready_within=600
@@ -471,8 +554,14 @@ def main() -> int:
         results["p99_ms"] = round(bench.percentile(latencies, 0.99) * 1000)
         peak_watch = bench.proc_stats(operator.pid)  # type: ignore[attr-defined]
         results["rss_when_present_MiB"] = round(peak_watch[0], 1)
+        probes = 2
+        if args.probe_present:
+            # What is queued at the burst's end. The probe stops the event loop for seconds,
+            # so what the watches send meanwhile queues up and the heap grows: off by default.
+            results["present"] = ask(operator, "run", probes)
+            probes += 1
         time.sleep(args.settle)
-        results["converged"] = ask(operator, "run", 2)
+        results["converged"] = ask(operator, "run", probes)
         bench.stop_operator(operator)  # type: ignore[arg-type]
         operator, _ = start(args.trace_frames, "restart")
         time.sleep(args.settle)
@@ -480,6 +569,15 @@ def main() -> int:
     finally:
         bench.stop_operator(operator)  # type: ignore[arg-type]
         log.close()
+        if args.timeline:
+            results["timeline"] = {
+                tag: [
+                    json.loads(line)
+                    for line in Path(f"{out}-{tag}.timeline").read_text().splitlines()
+                ]
+                for tag in ("run", "restart")
+                if os.path.exists(f"{out}-{tag}.timeline")
+            }
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
         bench.delete_namespace_and_wait(core, namespace, 600)
@@ -493,7 +591,7 @@ def summary(results: dict[str, object]) -> str:
         f"N={results['count']}: converged in {results.get('converge_seconds')} s "
         f"(p50 {results.get('p50_ms')} ms, p99 {results.get('p99_ms')} ms) env={results['env']}"
     ]
-    for phase in ("idle", "converged", "restarted"):
+    for phase in ("idle", "present", "converged", "restarted"):
         report = results.get(phase)
         if not isinstance(report, dict):
             continue

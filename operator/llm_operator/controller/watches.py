@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import gc
 import logging
 from collections.abc import Callable
+from contextvars import Context
 from typing import Any
 
 import kopf
@@ -29,16 +31,21 @@ log = logging.getLogger("llm_operator.controller")
 
 
 #: Seconds between looks at whether the heap should be trimmed.
-TRIM_SECONDS = 10.0
+TRIM_SECONDS = 5.0
 
 
 class HeapTrimmer:
-    """Hands the allocator's free pages back to the kernel after a burst of events.
+    """After a burst of events, frees what waits for the cycle collector and hands the
+    allocator's free pages back to the kernel.
 
-    glibc keeps what a burst (the start-up lists, a thousand reconciles at once) freed in
-    its arenas, one per thread that allocated, so RSS stays at the peak although the Python
-    heap is back down (bench/results/operator.md). malloc_trim(0) releases the free pages of
-    every arena. Only after activity, so a quiet operator does no work.
+    kopf wraps every event in objects that refer to each other (Body and its Meta, Spec and
+    Status views, Patch and its parts), so they are freed only by a collection of the oldest
+    generation, and CPython runs one only when that generation has grown by a quarter: while
+    1,000 LLMDeployments filled the cache, ~1,100 events' worth (17,000 dicts) waited, and the
+    arenas they held stayed after (bench/results/operator.md). So a full collection every
+    TRIM_SECONDS while busy. glibc keeps what a burst freed in its arenas, one per thread that
+    allocated; malloc_trim(0) releases the free pages of every arena. Only after activity, so
+    a quiet operator does no work.
     """
 
     def __init__(self) -> None:
@@ -47,6 +54,7 @@ class HeapTrimmer:
         libc = ctypes.CDLL(name) if name else None
         # musl and other libcs have no malloc_trim: nothing to do there.
         self.trim: Callable[[int], int] | None = getattr(libc, "malloc_trim", None)
+        self.collect: Callable[[], int] = gc.collect
 
     def touch(self) -> None:
         self.busy = True
@@ -54,41 +62,67 @@ class HeapTrimmer:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(TRIM_SECONDS)
-            if self.busy and self.trim is not None:
+            if self.busy:
                 self.busy = False
-                await asyncio.to_thread(self.trim, 0)
+                self.collect()
+                if self.trim is not None:
+                    await asyncio.to_thread(self.trim, 0)
 
 
-def child_dispatcher(
-    controller: Controller, trimmer: HeapTrimmer | None = None
-) -> Callable[[str, dict[str, Any]], None]:
-    """The loop's side of the child watches: cache the event, then reconcile the owner.
+def reconcile_scheduler(controller: Controller) -> Callable[[OwnerKey], None]:
+    """Schedule a reconcile of an owner, coalesced: while one is queued for it and has not
+    yet read the cache, a further event only updates the cache, which that reconcile will
+    read. A burst of events (an apply, then the Deployment controller's status updates; an
+    LLMDeployment and the status patches that answer it) costs one reconcile per owner
+    instead of one per event.
 
-    Reconciles are coalesced: while one is queued for an owner and has not yet read the
-    cache, a further event only updates the cache, which that reconcile will read. A burst
-    of child events (apply, then the Deployment controller's status updates) costs one
-    reconcile per owner instead of one per event.
+    Nothing waits for it: kopf's handler returns at once, so a burst of a thousand
+    LLMDeployments does not hold a thousand kopf workers, each with its event, while their
+    reconciles queue for the worker threads (that was ~26 MiB of the burst's peak at 1,000,
+    and the arenas it took stayed: bench/results/operator.md).
     """
     pending: set[OwnerKey] = set()
 
     async def run(owner_key: OwnerKey) -> None:
-        lock = controller.locks[owner_key]
-        # Wait out a reconcile in progress: it read the cache before this event.
-        async with lock:
-            pass
-        pending.discard(owner_key)
-        await controller.reconcile(owner_key)
+        # Pending until the reconcile reads the cache (after any reconcile in progress, which
+        # read it before this event, and once a worker thread is free): events until then are
+        # read by it.
+        await controller.reconcile(owner_key, lambda: pending.discard(owner_key))
+
+    def ended(task: asyncio.Future[None]) -> None:
+        controller.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            log.error("reconcile failed: %r", error, exc_info=error)
+
+    def schedule(owner_key: OwnerKey) -> None:
+        if owner_key in pending:
+            return
+        pending.add(owner_key)
+        # An empty context, not the caller's: a task copies the context it is made in, and
+        # in kopf's handler that holds kopf's cause (the event's body, patch and logger)
+        # until the task ends, which in a burst is after every queued reconcile before it.
+        task = asyncio.get_running_loop().create_task(run(owner_key), context=Context())
+        controller.tasks.add(task)  # keep a reference until it ends
+        task.add_done_callback(ended)
+
+    return schedule
+
+
+def child_dispatcher(
+    controller: Controller,
+    trimmer: HeapTrimmer | None = None,
+    schedule: Callable[[OwnerKey], None] | None = None,
+) -> Callable[[str, dict[str, Any]], None]:
+    """The loop's side of the child watches: cache the event, then reconcile the owner."""
+    schedule = schedule or reconcile_scheduler(controller)
 
     def on_child(type_: str, obj: dict[str, Any]) -> None:
         if trimmer is not None:
             trimmer.touch()
         owner_key = controller.remember_child(obj, deleted=type_ == "DELETED")
-        if owner_key is None or owner_key not in controller.bodies or owner_key in pending:
-            return
-        pending.add(owner_key)
-        task = asyncio.ensure_future(run(owner_key))
-        controller.tasks.add(task)  # keep a reference until it ends
-        task.add_done_callback(controller.tasks.discard)
+        if owner_key is not None and owner_key in controller.bodies:
+            schedule(owner_key)
 
     return on_child
 
@@ -129,7 +163,8 @@ def register(
 ) -> None:
     trimmer = HeapTrimmer()
     logging.getLogger("kopf.objects").addFilter(PER_EVENT_LINES)  # once: the same object
-    on_child = child_dispatcher(controller, trimmer)
+    schedule = reconcile_scheduler(controller)
+    on_child = child_dispatcher(controller, trimmer, schedule)
     informers: list[Informer] = []
     background: set[asyncio.Task[None]] = set()
 
@@ -155,6 +190,11 @@ def register(
         # standby takes over within 12 s of the active replica's death (kopf's default: 60).
         settings.peering.lifetime = 12
         settings.batching.batch_window = 0.1
+        # kopf keeps a worker per object until it has been idle this long, and the worker
+        # holds the last raw event it handled (the whole body, managedFields and all). The
+        # handler returns at once, so a worker has nothing to wait for: 5 s (kopf's default)
+        # kept ~600 of them, and their events, through a burst of 1,000.
+        settings.queueing.idle_timeout = 0.5
         loop = asyncio.get_running_loop()
 
         def deliver(type_: str, obj: dict[str, Any]) -> None:  # from a watch thread
@@ -197,7 +237,7 @@ def register(
         deleted = event["type"] == "DELETED"
         owner_key = controller.remember_owner(body, deleted=deleted)
         if not deleted:
-            await controller.reconcile(owner_key)
+            schedule(owner_key)
 
     @kopf.on.cleanup(registry=registry)
     async def stop_watches(**_: Any) -> None:
