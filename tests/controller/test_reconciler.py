@@ -12,6 +12,7 @@ import pytest
 
 from llm_operator.constants import FIELD_MANAGER
 from llm_operator.controller.reconciler import HANDOVER_MANAGER, Controller
+from llm_operator.controller.slots import PrioritySlots
 from llm_operator.kube.transport import ApiError
 from llm_operator.render import RenderConfig
 
@@ -490,7 +491,7 @@ def test_a_queued_reconcile_reads_the_cache_when_a_thread_is_free_for_it(
     # A burst queues more reconciles than there are threads. One that waits must read what
     # the cache holds when its turn comes, not hold (and then act on) what it held when
     # queued: 1,000 such snapshots were ~25 MiB at a burst's peak, and stale.
-    controller.slots = asyncio.Semaphore(1)
+    controller.slots = PrioritySlots(1)
     first, second = body(BASE), body(BASE)
     second["metadata"] = {**second["metadata"], "name": "n", "uid": "n-uid"}
     controller.remember_owner(first)
@@ -520,3 +521,42 @@ def test_a_queued_reconcile_reads_the_cache_when_a_thread_is_free_for_it(
 
     asyncio.run(scenario())
     assert read == [("m", None), ("n", 5)]
+
+
+def test_a_new_or_edited_llmdeployment_gets_a_thread_before_status_only_looks(
+    controller: Controller, fake: FakeKube, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run(controller, fake, body(BASE))  # m: reconciled at generation 1
+    done = body(BASE)
+    done["metadata"] = {**done["metadata"], "name": "done", "uid": "done-uid"}
+    run(controller, fake, done)  # reconciled too: its next look is status-only
+    controller.slots = PrioritySlots(1)
+    new = body(BASE)
+    new["metadata"] = {**new["metadata"], "name": "new", "uid": "new-uid"}
+    controller.remember_owner(new)
+    running, release = threading.Event(), threading.Event()
+    order: list[str] = []
+    sync = controller.reconcile_sync
+
+    def spy(llmd: Any, live: Any, owned: set[str], foreign: Any = None) -> Any:
+        order.append(llmd["metadata"]["name"])
+        if len(order) == 1:
+            running.set()
+            release.wait(5)
+        return sync(llmd, live, owned, foreign)
+
+    monkeypatch.setattr(controller, "reconcile_sync", spy)
+
+    async def scenario() -> None:
+        tasks = [asyncio.create_task(controller.reconcile(("ns", "m")))]
+        while not running.is_set():
+            await asyncio.sleep(0.01)
+        tasks.append(asyncio.create_task(controller.reconcile(("ns", "done"))))  # first in line
+        await asyncio.sleep(0.01)
+        tasks.append(asyncio.create_task(controller.reconcile(("ns", "new"))))
+        await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+    assert order == ["m", "new", "done"]

@@ -44,6 +44,7 @@ from llm_operator.controller.canary import (
     plan_canary,
 )
 from llm_operator.controller.routes import RoutesWriter
+from llm_operator.controller.slots import PrioritySlots
 from llm_operator.engine_health import REASONS as ENGINE_REASONS
 from llm_operator.engine_health import EngineProblem, engine_problems, pod_selector
 from llm_operator.fallback_health import CHECK_SECONDS, fallback_condition, fallback_queries
@@ -124,11 +125,14 @@ class Controller:
     preflight_nodes: bool = True
     """Before a new revision replaces pods that serve, check that some node has its
     nodeSelector labels (list on nodes); the Secrets it reads are checked always."""
-    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(RECONCILE_SLOTS))
+    slots: PrioritySlots = field(default_factory=lambda: PrioritySlots(RECONCILE_SLOTS))
     """Held from the snapshot to the end of the worker thread's run. Without it a burst of
     1,000 queued for the threads with 1,000 snapshots taken at once: each kept the body and
     children it read alive, superseded or not, until its turn (~25 MiB at the burst's peak,
     bench/results/operator.md), and ran on what was stale by then."""
+    reconciled_generation: dict[OwnerKey, int] = field(default_factory=dict)
+    """The spec generation each LLMDeployment was last reconciled at: one that is new or
+    edited since waits for a thread ahead of ones whose status or children moved."""
 
     def __post_init__(self) -> None:
         self.analyst = Analyst(self.prometheus_url)
@@ -181,6 +185,7 @@ class Controller:
             self.children.pop(owner_key, None)
             self.failures.pop(owner_key, None)
             self.locks.pop(owner_key, None)
+            self.reconciled_generation.pop(owner_key, None)
             metrics.forget(*owner_key)
             for timers in (self.retries, self.rechecks):
                 handle = timers.pop(owner_key, None)
@@ -207,12 +212,13 @@ class Controller:
     ) -> None:
         """Reconcile one LLMDeployment from the cache; `reading` is called just before the
         cache is read, so a caller coalescing events knows which ones this run will see."""
-        async with self.locks[owner_key], self.slots:
+        async with self.locks[owner_key], self.slots.held(self.priority(owner_key)):
             if reading is not None:
                 reading()
             body = self.bodies.get(owner_key)
             if body is None:
                 return
+            generation = body["metadata"].get("generation")
             # The worker thread gets copies: the cache is only ever changed on this loop.
             live = self.live_children(owner_key)
             # Only this owner's Deployments are looked up in these (a desired one not yet live
@@ -251,6 +257,8 @@ class Controller:
                 self.retry_later(owner_key, outcome.problem.message, delay=SLOW_RETRY_SECONDS)
             else:
                 self.failures.pop(owner_key, None)
+            if isinstance(generation, int):
+                self.reconciled_generation[owner_key] = generation
             if outcome.status is not None:
                 # The next reconcile must see the state just written (a canary's step and
                 # analysis count), not wait for the watch to bring it.
@@ -263,6 +271,12 @@ class Controller:
                 if handle:
                     handle.cancel()
             metrics.RECONCILES.labels(result="ok").inc()
+
+    def priority(self, owner_key: OwnerKey) -> int:
+        """0 for an LLMDeployment not yet reconciled at its spec's generation, else 1."""
+        body = self.bodies.get(owner_key)
+        generation = body["metadata"].get("generation") if body else None
+        return 1 if self.reconciled_generation.get(owner_key) == generation else 0
 
     def retry_later(self, owner_key: OwnerKey, why: str, delay: float | None = None) -> None:
         attempt = self.failures[owner_key]
