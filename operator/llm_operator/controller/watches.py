@@ -192,8 +192,8 @@ def register(
         settings.batching.batch_window = 0.1
         # kopf keeps a worker per object until it has been idle this long, and the worker
         # holds the last raw event it handled (the whole body, managedFields and all). The
-        # handler returns at once, so a worker has nothing to wait for: 5 s (kopf's default)
-        # kept ~600 of them, and their events, through a burst of 1,000.
+        # handler returns at once, so there is nothing to wait for: kopf's 5 s only kept
+        # workers and their events through a burst.
         settings.queueing.idle_timeout = 0.5
         loop = asyncio.get_running_loop()
 
