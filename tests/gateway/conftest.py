@@ -15,10 +15,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import openai
 import pytest
 import yaml
 
@@ -179,6 +180,33 @@ def gateway() -> Iterator[GatewayProc]:
             yield gw
         finally:
             gw.stop()
+
+
+class Sdk(Protocol):
+    """The `sdk` fixture: an OpenAI SDK client for a gateway."""
+
+    def __call__(self, gw: GatewayProc, key: str = "none", **kw: Any) -> openai.AsyncOpenAI: ...
+
+
+@pytest.fixture
+async def sdk() -> AsyncIterator[Sdk]:
+    """OpenAI SDK clients (`max_retries=0`: the SDK must not hide what the gateway does),
+    closed at the end of the test, on its own event loop. One left open is not freed when
+    the test ends (the client and its resources refer to each other): the cycle collector
+    frees it later, at any moment, often inside a later test's event loop, where the SDK's
+    `__del__` schedules an `aclose()` of sockets bound to the closed loop; that task fails
+    with "Event loop is closed" and asyncio logs it as an error in whichever test is running
+    (test_malformed.py fails on any error logged while it runs)."""
+    made: list[openai.AsyncOpenAI] = []
+
+    def make(gw: GatewayProc, key: str = "none", **kw: Any) -> openai.AsyncOpenAI:
+        c = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        await c.close()
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import yaml
 
 from llm_operator.api.gateway_config import ClientLimits
 from llm_operator.gateway.limits import Budget, retry_after
-from tests.gateway.conftest import GatewayProc, addr
+from tests.gateway.conftest import GatewayProc, Sdk, addr
 from tests.support.sim import SimProcess
 
 pytestmark = pytest.mark.timeout(60)
@@ -104,11 +104,7 @@ def start_with_edge(
     return edge_file
 
 
-def sdk(gateway: GatewayProc, key: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
-
-
-async def until_let_in(gateway: GatewayProc, key: str, within: float = 5.0) -> None:
+async def until_let_in(sdk: Sdk, gateway: GatewayProc, key: str, within: float = 5.0) -> None:
     """Until the gateway takes `key` (a changed key file is read by a poll), bounded."""
     deadline = time.monotonic() + within
     while True:
@@ -132,7 +128,7 @@ def audit_lines(gateway: GatewayProc, count: int) -> list[dict[str, Any]]:
 
 
 async def test_keys_from_a_directory_rotate_without_a_restart(
-    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], tmp_path: Path
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], tmp_path: Path, sdk: Sdk
 ) -> None:
     llama, _ = sims
     keys = write_keys(tmp_path / "clients", {"team-a": "sk-a-1", "team-b": "sk-b-1"})
@@ -146,7 +142,7 @@ async def test_keys_from_a_directory_rotate_without_a_restart(
         await sdk(gateway, "table-key").models.list()
 
     write_keys(keys, {"team-a": "sk-a-2", "team-b": "sk-b-1"})  # team-a's key rotated
-    await until_let_in(gateway, "sk-a-2")
+    await until_let_in(sdk, gateway, "sk-a-2")
     with pytest.raises(openai.AuthenticationError):
         await sdk(gateway, "sk-a-1").models.list()
     await sdk(gateway, "sk-b-1").models.list()
@@ -154,7 +150,7 @@ async def test_keys_from_a_directory_rotate_without_a_restart(
 
 
 async def test_a_key_over_its_token_budget_gets_429_and_others_go_on(
-    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], tmp_path: Path
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], tmp_path: Path, sdk: Sdk
 ) -> None:
     llama, _ = sims
     keys = write_keys(tmp_path / "clients", {"team-a": "sk-a", "team-b": "sk-b"})
@@ -219,7 +215,7 @@ async def test_a_key_over_its_token_budget_gets_429_and_others_go_on(
 
 
 async def test_concurrency_per_key_and_budgets_per_model(
-    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], tmp_path: Path
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], tmp_path: Path, sdk: Sdk
 ) -> None:
     llama, _ = sims
     keys = write_keys(tmp_path / "clients", {"team-a": "sk-a", "team-b": "sk-b"})
@@ -268,18 +264,18 @@ async def test_header_limit_is_a_setting(
 
 
 async def test_an_empty_or_missing_keys_directory_lets_nobody_in(
-    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], tmp_path: Path
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], tmp_path: Path, sdk: Sdk
 ) -> None:
     llama, _ = sims
     start_with_edge(gateway, llama[0], {"keysDir": str(tmp_path / "not-there-yet")})
     with pytest.raises(openai.AuthenticationError):
         await sdk(gateway, "anything").chat.completions.create(model="llama", messages=MSG)
     write_keys(tmp_path / "not-there-yet", {"team-a": "sk-a"})  # the Secret arrives
-    await until_let_in(gateway, "sk-a")
+    await until_let_in(sdk, gateway, "sk-a")
 
 
 async def test_the_audit_log_can_go_to_a_file(
-    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], tmp_path: Path
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], tmp_path: Path, sdk: Sdk
 ) -> None:
     llama, _ = sims
     audit = tmp_path / "audit.log"

@@ -16,18 +16,13 @@ import httpx
 import openai
 import pytest
 
-from tests.gateway.conftest import EXT_KEY, GatewayProc, addr, served
+from tests.gateway.conftest import EXT_KEY, GatewayProc, Sdk, addr, served
 from tests.gateway.fake_backend import FakeBackend
 from tests.support.sim import SimProcess, run_sims
 
 pytestmark = pytest.mark.timeout(60)
 
 MSG = [{"role": "user", "content": "Hello there"}]
-
-
-def client(gw: GatewayProc, **kw: Any) -> openai.AsyncOpenAI:
-    # max_retries=0: the SDK must not hide what the gateway does.
-    return openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="none", max_retries=0, **kw)
 
 
 def model(name: str, tracks: list[tuple[str, int, list[str]]], **kw: Any) -> dict[str, Any]:
@@ -67,7 +62,7 @@ async def run_load(
 
 
 async def test_canary_weight_holds_over_2000_requests(
-    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess]
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], sdk: Sdk
 ) -> None:
     llama, _ = sims
     stable, canary = llama[0], llama[1]
@@ -79,7 +74,7 @@ async def test_canary_weight_holds_over_2000_requests(
             ]
         }
     )
-    answers = await run_load(client(gateway), "llama", 2000, 16)
+    answers = await run_load(sdk(gateway), "llama", 2000, 16)
     assert len(answers) == 2000
     await asyncio.sleep(0.1)
     n_stable = served(stable) - before[0]
@@ -93,7 +88,7 @@ async def test_canary_weight_holds_over_2000_requests(
 
 
 async def test_stopped_stable_backends_fall_back_and_clients_get_answers(
-    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess]
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], sdk: Sdk
 ) -> None:
     _, small = sims
     with run_sims(
@@ -111,7 +106,7 @@ async def test_stopped_stable_backends_fall_back_and_clients_get_answers(
             ]
         }
         gateway.start(table)
-        c = client(gateway)
+        c = sdk(gateway)
         first = await c.chat.completions.create(model="llama", messages=MSG, max_tokens=4)
         assert first.model == "llama"
         for s in own:
@@ -132,7 +127,7 @@ async def test_stopped_stable_backends_fall_back_and_clients_get_answers(
 
 @pytest.mark.parametrize("injected", ["500", "429"])
 async def test_injected_errors_fall_back(
-    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], injected: str
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], injected: str, sdk: Sdk
 ) -> None:
     llama, small = sims
     stable = llama[0]
@@ -146,7 +141,7 @@ async def test_injected_errors_fall_back(
     )
     stable.admin(**{f"error_rate_{injected}": 1.0, "retry_after": 5})
     # One at a time, so the count of attempts on the failing backend is exact.
-    answers = await run_load(client(gateway), "llama", 20, 1)
+    answers = await run_load(sdk(gateway), "llama", 20, 1)
     assert {a.model for a in answers} == {"small"}
     reason = "5xx" if injected == "500" else "429"
     assert gateway.metric("llm_gateway_fallbacks_total", model="llama", reason=reason) >= 1
@@ -162,7 +157,7 @@ async def test_injected_errors_fall_back(
 
 
 async def test_external_endpoint_gets_the_key_and_the_rewritten_model(
-    gateway: GatewayProc, external_sim: SimProcess, tmp_path: Path
+    gateway: GatewayProc, external_sim: SimProcess, tmp_path: Path, sdk: Sdk
 ) -> None:
     key_file = tmp_path / "api-key"
     key_file.write_text(EXT_KEY + "\n")
@@ -195,7 +190,7 @@ async def test_external_endpoint_gets_the_key_and_the_rewritten_model(
             ]
         }
         gateway.start(table, env={"EXT_API_KEY": "sk-from-env"})
-        c = client(gateway)
+        c = sdk(gateway)
         # The simulator requires the key (401 without it) and serves only ext-model (404).
         r = await c.chat.completions.create(model="llama", messages=MSG, max_tokens=4)
         assert r.model == "ext-model" and r.choices[0].message.content
@@ -221,7 +216,7 @@ def _normalize(raw: bytes) -> bytes:
 
 
 async def test_streaming_passes_through_byte_for_byte(
-    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess]
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], sdk: Sdk
 ) -> None:
     llama, _ = sims
     sim = llama[0]
@@ -241,7 +236,7 @@ async def test_streaming_passes_through_byte_for_byte(
     assert direct.count(b"data: ") >= 12
     assert _normalize(via) == _normalize(direct)
     # And the SDK reads it as a stream.
-    stream = await client(gateway).chat.completions.create(
+    stream = await sdk(gateway).chat.completions.create(
         model="llama", messages=MSG, stream=True, max_tokens=5
     )
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
@@ -288,7 +283,7 @@ async def test_first_chunk_is_not_delayed_on_reused_connections(gateway: Gateway
 
 
 async def test_backend_dying_mid_stream_ends_with_an_error_event_not_a_second_answer(
-    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess]
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], sdk: Sdk
 ) -> None:
     llama, small = sims
     a, b = llama[0], llama[1]
@@ -331,7 +326,7 @@ async def test_backend_dying_mid_stream_ends_with_an_error_event_not_a_second_an
     assert gateway.metric("llm_gateway_fallbacks_total") == 0
     assert gateway.metric("llm_gateway_requests_total", outcome="stream_error") == 1
     # The SDK surfaces it as an error, after the tokens it already got.
-    stream = await client(gateway).chat.completions.create(
+    stream = await sdk(gateway).chat.completions.create(
         model="llama",
         messages=MSG,
         stream=True,
@@ -347,7 +342,7 @@ async def test_backend_dying_mid_stream_ends_with_an_error_event_not_a_second_an
 
 
 async def test_circuit_opens_and_recovers(
-    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess]
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], sdk: Sdk
 ) -> None:
     llama, _ = sims
     good, bad = llama[0], llama[1]
@@ -363,7 +358,7 @@ async def test_circuit_opens_and_recovers(
         }
     )
     bad.admin(error_rate_500=1.0)
-    c = client(gateway)
+    c = sdk(gateway)
     answers = await run_load(c, "llama", 30, 1)
     # Every client got an answer: failed attempts were retried on the good backend at once.
     assert len(answers) == 30
@@ -383,14 +378,14 @@ async def test_circuit_opens_and_recovers(
 
 
 async def test_routing_table_change_under_load_loses_no_request(
-    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess]
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], sdk: Sdk
 ) -> None:
     llama, _ = sims
     a, b, c3 = llama
     t1 = {"models": [model("llama", [("stable", 100, [addr(a)])])]}
     t2 = {"models": [model("llama", [("stable", 50, [addr(b)]), ("canary", 50, [addr(c3)])])]}
     gateway.start(t1)
-    c = client(gateway)
+    c = sdk(gateway)
     stop = asyncio.Event()
     done = 0
     errors: list[BaseException] = []
@@ -425,7 +420,7 @@ async def test_routing_table_change_under_load_loses_no_request(
 
 
 async def test_first_byte_timeout_and_saturation_fall_back(
-    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess]
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], sdk: Sdk
 ) -> None:
     llama, small = sims
     slow = llama[0]
@@ -445,7 +440,7 @@ async def test_first_byte_timeout_and_saturation_fall_back(
         }
     )
     slow.admin(hang=True)
-    c = client(gateway)
+    c = sdk(gateway)
     t0 = time.monotonic()
     first, second = await asyncio.gather(
         c.chat.completions.create(model="llama", messages=MSG, max_tokens=4),
@@ -457,7 +452,9 @@ async def test_first_byte_timeout_and_saturation_fall_back(
     assert gateway.metric("llm_gateway_fallbacks_total", reason="saturated") == 1
 
 
-async def test_edge_errors(gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess]) -> None:
+async def test_edge_errors(
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], sdk: Sdk
+) -> None:
     import hashlib
 
     llama, _ = sims
@@ -480,9 +477,9 @@ async def test_edge_errors(gateway: GatewayProc, sims: tuple[list[SimProcess], S
             },
         }
     )
-    ok = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+    ok = sdk(gateway, key)
     with pytest.raises(openai.AuthenticationError):
-        await client(gateway).chat.completions.create(model="llama", messages=MSG)
+        await sdk(gateway).chat.completions.create(model="llama", messages=MSG)
     with pytest.raises(openai.NotFoundError) as nf:
         await ok.chat.completions.create(model="nope", messages=MSG)
     assert nf.value.code == "model_not_found"
@@ -512,7 +509,7 @@ async def test_edge_errors(gateway: GatewayProc, sims: tuple[list[SimProcess], S
 
 
 async def test_completions_endpoint_and_model_listing(
-    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess]
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], sdk: Sdk
 ) -> None:
     llama, small = sims
     gateway.start(
@@ -523,7 +520,7 @@ async def test_completions_endpoint_and_model_listing(
             ]
         }
     )
-    c = client(gateway)
+    c = sdk(gateway)
     r = await c.completions.create(model="small", prompt="Once upon a time", max_tokens=4)
     assert r.model == "small" and r.choices[0].text
     stream = await c.completions.create(model="llama", prompt="Hi", max_tokens=4, stream=True)
@@ -534,23 +531,21 @@ async def test_completions_endpoint_and_model_listing(
 
 
 async def test_starts_without_a_table_and_serves_it_once_the_operator_writes_it(
-    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess]
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], sdk: Sdk
 ) -> None:
     _, small = sims
     gateway.start(None)
     status, body, _ = gateway.get("/v1/models")
     assert status == 200 and json.loads(body)["data"] == []
     with pytest.raises(openai.NotFoundError):
-        await client(gateway).chat.completions.create(model="small", messages=MSG, max_tokens=4)
+        await sdk(gateway).chat.completions.create(model="small", messages=MSG, max_tokens=4)
     gateway.update({"models": [model("small", [("stable", 100, [addr(small)])])]})
-    answer = await client(gateway).chat.completions.create(
-        model="small", messages=MSG, max_tokens=4
-    )
+    answer = await sdk(gateway).chat.completions.create(model="small", messages=MSG, max_tokens=4)
     assert answer.choices[0].message.content
 
 
 async def test_a_canary_error_that_a_retry_hides_still_counts_against_the_canary(
-    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess]
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], sdk: Sdk
 ) -> None:
     """Canary analysis reads failed attempts by track: the client got the stable's answer,
     the canary's 500 is still on the canary's books."""
@@ -564,7 +559,7 @@ async def test_a_canary_error_that_a_retry_hides_still_counts_against_the_canary
         }
     )
     canary.admin(error_rate_500=1.0)
-    answers = await run_load(client(gateway), "llama", 10, 1)
+    answers = await run_load(sdk(gateway), "llama", 10, 1)
     assert len(answers) == 10  # every one answered, by the stable
     failed = gateway.metric(
         "llm_gateway_attempt_failures_total", track="canary", backend=addr(canary), reason="5xx"
@@ -575,7 +570,7 @@ async def test_a_canary_error_that_a_retry_hides_still_counts_against_the_canary
 
 
 async def test_requests_waiting_for_a_slot_count_as_held_demand(
-    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess]
+    gateway: GatewayProc, sims: tuple[list[SimProcess], SimProcess], sdk: Sdk
 ) -> None:
     """With maxConcurrency the gateway queues the excess itself, where vLLM's own
     num_requests_waiting never sees it: llm_gateway_requests_held counts it, so the KEDA query
@@ -596,7 +591,7 @@ async def test_requests_waiting_for_a_slot_count_as_held_demand(
         }
     )
     slow.admin(itl=0.2)
-    c = client(gateway)
+    c = sdk(gateway)
     tasks = [
         asyncio.ensure_future(c.chat.completions.create(model="llama", messages=MSG, max_tokens=8))
         for _ in range(4)

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 
 from llm_operator.api.gateway_config import GatewayConfig
 from llm_operator.gateway.discovery import Cluster
-from tests.gateway.conftest import GatewayProc, addr
+from tests.gateway.conftest import GatewayProc, Sdk, addr
 from tests.gateway.fake_backend import FakeBackend
 from tests.gateway.test_discovery import FakeApiServer, _pod, _token
 from tests.support.sim import SimProcess, metric_value, run_sims
@@ -107,9 +106,10 @@ async def test_held_requests_go_out_in_arrival_order_when_a_backend_appears(
 
 async def test_twenty_concurrent_cold_requests_are_all_answered_by_a_simulator_that_starts_late(
     gateway: GatewayProc,
+    sdk: Sdk,
 ) -> None:
     gateway.start({"models": [cold_model()]})
-    c = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0, timeout=30)
+    c = sdk(gateway, "x", timeout=30)
     calls = [
         asyncio.create_task(
             c.chat.completions.create(model="llama", messages=MSG, max_tokens=4, stream=False)
@@ -179,7 +179,7 @@ async def test_full_queue_and_expired_wait_answer_503_with_retry_after(
 
 
 async def test_fallback_instead_of_503_and_while_cold(
-    gateway: GatewayProc, small_sim: SimProcess
+    gateway: GatewayProc, small_sim: SimProcess, sdk: Sdk
 ) -> None:
     small = {
         "name": "small",
@@ -197,7 +197,7 @@ async def test_fallback_instead_of_503_and_while_cold(
             ]
         }
     )
-    c = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+    c = sdk(gateway, "x")
     t0 = time.monotonic()
     r = await c.chat.completions.create(model="llama", messages=MSG, max_tokens=4)
     assert r.model == "small" and 0.45 < time.monotonic() - t0 < 3

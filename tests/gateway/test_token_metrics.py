@@ -9,10 +9,9 @@ import math
 import re
 
 import httpx
-import openai
 import pytest
 
-from tests.gateway.conftest import GatewayProc, addr
+from tests.gateway.conftest import GatewayProc, Sdk, addr
 from tests.support.sim import run_sims
 
 pytestmark = pytest.mark.timeout(90)
@@ -78,7 +77,7 @@ async def _stream(h: httpx.AsyncClient, url: str) -> int:
     return raw.count(b"data: ")
 
 
-async def test_ttft_and_tpot_follow_the_simulator_per_track(gateway: GatewayProc) -> None:
+async def test_ttft_and_tpot_follow_the_simulator_per_track(gateway: GatewayProc, sdk: Sdk) -> None:
     with (
         run_sims(1, served_name="llama", args=_sim_args(0.2, 0.01)) as fast,
         run_sims(1, served_name="llama", args=_sim_args(0.4, 0.02)) as slow,
@@ -130,7 +129,7 @@ async def test_ttft_and_tpot_follow_the_simulator_per_track(gateway: GatewayProc
         assert 1.7 < canary_p95 / stable_p95 < 2.3, (stable_p95, canary_p95)
 
         # Non-streamed 2xx: the first token a client can use is the whole answer.
-        c = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+        c = sdk(gateway, "x")
         for _ in range(4):
             await c.chat.completions.create(
                 model="llama", messages=MSG, max_tokens=4, extra_body={"ignore_eos": True}
