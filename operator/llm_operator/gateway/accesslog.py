@@ -160,7 +160,8 @@ class AccessLog:
             f'"fallback_path":[{steps}],'
             f'"client":{n[key_name]},"peer":"{req.peer}"}}\n'
         )
-        self._maybe_flush()
+        if len(self.buffer) >= FLUSH_LINES:  # the test of `_maybe_flush`, without its call
+            self._maybe_flush()
 
     def _text_line(self, line: _Line) -> None:
         """`record` in the text format (`--log-format text`), of `record`'s arguments."""

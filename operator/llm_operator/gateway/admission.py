@@ -16,6 +16,8 @@ from llm_operator.gateway.metrics import Metrics
 from llm_operator.gateway.request import Call, Request, error_body
 from llm_operator.gateway.routing import ModelState, RoutingTable
 
+_new = object.__new__
+
 
 class Refused(Exception):
     """The request is answered at the edge with `response` (`status`; the model and the
@@ -106,8 +108,28 @@ def admit(table: RoutingTable, metrics: Metrics, req: Request) -> Call:
     budgets: list[Budget] | tuple[()] = ()
     if (key is not None and key.limited) or model.route.client_limits is not None:
         budgets = _take_budgets(metrics, req, model, key, key_name)
-    # By position: t0, budgets, then the first step's model, body and target name.
-    call = Call(req, sc, model, key_name, req.start, budgets, model, sc.body, sc.model)
+    # The `Call`, every field set here, without the dataclass `__init__` (a Python
+    # `__init__` is a frame entered from C: ~1.2k instructions more per request);
+    # tests/gateway/test_fields.py checks that none is left out.
+    call = _new(Call)
+    call.req = req
+    call.scanned = sc
+    call.model = model
+    call.key_name = key_name
+    call.t0 = req.start
+    call.budgets = budgets
+    call.step_model = model
+    call.body = sc.body
+    call.target = sc.model
+    call.attempts = 0
+    call.external = None
+    call.step_label = ""
+    call.note = ""
+    call.resume = None
+    call.strip_usage = False
+    call.tokens_in = None
+    call.tokens_out = None
+    call.path = ()
     if sc.stream and (key is not None or budgets) and not model.route.resume_streams:
         # Audited or budgeted traffic counts the tokens of streams too: ask the engine for
         # the final usage block (and hide it from a client that did not ask for it).

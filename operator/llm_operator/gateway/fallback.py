@@ -27,7 +27,10 @@ from llm_operator.gateway.upstream import (
     UpstreamConnection,
     UpstreamError,
     expire,
+    new_exchange,
 )
+
+_new = object.__new__
 
 # The only client headers an external (url) fallback gets: a third party must not see the
 # client's cookies, tracing, internal or identity headers. No accept-encoding: a compressed
@@ -142,7 +145,7 @@ class Proxy:
                 self.metrics.inc(self.metrics.retries, model.name)
             call.attempts += 1
             tried.append(backend)
-            result = await self._attempt(conn, call, backend, track)
+            result = await self._attempt(conn, call, backend, track, now)
             if result is None:
                 return call.req.keep_alive and not conn.closed
             if result.reason == Failure.CLIENT_CLOSED:
@@ -295,22 +298,36 @@ class Proxy:
                 fut.cancel()
 
     async def _attempt(
-        self, conn: ClientConnection, call: Call, backend: Backend, track: str
+        self, conn: ClientConnection, call: Call, backend: Backend, track: str, now: float
     ) -> Attempt | None:
-        """One try on one backend. None: an answer was committed (and fully handled)."""
+        """One try on one backend (picked at `now`, a moment ago: no second clock read).
+        None: an answer was committed (and fully handled)."""
         limits = call.step_model or call.model  # `call.limits`, without the property call
         series = self.metrics.target(call.model.name, backend.key, track)
         probe = backend.begin()
         series.in_flight += 1
-        t = Try(backend, track, series, self.pool(backend))
+        # A `Try` without its dataclass `__init__` (a frame entered from C: ~600
+        # instructions more per attempt); every field set (tests/gateway/test_fields.py).
+        t = _new(Try)
+        t.backend = backend
+        t.track = track
+        t.series = series
+        t.pool = pool = self.pool(backend)
+        t.upc = t.ex = None
         try:
             data = _upstream_request(call, backend)
-            timer = self._send_pooled(conn, call, t, limits, data)
-            if timer is None:  # no idle connection (or the request is ending): `_send` decides
+            # The usual case inline (an idle pooled connection, time left, the client
+            # there): waiting here, not in `_send`, is one coroutine level less, and no
+            # helper is one call less. Otherwise `_send` decides (the connection back).
+            upc = pool.take_idle()
+            total_left = call.t0 + call.model.total_timeout - now
+            if upc is not None and (total_left <= 0 or conn.closed):
+                pool.release(upc)
+                upc = None
+            if upc is None:
                 failed = await self._send(conn, call, t, limits, data, 2)
             else:
-                # The usual case, inline: waiting here, not in `_send`, is one coroutine
-                # level less (created, resumed and finished on every request).
+                timer = self._start(conn, t, upc, limits, total_left, data)
                 ex = t.ex
                 assert ex is not None
                 try:
@@ -335,21 +352,6 @@ class Proxy:
             if limits.limit is not None:
                 limits.release_slot()
 
-    def _send_pooled(
-        self, conn: ClientConnection, call: Call, t: Try, limits: ModelState, data: bytes
-    ) -> asyncio.TimerHandle | None:
-        """`_send`'s first step when an idle connection is at hand and neither the request's
-        total timeout has passed nor the client left: `_start` on it. None otherwise (the
-        connection back to the pool, for `_send`)."""
-        upc = t.pool.take_idle()
-        if upc is None:
-            return None
-        total_left = call.t0 + call.model.total_timeout - time.monotonic()
-        if total_left <= 0 or conn.closed:
-            t.pool.release(upc)
-            return None
-        return self._start(conn, t, upc, limits, total_left, data)
-
     def _start(
         self,
         conn: ClientConnection,
@@ -362,7 +364,7 @@ class Proxy:
         """Send the request on `upc` (`t.upc`, `t.ex`: an answer's head comes to `t.ex`);
         the returned timer is its deadline: its own first-byte timeout, but never past the
         request's total timeout (which is not the backend's fault)."""
-        ex = Exchange(self.loop)
+        ex = new_exchange(self.loop)
         upc.send(ex, data)
         conn.upstream = upc
         t.upc, t.ex = upc, ex

@@ -83,8 +83,8 @@ class Call:
     """The request body for the current step (its `model` rewritten on fallback steps)."""
     target: str = ""
     """The `model` the current step's backends are sent."""
-    # `admit` passes the fields above by position (and the first step's values): keyword
-    # matching in a dataclass `__init__` of eighteen fields is per request.
+    # `admit` builds the per-request `Call` field by field, without this `__init__`: a
+    # field added here is set there too (tests/gateway/test_fields.py).
     attempts: int = 0
     external: ExternalTarget | None = None
     step_label: str = ""

@@ -48,32 +48,46 @@ class Try:
 
 
 class _Head:
-    """The backend's response head, rewritten for the client: framing is redone."""
+    """The backend's response head, rewritten for the client: framing is redone
+    (`_read_head` builds it)."""
 
     __slots__ = ("content_length", "parts", "retry_after", "sse")
 
-    def __init__(self, ex: Exchange, keep_alive: bool) -> None:
-        self.parts = [http11.status_line(ex.status)]
-        self.sse = False
-        self.content_length: bytes | None = None
-        self.retry_after = 0.0
-        for name, value in ex.headers:
-            lname = name.lower()
-            if lname in DROP_RESPONSE_HEADERS:
-                if lname == b"content-length":
-                    self.content_length = value
-                continue
-            # A slice compare: `startswith` parses its arguments (~500 instructions).
-            if lname == b"content-type" and value[:17] == b"text/event-stream":
-                self.sse = True
-            elif lname == b"retry-after":
-                try:
-                    self.retry_after = float(value)
-                except ValueError:
-                    self.retry_after = 0.0
-            self.parts.append(name + b": " + value + b"\r\n")
-        if not keep_alive:
-            self.parts.append(b"connection: close\r\n")
+    parts: list[bytes]
+    sse: bool
+    content_length: bytes | None
+    retry_after: float
+
+
+_new = object.__new__
+
+
+def _read_head(ex: Exchange, keep_alive: bool) -> _Head:
+    """The head of `ex` for the client. A function, not `_Head.__init__`: a Python
+    `__init__` is a frame entered from C (~600 instructions more, once per attempt)."""
+    head = _new(_Head)
+    head.parts = parts = [http11.status_line(ex.status)]
+    head.sse = False
+    head.content_length = None
+    head.retry_after = 0.0
+    for name, value in ex.headers:
+        lname = name.lower()
+        if lname in DROP_RESPONSE_HEADERS:
+            if lname == b"content-length":
+                head.content_length = value
+            continue
+        # A slice compare: `startswith` parses its arguments (~500 instructions).
+        if lname == b"content-type" and value[:17] == b"text/event-stream":
+            head.sse = True
+        elif lname == b"retry-after":
+            try:
+                head.retry_after = float(value)
+            except ValueError:
+                head.retry_after = 0.0
+        parts.append(name + b": " + value + b"\r\n")
+    if not keep_alive:
+        parts.append(b"connection: close\r\n")
+    return head
 
 
 # The outcome of a relayed answer by its status class (status // 100: httptools reads three
@@ -132,12 +146,15 @@ def respond_complete(conn: ClientConnection, call: Call, t: Try, log: AccessLog)
     ex = t.ex
     assert ex is not None
     now = time.monotonic()
-    head = _Head(ex, call.req.keep_alive)
-    failed = _received(conn, call, t, ex, head, now)
-    if failed is not None:
-        return failed
-    ttfb = now - call.req.start
+    head = _read_head(ex, call.req.keep_alive)
     status = ex.status
+    if status == 429 or status >= 500:  # `_received`, inline: one call less per request
+        failed = _fail_over(conn, call, t, head, now)
+        if failed is not None:
+            return failed
+    else:
+        t.backend.on_success()
+    ttfb = now - call.req.start
     ok = 200 <= status < 300
     nbytes = _write_complete(conn, call, t, head, ok)
     # By position (once per request: keywords cost more to match than the call itself);
@@ -158,7 +175,7 @@ async def respond(conn: ClientConnection, call: Call, t: Try, log: AccessLog) ->
     if ex.complete:
         return respond_complete(conn, call, t, log)
     now = time.monotonic()
-    head = _Head(ex, call.req.keep_alive)
+    head = _read_head(ex, call.req.keep_alive)
     failed = _received(conn, call, t, ex, head, now)
     if failed is not None:
         return failed
@@ -560,7 +577,7 @@ async def _continue(
     upc, ex = t.upc, t.ex
     assert upc is not None and ex is not None
     status = ex.status
-    head = _Head(ex, call.req.keep_alive)
+    head = _read_head(ex, call.req.keep_alive)
     if _streams(ex, head):
         t.backend.on_success()
         resume.resumes += 1
