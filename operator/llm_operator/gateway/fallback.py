@@ -303,7 +303,7 @@ class Proxy:
         """One try on one backend (picked at `now`, a moment ago: no second clock read).
         None: an answer was committed (and fully handled)."""
         limits = call.step_model or call.model  # `call.limits`, without the property call
-        series = self.metrics.target(call.model.name, backend.key, track)
+        series = self.metrics.series[(call.model.name, backend.key, track)]  # `target`, inline
         probe = backend.begin()
         series.in_flight += 1
         # A `Try` without its dataclass `__init__` (a frame entered from C: ~600

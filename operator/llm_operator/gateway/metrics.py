@@ -153,11 +153,22 @@ class Series:
         self.in_flight = 0
 
 
+class Targets(dict[tuple[str, str, str], Series]):
+    """(model, backend, track) -> its `Series`, made on first use. A subscript, not a
+    `target()` call, on the hot path: a hit is one dict lookup, no Python frame and no
+    branch in the caller (`Proxy._attempt` is at the complexity cap)."""
+
+    def __missing__(self, key: tuple[str, str, str]) -> Series:
+        model, backend, track = key
+        s = self[key] = Series(labels(model=model, backend=backend, track=track))
+        return s
+
+
 class Metrics:
     """All gateway metrics; one instance per process."""
 
     def __init__(self) -> None:
-        self.series: dict[tuple[str, str, str], Series] = {}
+        self.series = Targets()
         # (model, target, reason) -> count
         self.fallbacks: dict[tuple[str, str, str], int] = {}
         # (model, backend, track, reason) -> count. The track matters to canary analysis: a
@@ -176,11 +187,7 @@ class Metrics:
         self.hold_seconds: dict[str, Histogram] = {}
 
     def target(self, model: str, backend: str, track: str) -> Series:
-        key = (model, backend, track)
-        s = self.series.get(key)
-        if s is None:
-            s = self.series[key] = Series(labels(model=model, backend=backend, track=track))
-        return s
+        return self.series[(model, backend, track)]
 
     @staticmethod
     def inc(table: dict[K, int], key: K) -> None:
